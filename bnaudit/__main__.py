@@ -1,0 +1,3 @@
+from bnaudit.cli import entry
+
+entry()

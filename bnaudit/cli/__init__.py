@@ -1,0 +1,78 @@
+"""The bnaudit command line: thin typer commands, and the one place errors become exit codes.
+
+Each module of this package registers its commands (``register(app)``); a command
+parses its options, calls one core function, renders the result and returns an exit
+code.  ``main`` maps every ``BnauditError`` and click usage error to one line on stderr
+and the documented exit code (httpie's split); no command handles errors itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+import typer
+
+try:  # typer >= 0.20 vendors click; older releases use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
+from bnaudit.errors import BnauditError, ExitCode
+
+app = typer.Typer(
+    name="bnaudit",
+    help="Audit the numerical reproducibility of the batch-norm noisy-feature experiment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _register_commands() -> None:
+    modules = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    for name in modules:
+        module = importlib.import_module(f"{__name__}.{name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(app)
+
+
+_register_commands()
+
+
+def fail(message: str, code: int) -> int:
+    """Print one error line on stderr and return the exit code."""
+    sys.stderr.write(f"bnaudit: error: {message}\n")
+    sys.stderr.flush()
+    return int(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, map every failure to one line and an exit code."""
+    try:
+        code = app(args=argv, prog_name="bnaudit", standalone_mode=False)
+    except BnauditError as exc:
+        return fail(exc.message, exc.exit_code)
+    except click_exceptions.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+        return fail(f"{where}{exc.format_message()}", ExitCode.USAGE)
+    except click_exceptions.ClickException as exc:
+        return fail(exc.format_message(), ExitCode.USAGE)
+    except (click_exceptions.Abort, KeyboardInterrupt):
+        return fail("interrupted", ExitCode.INTERRUPTED)
+    except Exception as exc:  # a bug in bnaudit: still one line, the traceback on request
+        if os.environ.get("BNAUDIT_DEBUG"):
+            raise
+        return fail(f"internal error: {type(exc).__name__}: {exc} (set BNAUDIT_DEBUG=1 for the traceback)",
+                    ExitCode.RUN_FAILED)
+    if isinstance(code, int):
+        return code
+    return int(ExitCode.OK)
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""`bnaudit run`, `bnaudit env` and `bnaudit frozen`: one controlled run, and what it stands on."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bnaudit.controls import DTYPES, ISAS
+
+SpecOption = Annotated[Optional[Path], typer.Option("--spec", help="TOML file overriding the embedded default spec.")]
+
+
+def _epoch_list(text: str | None) -> tuple[int, ...]:
+    from bnaudit.errors import UsageError
+
+    if not text:
+        return (0,)
+    try:
+        values = {int(v) for v in text.split(",") if v.strip()}
+    except ValueError:
+        raise UsageError(f"--trace-epochs {text!r}: expected comma-separated epoch numbers") from None
+    return tuple(sorted(values | {0}))
+
+
+def default_out(label: str, spec_hash: str) -> Path:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path("reports") / "runs" / f"{label}-{spec_hash[:8]}-{stamp}"
+
+
+def run(
+    dtype: Annotated[str, typer.Option(help=f"Arithmetic of the run: {', '.join(DTYPES)}.")] = "float32",
+    threads: Annotated[int, typer.Option(min=1, max=1024, help="Intra-op, OpenMP and MKL threads.")] = 1,
+    isa: Annotated[str, typer.Option(help=f"Cap every dispatcher at this ISA: {', '.join(ISAS)}.")] = "native",
+    deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic",
+                                                help="torch deterministic algorithms.")] = False,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs to run (default: the spec's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Record folder (default: reports/runs/<config>-<time>).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing record folder.")] = False,
+    spec: SpecOption = None,
+    perturb: Annotated[Optional[str], typer.Option(
+        metavar="LAYER.PARAM[INDEX]:ULPS", help="Move one initial value by some ulps (the chaos floor).")] = None,
+    trace_epochs: Annotated[Optional[str], typer.Option(
+        metavar="E1,E2", help="Epochs digested step by step, besides epoch 0.")] = None,
+    cpu_model: Annotated[Optional[str], typer.Option(
+        help="Run under qemu-x86_64 -cpu MODEL (or preset seed-i7, seed-i5).")] = None,
+    onednn_isa: Annotated[Optional[str], typer.Option(help="Override ONEDNN_MAX_CPU_ISA alone.")] = None,
+    mkl_cbwr: Annotated[Optional[str], typer.Option(help="Override MKL_CBWR alone ('none' removes it).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> int:
+    """Run the experiment under controlled numerics and write its record and fingerprint."""
+    from bnaudit import controls, launch
+    from bnaudit.report import run_summary
+    from bnaudit.spec import load_spec
+
+    experiment = load_spec(spec)
+    c = controls.Controls(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
+                          onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model)
+    config = controls.RunConfig(
+        controls=c,
+        epochs=experiment.train.epochs if epochs is None else epochs,
+        perturb=None if perturb is None else controls.parse_perturbation(perturb, experiment),
+        trace_epochs=_epoch_list(trace_epochs),
+    )
+    target = out if out is not None else default_out(c.label(), experiment.hash)
+    with run_summary.progress(config.epochs, c.label(), enabled=not as_json) as advance:
+        summary = launch.run(experiment, config, target, force=force, on_progress=advance)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1, sort_keys=True))
+    else:
+        run_summary.render(summary)
+    return 0
+
+
+def env(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> int:
+    """Print this machine's environment snapshot and the ISAs it can run."""
+    import torch
+
+    from bnaudit import envinfo
+    from bnaudit.report import run_summary
+
+    snap = envinfo.snapshot(torch)
+    snap["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    if as_json:
+        typer.echo(json.dumps(snap, indent=1, sort_keys=True))
+    else:
+        run_summary.render_env(snap)
+    return 0
+
+
+frozen_app = typer.Typer(help="The frozen inputs: data set, initial parameters, batch order.", no_args_is_help=True)
+
+
+@frozen_app.command("build")
+def frozen_build(
+    spec: SpecOption = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder (default: where runs look for them).")] = None,
+) -> int:
+    """(Re)generate the frozen inputs of a spec, with their sha256 manifest."""
+    from bnaudit import frozen
+    from bnaudit.spec import load_spec
+
+    experiment = load_spec(spec)
+    folder = frozen.write(experiment, out if out is not None else frozen.folder_for(experiment))
+    loaded = frozen.read(folder, experiment)
+    typer.echo(f"wrote {folder} (spec {experiment.short_hash}, frozen digest {loaded.digest[:16]})")
+    return 0
+
+
+@frozen_app.command("verify")
+def frozen_verify(spec: SpecOption = None) -> int:
+    """Check the stored frozen inputs against their manifest and their generator, bit for bit."""
+    import numpy as np
+
+    from bnaudit import frozen
+    from bnaudit.errors import InputError
+    from bnaudit.spec import load_spec
+
+    experiment = load_spec(spec)
+    loaded = frozen.load(experiment)
+    fresh = frozen.generate(experiment)
+    for name, array in (("inputs.npy", loaded.inputs), ("targets.npy", loaded.targets),
+                        ("init.npy", loaded.init), ("batches.npy", loaded.batches)):
+        if not np.array_equal(array.view(np.uint8), fresh[name].view(np.uint8)):
+            raise InputError(f"frozen input {name} differs from what the generator produces")
+    typer.echo(f"frozen inputs of spec {experiment.short_hash} verified: manifest and generator agree bit for bit")
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.command("env")(env)
+    app.add_typer(frozen_app, name="frozen")

@@ -1,0 +1,117 @@
+"""The environment snapshot: the one place that reads os.environ, platform and versions.
+
+CPU features come from CPUID as numpy sees it (``__cpu_features__``), not from
+/proc/cpuinfo: under ``qemu-x86_64 -cpu MODEL`` /proc/cpuinfo still shows the host,
+while CPUID, which is what MKL, oneDNN and ATen dispatch on, shows the emulated model.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+from types import ModuleType
+from typing import Any
+
+# Environment variables that can change numerics or threading, by prefix or name.
+NUMERICS_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "OMP_", "KMP_", "GOMP_", "OPENBLAS_", "BNAUDIT_", "TORCH_", "NNPACK")
+NUMERICS_NAMES = ("LD_PRELOAD", "CUBLAS_WORKSPACE_CONFIG", "PYTORCH_JIT")
+
+# CPUID features that decide which kernels the libraries pick.
+ISA_FEATURES = ("SSE41", "SSE42", "AVX", "F16C", "FMA3", "AVX2", "AVX512F", "AVX512CD", "AVX512BW",
+                "AVX512DQ", "AVX512VL", "AVX512VNNI", "AVX512BF16", "AVX512FP16", "AMX_BF16", "AMX_TILE")
+
+# What each --isa level needs from the CPU (ATen's own requirements for its kernels).
+ISA_REQUIREMENTS = {
+    "default": (),
+    "avx2": ("AVX2", "FMA3"),
+    "avx512": ("AVX512F", "AVX512BW", "AVX512DQ", "AVX512VL"),
+}
+
+
+def environ() -> dict[str, str]:
+    """A copy of the process environment (for building a child's environment)."""
+    return dict(os.environ)
+
+
+def numerics_environment() -> dict[str, str]:
+    """The environment variables that can change numerics or threading, sorted."""
+    return {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if k.startswith(NUMERICS_PREFIXES) or k in NUMERICS_NAMES
+    }
+
+
+def cpu_features() -> dict[str, bool]:
+    """CPUID features as numpy's runtime dispatcher detected them."""
+    try:
+        from numpy._core import _multiarray_umath as umath  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
+    return {k: bool(v) for k, v in umath.__cpu_features__.items()}
+
+
+def supported_isas(features: dict[str, bool] | None = None) -> list[str]:
+    """The --isa levels this CPU can honour, lowest first."""
+    features = cpu_features() if features is None else features
+    return [isa for isa, needs in ISA_REQUIREMENTS.items() if all(features.get(f, False) for f in needs)]
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (under emulation this is the host, see ``emulated_model``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def emulated_model() -> str | None:
+    """The qemu CPU model this process runs under, as set by bnaudit's launcher."""
+    return os.environ.get("BNAUDIT_CPU_MODEL") or None
+
+
+def torch_build(torch: ModuleType) -> dict[str, str]:
+    """Library versions inside the torch build: MKL, oneDNN, OpenMP, compiler."""
+    text = torch.__config__.show()
+    found = {}
+    patterns = {
+        "mkl": r"Math Kernel Library Version ([^\s]+)",
+        "onednn": r"MKL-DNN v([^\s]+)",
+        "openmp": r"OpenMP (\d+)",
+        "compiler": r"- (GCC [^\n]+|Clang [^\n]+)",
+        "build_cpu_capability": r"CPU capability usage: ([A-Z0-9_]+)",
+    }
+    for key, pattern in patterns.items():
+        m = re.search(pattern, text)
+        found[key] = m.group(1).strip() if m else "unknown"
+    return found
+
+
+def snapshot(torch: ModuleType | None = None) -> dict[str, Any]:
+    """Everything about this process that could change the bits of a run."""
+    import numpy
+
+    features = cpu_features()
+    snap: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "emulated_cpu_model": emulated_model(),
+        "machine": platform.machine(),
+        "cpu_features": [f for f in ISA_FEATURES if features.get(f)],
+        "supported_isas": supported_isas(features),
+        "logical_cpus": os.cpu_count(),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "numpy": numpy.__version__,
+        "environment": numerics_environment(),
+    }
+    if torch is not None:
+        snap["torch"] = torch.__version__
+        snap["torch_build"] = torch_build(torch)
+    return snap

@@ -1,0 +1,225 @@
+"""Frozen inputs: the data set, initial parameters and batch order, stored exactly.
+
+A run never draws a random number.  Everything random is generated once, in float64,
+by ``generate`` and stored as .npy files (plain arrays; loaded with pickling off)
+beside a sha256 manifest that is checked on every load.  A run casts the float64
+values to its dtype with round-to-nearest-even.  So two runs of one spec start from
+the same values, bit for bit, and any difference between them comes from arithmetic.
+
+Layout of a frozen folder:
+    inputs.npy    (samples, n_inputs) float64: x, x^2, ..., x^degree[, z]
+    targets.npy   (samples,) float64: y = sum c_k x^k + e
+    init.npy      (n_params + n_buffers,) float64: parameters then BN buffers, spec order
+    batches.npy   (epochs, train) uint32: the permutation of training rows in each epoch
+    manifest.json spec hash, generator version, sha256 of each file
+
+The default spec's folder ships in ``reference/frozen/<short hash>/``; any other spec
+gets its folder generated on first use in the cache (``BNAUDIT_CACHE``, default
+``~/.cache/bnaudit``).  Regenerate the shipped one with ``bnaudit frozen build``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bnaudit.errors import InputError, OutputError
+from bnaudit.spec import ExperimentSpec, default_spec
+
+GENERATOR_VERSION = 1
+FILES = ("inputs.npy", "targets.npy", "init.npy", "batches.npy")
+MAX_FILE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FrozenInputs:
+    """Everything a run needs besides arithmetic, as exact float64 / integer arrays."""
+
+    spec_hash: str
+    """Hash of the spec these inputs were generated for."""
+    inputs: np.ndarray
+    """(samples, n_inputs) float64 network inputs."""
+    targets: np.ndarray
+    """(samples,) float64 labels."""
+    init: np.ndarray
+    """(n_params + n_buffers,) float64 initial state in spec order."""
+    batches: np.ndarray
+    """(epochs, train) uint32: training-row order of each epoch."""
+    digest: str
+    """sha256 of the manifest's file table: names the frozen inputs in records."""
+
+    @property
+    def x(self) -> np.ndarray:
+        """The scalar input x of each sample (the first feature)."""
+        return self.inputs[:, 0]
+
+
+def _streams(spec: ExperimentSpec) -> tuple[np.random.Generator, ...]:
+    """Independent generators for data, init and batches (changing one leaves the others)."""
+    seqs = np.random.SeedSequence(spec.data.seed).spawn(3)
+    return tuple(np.random.Generator(np.random.PCG64(s)) for s in seqs)
+
+
+def generate(spec: ExperimentSpec) -> dict[str, np.ndarray]:
+    """Draw the frozen arrays for ``spec`` (numpy PCG64, float64 throughout)."""
+    data_rng, init_rng, batch_rng = _streams(spec)
+    d = spec.data
+    x = data_rng.uniform(d.x_low, d.x_high, size=d.samples)
+    e = data_rng.normal(0.0, 1.0, size=d.samples) * d.noise_std
+    z = data_rng.normal(0.0, 1.0, size=d.samples)
+    powers = [x]
+    for _ in range(1, d.degree):
+        powers.append(powers[-1] * x)  # x^k by repeated multiplication, rounded once each
+    y = np.zeros_like(x)
+    for k, c in reversed(list(enumerate(d.target))):  # Horner: y = c0 + x (c1 + x (c2 + ...))
+        y = y * x + c
+    y = y + e
+    columns = powers + ([z] if d.noise_feature else [])
+    inputs = np.stack(columns, axis=1)
+
+    # PyTorch's default init: Linear weight kaiming_uniform(a=sqrt(5)) and bias both
+    # reduce to U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BatchNorm weight 1, bias 0,
+    # running mean 0, running variance 1.
+    parts = []
+    for name, kind, fan_in, fan_out in spec.layers():
+        if kind == "linear":
+            bound = 1.0 / math.sqrt(fan_in)
+            parts.append(init_rng.uniform(-bound, bound, size=fan_out * fan_in))
+            parts.append(init_rng.uniform(-bound, bound, size=fan_out))
+        else:
+            parts += [np.ones(fan_out), np.zeros(fan_out)]
+    for name, shape in spec.buffers():
+        parts.append(np.zeros(shape) if name.endswith("running_mean") else np.ones(shape))
+    init = np.concatenate(parts).astype("<f8")
+
+    batches = np.stack([batch_rng.permutation(d.train) for _ in range(spec.train.epochs)]).astype("<u4")
+    return {
+        "inputs.npy": inputs.astype("<f8"),
+        "targets.npy": y.astype("<f8"),
+        "init.npy": init,
+        "batches.npy": batches,
+    }
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write(spec: ExperimentSpec, folder: Path) -> Path:
+    """Generate and write the frozen folder for ``spec`` atomically (temp folder, then rename)."""
+    folder = Path(folder)
+    arrays = generate(spec)
+    blobs = {name: _npy_bytes(arr) for name, arr in arrays.items()}
+    manifest = {
+        "schema": "bnaudit.frozen/1",
+        "generator": GENERATOR_VERSION,
+        "spec_hash": spec.hash,
+        "spec": spec.to_dict(),
+        "files": {name: hashlib.sha256(b).hexdigest() for name, b in sorted(blobs.items())},
+    }
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".frozen-", dir=folder.parent))
+        for name, blob in blobs.items():
+            (tmp / name).write_bytes(blob)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        if folder.exists():
+            for name in [*FILES, "manifest.json"]:
+                (folder / name).unlink(missing_ok=True)
+            folder.rmdir()
+        tmp.rename(folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write frozen inputs to {folder}: {exc.strerror or exc}") from None
+    return folder
+
+
+def shipped_root() -> Path:
+    """The repository's ``reference/`` folder (data shipped beside the package)."""
+    override = os.environ.get("BNAUDIT_REFERENCE_DIR")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "reference"
+
+
+def cache_root() -> Path:
+    override = os.environ.get("BNAUDIT_CACHE")
+    return Path(override) if override else Path.home() / ".cache" / "bnaudit"
+
+
+def folder_for(spec: ExperimentSpec) -> Path:
+    """Where the frozen inputs of ``spec`` live: shipped for the default spec, else cache."""
+    if spec.hash == default_spec().hash:
+        return shipped_root() / "frozen" / spec.short_hash
+    return cache_root() / "frozen" / spec.hash
+
+
+def load(spec: ExperimentSpec, folder: Path | None = None) -> FrozenInputs:
+    """Load and verify the frozen inputs of ``spec``; generate them first for a custom spec."""
+    if folder is not None:
+        return read(Path(folder), spec)
+    folder = folder_for(spec)
+    if not (folder / "manifest.json").exists():
+        if spec.hash == default_spec().hash:
+            raise InputError(f"frozen inputs missing at {folder}; regenerate with `bnaudit frozen build`")
+        write(spec, folder)
+    return read(folder, spec)
+
+
+def read(folder: Path, spec: ExperimentSpec) -> FrozenInputs:
+    """Read a frozen folder, checking every file's sha256 and every array's shape."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"frozen inputs {folder}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("spec_hash") != spec.hash:
+        raise InputError(f"frozen inputs {folder}: generated for another spec")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or sorted(files) != sorted(FILES):
+        raise InputError(f"frozen inputs {folder}: manifest does not list {', '.join(FILES)}")
+    arrays = {}
+    for name in FILES:
+        path = folder / name
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                raise InputError(f"frozen input {path}: too large")
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"frozen input {path}: cannot read ({exc.strerror or exc})") from None
+        if hashlib.sha256(blob).hexdigest() != files[name]:
+            raise InputError(f"frozen input {path}: sha256 does not match the manifest (tampered or corrupt)")
+        try:
+            arrays[name] = np.load(io.BytesIO(blob), allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"frozen input {path}: not a plain .npy array ({exc})") from None
+    expected = {
+        "inputs.npy": ((spec.data.samples, spec.n_inputs), "<f8"),
+        "targets.npy": ((spec.data.samples,), "<f8"),
+        "init.npy": ((_state_size(spec),), "<f8"),
+        "batches.npy": ((spec.train.epochs, spec.data.train), "<u4"),
+    }
+    for name, (shape, dtype) in expected.items():
+        if arrays[name].shape != shape or arrays[name].dtype != np.dtype(dtype):
+            raise InputError(f"frozen input {folder / name}: expected {dtype} {shape}")
+    table = json.dumps(files, sort_keys=True).encode()
+    return FrozenInputs(
+        spec_hash=spec.hash,
+        inputs=arrays["inputs.npy"],
+        targets=arrays["targets.npy"],
+        init=arrays["init.npy"],
+        batches=arrays["batches.npy"],
+        digest=hashlib.sha256(table).hexdigest(),
+    )
+
+
+def _state_size(spec: ExperimentSpec) -> int:
+    return sum(math.prod(shape) for _, shape in spec.parameters() + spec.buffers())

@@ -1,0 +1,86 @@
+"""Start a run in a fresh process whose environment carries its controls.
+
+The parent never imports torch: it validates the request, builds the child's
+environment (``controls.child_environment``), optionally wraps the command in qemu
+(``emulate``), streams the child's progress events and turns its failure into the
+matching ``BnauditError``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bnaudit import controls, envinfo, errors, record
+from bnaudit.controls import RunConfig
+from bnaudit.errors import BnauditError, Interrupted, RunFailed
+from bnaudit.spec import ExperimentSpec
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+_ERRORS = {cls.__name__: cls for cls in (
+    errors.UsageError, errors.InputError, errors.MismatchError, errors.OutputError, errors.RunFailed,
+    errors.MissingTool, errors.ReferenceFailure)}
+
+
+def worker_command(config: RunConfig) -> list[str]:
+    """The argv of the run's process (qemu-wrapped when a CPU model is emulated)."""
+    argv = [sys.executable, "-m", "bnaudit.worker"]
+    if config.controls.cpu_model:
+        from bnaudit import emulate
+
+        argv = emulate.wrap(argv, config.controls.cpu_model)
+    return argv
+
+
+def run(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool = False,
+        on_progress: ProgressFn | None = None, base_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one configuration in its own process; return its summary."""
+    controls.validate(config, spec)
+    record.prepare_output(Path(out), force=force)  # fail now, not after the training
+    env = controls.child_environment(config.controls, envinfo.environ() if base_env is None else base_env)
+    argv = worker_command(config)
+    request = json.dumps({"spec": spec.to_dict(), "config": config.to_dict(), "out": str(out), "force": force})
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, text=True)
+    except OSError as exc:
+        raise RunFailed(f"cannot start the run process ({exc.strerror or exc})") from None
+    result: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(request)
+        proc.stdin.close()
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            kind = event.get("event")
+            if kind == "progress" and on_progress is not None:
+                on_progress(event)
+            elif kind == "done":
+                result = event["summary"]
+            elif kind == "error":
+                failure = event
+        stderr = proc.stderr.read() if proc.stderr else ""
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.kill()
+        proc.wait()
+        raise Interrupted("interrupted; no record was written") from None
+    if failure is not None:
+        cls = _ERRORS.get(str(failure.get("kind")), RunFailed)
+        raise cls(str(failure.get("message")))
+    if code != 0 or result is None:
+        tail = [ln for ln in stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        raise RunFailed(f"the run process exited with code {code}: {tail[0][:300]}")
+    return result
+
+
+__all__ = ["run", "worker_command", "BnauditError"]
