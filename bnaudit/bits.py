@@ -78,7 +78,7 @@ def from_float64(values: np.ndarray, dtype: str) -> np.ndarray:
         quantum = np.ldexp(1.0, exp - 7)
         rounded = np.round(mag / quantum) * quantum  # np.round is round-half-even; division exact
         f32 = rounded.astype("<f4")  # exact unless overflow, which gives inf as it should
-    f32 = np.where(finite, f32, mag.astype("<f4"))
+        f32 = np.where(finite, f32, mag.astype("<f4"))
     hi = (f32.view("<u4") >> np.uint32(16)).astype("<u2")
     nan = np.isnan(values)
     out[...] = hi | (sign << np.uint16(15))

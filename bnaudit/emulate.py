@@ -2,56 +2,152 @@
 
 Environment caps (ATEN_CPU_CAPABILITY and friends) only steer the dispatchers that read
 them; under qemu-user, MKL, oneDNN, ATen and numpy all dispatch on the emulated CPUID, so
-the run takes the code paths a real CPU of that model would.
+the run takes the code paths a real CPU of that model would.  Measured on this project's
+machine: a native ``--isa default`` run and a run under ``-cpu Nehalem`` (both capability
+DEFAULT) part already in the first Linear layer's forward output at step 0, so the caps
+alone are an incomplete model of another CPU.
+
+qemu-user is a user-space emulator: the guest is the same Python interpreter binary
+(``sys.executable``: a shell shim such as pyenv's cannot be emulated), the same torch,
+the same files.  qemu prints "TCG doesn't support requested feature" warnings on stderr
+for CPUID bits its translator leaves out (they are about features, e.g. ``pcid``, that
+no kernel of this experiment uses); they are harmless and are left alone.
+
+This module does not import torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import shutil
 import subprocess
+from typing import Any
 
 from bnaudit.errors import MissingTool, UsageError
 
 QEMU = "qemu-x86_64"
 
+# What the guest process reads as its emulated model (envinfo.emulated_model).
+MODEL_VARIABLE = "BNAUDIT_CPU_MODEL"
+
+# Tokens that mean "no emulation" where a list of CPU models is accepted (bnaudit matrix).
+NATIVE_TOKENS = ("native", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named CPU model standing for a real machine."""
+
+    model: str
+    """The qemu-x86_64 CPU model name."""
+    machine: str
+    """The real CPU it stands for."""
+
+
 # The seed page's two machines (section "BN - Caution").
-PRESETS = {
-    "seed-i7": ("Haswell", "Intel Core i7-5930K (Haswell-E: AVX2 + FMA)"),
-    "seed-i5": ("IvyBridge", "Intel Core i5-3317U (Ivy Bridge: AVX, no AVX2, no FMA)"),
+PRESETS: dict[str, Preset] = {
+    "seed-i7": Preset("Haswell", "Intel Core i7-5930K (Haswell-E: AVX2 + FMA)"),
+    "seed-i5": Preset("IvyBridge", "Intel Core i5-3317U (Ivy Bridge: AVX, no AVX2, no FMA)"),
 }
 
-INSTALL_HINT = "install it with `apt-get install qemu-user` (Debian/Ubuntu)"
+INSTALL_HINT = "install it with `apt-get install qemu-user` (Debian/Ubuntu) or `dnf install qemu-user` (Fedora)"
+
+# `qemu-x86_64 -cpu help` of qemu 7.2 lists ~185 models; a longer answer is not a model list.
+_MAX_HELP_BYTES = 1 << 20
 
 
 def qemu_path() -> str:
+    """The qemu-x86_64 executable on PATH, or MissingTool (exit code 7) with the install hint."""
     path = shutil.which(QEMU)
     if path is None:
-        raise MissingTool(f"--cpu-model needs {QEMU}, which is not installed; {INSTALL_HINT}")
+        raise MissingTool(f"--cpu-model needs {QEMU} (qemu-user), which is not on PATH; {INSTALL_HINT}")
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def available_models() -> tuple[str, ...]:
-    """CPU model names this qemu knows (``qemu-x86_64 -cpu help``)."""
-    out = subprocess.run([qemu_path(), "-cpu", "help"], capture_output=True, text=True, timeout=60).stdout
+def parse_models(help_text: str) -> tuple[str, ...]:
+    """CPU model names from the output of ``qemu-x86_64 -cpu help`` (lines ``x86 NAME ...``)."""
     models = []
-    for line in out.splitlines():
+    for line in help_text.splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0] == "x86":
             models.append(parts[1])
     return tuple(models)
 
 
+@functools.lru_cache(maxsize=4)
+def _models_of(qemu: str) -> tuple[str, ...]:
+    try:
+        proc = subprocess.run([qemu, "-cpu", "help"], capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MissingTool(f"{qemu} -cpu help failed ({exc}); {INSTALL_HINT}") from None
+    models = parse_models(proc.stdout[:_MAX_HELP_BYTES].decode("utf-8", "replace"))
+    if proc.returncode != 0 or not models:
+        raise MissingTool(f"{qemu} -cpu help listed no x86 CPU models (exit code {proc.returncode}); {INSTALL_HINT}")
+    return models
+
+
+def available_models() -> tuple[str, ...]:
+    """CPU model names this qemu knows (``qemu-x86_64 -cpu help``)."""
+    return _models_of(qemu_path())
+
+
+def is_native(name: str | None) -> bool:
+    """Whether a --cpu-model value means "no emulation"."""
+    return name is None or name.strip().lower() in NATIVE_TOKENS
+
+
 def resolve(name: str) -> str:
-    """A preset or qemu model name, checked against this qemu."""
-    model = PRESETS[name][0] if name in PRESETS else name
+    """The qemu model of a preset or model name, checked against this qemu (UsageError, exit 2)."""
+    preset = PRESETS.get(name)
+    model = preset.model if preset is not None else name
     models = available_models()
-    if model not in models:
-        raise UsageError(f"unknown CPU model {name!r}; see `{QEMU} -cpu help` or use a preset ({', '.join(PRESETS)})")
-    return model
+    if model in models:
+        return model
+    # qemu's names are case-sensitive; accept another spelling of a unique model name.
+    folded = [m for m in models if m.lower() == model.lower()]
+    if len(folded) == 1:
+        return folded[0]
+    near = difflib.get_close_matches(model, list(models) + list(PRESETS), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(near)}? " if near else ""
+    raise UsageError(f"unknown CPU model {name!r}: {hint}see `{QEMU} -cpu help`, or use a preset "
+                     f"({', '.join(f'{k} = {v.model}' for k, v in PRESETS.items())})")
+
+
+def describe(name: str) -> str:
+    """A human name of a --cpu-model value: ``seed-i7 (Haswell: Intel Core i7-5930K ...)``."""
+    preset = PRESETS.get(name)
+    if preset is None:
+        return name
+    return f"{name} ({preset.model}, standing for the {preset.machine})"
 
 
 def wrap(argv: list[str], name: str) -> list[str]:
-    """Prefix a command so it runs under the emulated CPU model."""
-    return [qemu_path(), "-cpu", resolve(name), *argv]
+    """Prefix a command so it runs under the emulated CPU model.
+
+    ``-E`` sets the guest's ``BNAUDIT_CPU_MODEL`` to the *resolved* qemu model, so the run's
+    environment snapshot and summary name the CPU that was emulated (``Haswell``), while its
+    config keeps the name the user gave (``seed-i7``).
+    """
+    model = resolve(name)
+    return [qemu_path(), "-cpu", model, "-E", f"{MODEL_VARIABLE}={model}", *argv]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slowdown:
+    """Emulated against native wall time of the same configuration's training loop."""
+
+    emulated_seconds: float
+    """train_seconds of the emulated run."""
+    native_seconds: float
+    """train_seconds of the native run of the same configuration (cpu_model aside)."""
+
+    @property
+    def factor(self) -> float:
+        """How many times longer the emulated training loop took."""
+        return self.emulated_seconds / self.native_seconds if self.native_seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"emulated_seconds": self.emulated_seconds, "native_seconds": self.native_seconds,
+                "factor": self.factor}

@@ -1,0 +1,6 @@
+"""The mpmath high-precision reference: engine, build, stored trajectory (see issue 3).
+
+``engine`` computes the experiment in mpmath (no torch); ``build`` runs it at two
+precisions and writes the stored reference; ``store`` reads it with numpy only, so
+that comparison and reporting never need mpmath.
+"""

@@ -1,0 +1,122 @@
+"""The real CLI: bnaudit run / env / frozen, every documented exit code of run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from bnaudit import envinfo, frozen
+from bnaudit.errors import ExitCode
+from bnaudit.spec import default_spec
+
+
+def test_run_json_summary_and_record(cli, tmp_path):
+    out = tmp_path / "r"
+    code, stdout, stderr = cli("run", "--epochs", "2", "--out", str(out), "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["out"] == str(out) and summary["epochs"] == 2
+    assert summary["digest"] == json.loads((out / "fingerprint.json").read_text())["digest"]
+    assert summary["effective"]["intra_op_threads"] == 1
+
+
+def test_run_table_summary(cli, tmp_path):
+    code, stdout, _ = cli("run", "--epochs", "1", "--out", str(tmp_path / "t"), "--dtype", "float64")
+    assert code == 0
+    for field in ("configuration", "effective", "final train MSE", "fingerprint", "record"):
+        assert field in stdout
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["run", "--dtype", "float16"], ExitCode.USAGE, "unknown dtype 'float16'"),
+    (["run", "--isa", "sse9"], ExitCode.USAGE, "unknown ISA 'sse9'"),
+    (["run", "--threads", "0"], ExitCode.USAGE, "--threads"),
+    (["run", "--epochs", "0"], ExitCode.USAGE, "--epochs must be between"),
+    (["run", "--perturb", "linear9.weight[0]:1"], ExitCode.USAGE, "no tensor 'linear9.weight'"),
+    (["run", "--no-such-flag"], ExitCode.USAGE, "No such option"),
+    (["run", "--spec", "/nonexistent/spec.toml"], ExitCode.BAD_INPUT, "cannot read"),
+])
+def test_bad_input_gets_one_line_and_its_exit_code(cli, args, code, message):
+    got, stdout, stderr = cli(*args)
+    assert got == code
+    assert message in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_unsupported_isa_is_refused_not_downgraded(cli, monkeypatch, tmp_path):
+    # Pretend this CPU lacks AVX-512 (the one thing faked: CPUID cannot be changed here).
+    features = {k: v for k, v in envinfo.cpu_features().items() if not k.startswith("AVX512")}
+    monkeypatch.setattr(envinfo, "cpu_features", lambda: features)
+    code, _, stderr = cli("run", "--isa", "avx512", "--epochs", "1", "--out", str(tmp_path / "x"))
+    assert code == ExitCode.USAGE
+    assert "cannot run --isa avx512" in stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_tampered_frozen_input_is_refused(cli, tmp_path, monkeypatch):
+    spec = default_spec()
+    root = tmp_path / "reference"
+    shutil.copytree(frozen.folder_for(spec), root / "frozen" / spec.short_hash)
+    target = root / "frozen" / spec.short_hash / "batches.npy"
+    blob = bytearray(target.read_bytes())
+    blob[200] ^= 0x01
+    target.write_bytes(bytes(blob))
+    monkeypatch.setenv("BNAUDIT_REFERENCE_DIR", str(root))
+    code, _, stderr = cli("run", "--epochs", "1", "--out", str(tmp_path / "o"))
+    assert code == ExitCode.BAD_INPUT
+    assert "sha256 does not match the manifest" in stderr
+
+
+def test_unwritable_output_folder(cli, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        probe = locked / "probe"
+        try:
+            probe.mkdir()
+            probe.rmdir()
+            pytest.skip("running as a user who can write anywhere; use a path under a file instead")
+        except OSError:
+            pass
+        code, _, stderr = cli("run", "--epochs", "1", "--out", str(locked / "run"))
+    finally:
+        locked.chmod(stat.S_IRWXU)
+    assert code == ExitCode.OUTPUT and "cannot write" in stderr
+
+
+def test_output_under_a_file_is_refused(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, stderr = cli("run", "--epochs", "1", "--out", str(blocker / "run"))
+    assert code == ExitCode.OUTPUT and "cannot write" in stderr
+
+
+def test_existing_record_is_not_overwritten_without_force(cli, tmp_path):
+    out = tmp_path / "r"
+    assert cli("run", "--epochs", "1", "--out", str(out))[0] == 0
+    code, _, stderr = cli("run", "--epochs", "1", "--out", str(out))
+    assert code == ExitCode.OUTPUT and "--force" in stderr
+    assert cli("run", "--epochs", "1", "--out", str(out), "--force")[0] == 0
+
+
+def test_env_reports_supported_isas(cli):
+    code, stdout, _ = cli("env", "--json")
+    snap = json.loads(stdout)
+    assert code == 0 and "default" in snap["supported_isas"] and snap["cpu_capability"]
+
+
+def test_frozen_verify(cli):
+    code, stdout, _ = cli("frozen", "verify")
+    assert code == 0 and "bit for bit" in stdout
+
+
+def test_console_script_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bnaudit", "run", "--dtype", "nope"], capture_output=True, text=True)
+    assert proc.returncode == ExitCode.USAGE
+    assert proc.stderr.strip().startswith("bnaudit: error:") and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,106 @@
+"""Record and fingerprint files: round trips, and refusal of anything edited or broken."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bnaudit import record
+from bnaudit.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def run_dir(make_run):
+    return make_run(3)
+
+
+def test_record_and_its_fingerprint_round_trip(run_dir):
+    rec = record.load_record(run_dir)
+    fp = record.load(run_dir / "fingerprint.json")
+    assert fp.digest == rec.fingerprint.digest
+    assert np.array_equal(fp.row_digests, rec.fingerprint.row_digests)
+    assert np.array_equal(fp.group_digests, rec.fingerprint.group_digests)
+    assert np.array_equal(fp.step_digests, rec.fingerprint.step_digests)
+    rows = record.fingerprint_rows(3)
+    assert fp.snapshots.tobytes() == rec.arrays["params"][rows].tobytes()
+    assert fp.train_loss.tobytes() == rec.arrays["losses"][:, 0].tobytes()
+    # Re-deriving the fingerprint from the loaded record gives the same file content.
+    again = record.fingerprint_dict(rec.meta, rec.arrays, rec.layout)
+    assert again == json.loads((run_dir / "fingerprint.json").read_text())
+
+
+def test_layout_orders_tensors_as_they_are_computed(run_dir):
+    layout = record.load_record(run_dir).layout
+    keys = [t.key for t in layout.step_tensors]
+    assert keys[0] == "linear1.out" and keys[1] == "bn1.out"
+    assert keys.index("loss") < keys.index("linear6.bias.grad") < keys.index("linear1.weight.grad")
+    assert keys.index("linear1.weight.grad") < keys.index("linear1.weight.momentum_buffer") < keys.index(
+        "linear1.weight")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(spec_hash="0" * 64), "spec_hash does not match"),
+    (lambda d: d.update(digest="f" * 64), "digest does not match"),
+    (lambda d: d["epoch_digests"].__setitem__(1, "0" * 16), "digest does not match"),
+    (lambda d: d.update(epochs_run=2), "has 720 bytes, expected 540"),
+    (lambda d: d.update(schema="bnaudit.fingerprint/99"), "is not bnaudit.fingerprint/1"),
+    (lambda d: d.pop("steps"), "missing field 'steps'"),
+    (lambda d: d.update(storage="float16"), "unknown storage dtype"),
+    (lambda d: d["snapshots"].update(params="!!"), "not base64"),
+    (lambda d: d["spec"]["train"].update(lr=0.02), "spec_hash does not match"),
+])
+def test_edited_fingerprints_are_refused(run_dir, tmp_path, edit, message):
+    data = json.loads((run_dir / "fingerprint.json").read_text())
+    edit(data)
+    path = tmp_path / "fp.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=message):
+        record.load(path)
+
+
+def test_edited_or_incomplete_records_are_refused(run_dir, tmp_path):
+    copy = tmp_path / "rec"
+    shutil.copytree(run_dir, copy)
+    params = np.load(copy / "params.npy")
+    params[2, 3] = np.nextafter(params[2, 3], np.float32(9))
+    np.save(copy / "params.npy", params)
+    with pytest.raises(InputError, match="sha256 does not match"):
+        record.load_record(copy)
+    (copy / "record.json").unlink()
+    with pytest.raises(InputError, match="not a complete bnaudit record"):
+        record.load(copy)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=10_000), junk=st.binary(max_size=64))
+def test_truncated_or_garbled_fingerprints_never_load(run_dir, tmp_path, cut, junk):
+    text = (run_dir / "fingerprint.json").read_bytes()
+    broken = text[: cut * len(text) // 10_001] + junk
+    path = tmp_path / "broken.json"
+    path.write_bytes(broken)
+    with pytest.raises(InputError):
+        record.load(path)
+
+
+def test_oversized_and_non_object_files(tmp_path):
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (record.MAX_JSON_BYTES + 1))
+    with pytest.raises(InputError, match="larger than any fingerprint"):
+        record.load(big)
+    for text in ("[]", "NaN", '"x"', "{\"schema\": 1}"):
+        path = tmp_path / "odd.json"
+        path.write_text(text)
+        with pytest.raises(InputError):
+            record.load(path)
+
+
+def test_output_folder_is_never_overwritten_by_default(run_dir):
+    from bnaudit.errors import OutputError
+
+    with pytest.raises(OutputError, match="already holds files"):
+        record.prepare_output(run_dir, force=False)

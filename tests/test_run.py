@@ -1,0 +1,113 @@
+"""bnaudit run: real short runs through the real launcher (one process per run)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bnaudit import record
+
+
+def _first_differing_tensor(a: record.Fingerprint, b: record.Fingerprint) -> tuple[str, record.TensorKey]:
+    """Earliest differing tensor: initial-state row, then epoch-0 steps, then epoch rows."""
+    assert a.epoch_digests is not None and b.epoch_digests is not None
+    init = np.flatnonzero(a.epoch_digests[0] != b.epoch_digests[0])
+    if init.size:
+        return "init", a.epoch_tensors[init[0]]
+    for row, (da, db) in enumerate(zip(a.step_digests, b.step_digests)):
+        cols = np.flatnonzero(da != db)
+        if cols.size:
+            return f"epoch {a.step_rows[row][0]} step {a.step_rows[row][1]}", a.step_tensors[cols[0]]
+    raise AssertionError("no difference")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_configuration_twice_gives_bit_identical_fingerprints(make_run, dtype, threads):
+    first = make_run(3, dtype=dtype, threads=threads)
+    second = make_run(3, key="rerun", dtype=dtype, threads=threads)
+    fa = json.loads((first / "fingerprint.json").read_text())
+    fb = json.loads((second / "fingerprint.json").read_text())
+    assert fa["digest"] == fb["digest"]
+    assert fa["epoch_digests"] == fb["epoch_digests"] and fa["steps"] == fb["steps"]
+    a, b = record.load_record(first), record.load_record(second)
+    for name in ("params", "buffers", "losses", "epoch_digests", "step_digests", "probe"):
+        assert a.arrays[name].tobytes() == b.arrays[name].tobytes(), name
+
+
+def test_one_ulp_perturbation_changes_the_fingerprint_and_names_the_parameter(make_run):
+    base = record.load(make_run(3))
+    moved = record.load(make_run(3, perturb="bn2.weight[5]:1"))
+    assert base.digest != moved.digest
+    when, tensor = _first_differing_tensor(base, moved)
+    assert when == "init" and tensor.layer == "bn2" and tensor.key == "bn2.weight"
+    cols = base.params[[n for n, _ in base.params].index("bn2.weight")]
+    assert cols == ("bn2.weight", (16,))
+    a, b = base.snapshots[0], moved.snapshots[0]
+    differing = np.flatnonzero(a.view("<u4") != b.view("<u4"))
+    assert differing.size == 1
+    assert int(b.view("<u4")[differing[0]]) - int(a.view("<u4")[differing[0]]) == 1
+
+
+def test_two_threads_change_float32_bits_at_the_first_step(make_run):
+    a = record.load(make_run(3, threads=1))
+    b = record.load(make_run(3, threads=2))
+    if a.digest == b.digest:
+        pytest.skip("this machine gives identical float32 bits for 1 and 2 threads")
+    when, tensor = _first_differing_tensor(a, b)
+    assert when == "epoch 0 step 0", when
+    assert tensor.phase == "forward"
+
+
+def test_isa_default_and_avx512_give_different_fingerprints(make_run, cpu_isas):
+    if "avx512" not in cpu_isas:
+        pytest.skip("this CPU has no AVX-512: cannot show the ISA difference natively")
+    a = record.load(make_run(3, isa="default"))
+    b = record.load(make_run(3, isa="avx512"))
+    assert a.effective["cpu_capability"] == "DEFAULT" and b.effective["cpu_capability"] == "AVX512"
+    assert a.environment["environment"]["ATEN_CPU_CAPABILITY"] == "default"
+    assert a.digest != b.digest
+
+
+def test_record_holds_what_later_stages_need(make_run):
+    folder = make_run(3)
+    rec = record.load_record(folder)
+    spec = rec.spec
+    assert rec.arrays["params"].shape == (4, rec.layout.n_params) and rec.arrays["params"].dtype == np.dtype("<f4")
+    assert rec.arrays["losses"].shape == (4, 2) and np.all(np.isfinite(rec.arrays["losses"]))
+    assert rec.arrays["step_rows"].tolist() == [[0, s] for s in range(spec.steps_per_epoch)]
+    assert rec.arrays["min_var"].shape == (4, 5) and np.all(rec.arrays["min_var"][1:] > 0)
+    assert rec.meta["effective"]["intra_op_threads"] == 1
+    assert rec.meta["environment"]["torch"].startswith("2.")
+    assert rec.meta["config"]["controls"]["dtype"] == "float32"
+    # Row 0 holds the frozen initial state rounded to float32.
+    from bnaudit import bits, frozen
+    init = bits.from_float64(frozen.load(spec).init[: rec.layout.n_params], "float32")
+    assert rec.arrays["params"][0].tobytes() == init.tobytes()
+    assert (folder / "fingerprint.json").stat().st_size < 1_000_000
+
+
+def test_bf16_runs_are_labelled_pure_or_mixed(make_run):
+    pure = record.load_record(make_run(2, dtype="bfloat16"))
+    mixed = record.load_record(make_run(2, dtype="bf16-mixed"))
+    assert pure.storage == "bfloat16" and pure.arrays["params"].dtype == np.dtype("<u2")
+    assert mixed.storage == "float32" and mixed.meta["config"]["controls"]["dtype"] == "bf16-mixed"
+    assert pure.fingerprint.digest != mixed.fingerprint.digest
+
+
+def test_nonfinite_values_are_recorded_not_fatal(make_run, tmp_path):
+    path = tmp_path / "hot.toml"
+    path.write_text("[train]\nlr = 1e30\n")
+    rec = record.load_record(make_run(2, spec_path=path))
+    nf = rec.meta["nonfinite"]
+    assert nf is not None and nf["epoch"] == 0
+    assert nf["phase"] in ("forward", "backward", "update")
+
+
+@pytest.mark.slow
+def test_full_1000_epoch_float32_run_completes(make_run):
+    rec = record.load_record(make_run(1000))
+    assert rec.arrays["params"].shape[0] == 1001
+    assert rec.meta["nonfinite"] is None
