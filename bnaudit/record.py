@@ -30,7 +30,7 @@ phase, layer and tensor, from fingerprints alone.
 Row and step numbering: epoch rows are 0 for the initial state and e+1 for the end of
 (0-based) epoch e; traced steps are (epoch, step), both 0-based.
 
-Digests are blake2b-64 of a tensor's raw bytes, 0 meaning "no tensor here" (a gradient
+Digests are the first 64 bits of sha256 of a tensor's raw bytes, 0 meaning "no tensor here" (a gradient
 before the first step).  This module is numpy-only.
 """
 
@@ -129,8 +129,12 @@ class TraceLayout:
         buffers = spec.buffers()
         modules = spec.modules()
         layer_of = lambda name: name.split(".")[0]  # noqa: E731
+        # ReLU outputs are not digested: max(0, x) is exact, so they differ only where
+        # their input (a BN or Linear output, digested) differs.
         forward = []
         for name, kind in modules:
+            if kind == "relu":
+                continue
             forward.append(TensorKey("forward", name, f"{name}.out"))
             if kind == "bn":  # torch updates the running statistics during the forward pass
                 forward += [TensorKey("forward", name, f"{name}.running_mean"),
@@ -146,7 +150,7 @@ class TraceLayout:
         epoch = [TensorKey("forward", "loss", "loss.steps")]
         epoch += [TensorKey("forward", layer_of(n), n) for n, _ in buffers]
         epoch += backward + update
-        epoch += [TensorKey("eval", name, f"eval.{name}") for name, _ in modules]
+        epoch += [TensorKey("eval", name, f"eval.{name}") for name, kind in modules if kind != "relu"]
         epoch.append(TensorKey("eval", "loss", "eval.loss"))
         widths = {name: fan_out for name, _, _, fan_out in spec.layers()}
         probe_width = []
@@ -163,11 +167,15 @@ def storage_numpy(storage: str) -> np.dtype:
     return np.dtype(bits.storage(storage).numpy_dtype)
 
 
-def digest(data: np.ndarray | bytes | None) -> int:
-    """blake2b-64 of raw bytes as an integer; 0 is reserved for "no tensor"."""
+def digest(data: np.ndarray | bytes | memoryview | None) -> int:
+    """The first 64 bits of sha256 of raw bytes, as an integer; 0 is reserved for "no tensor".
+
+    sha256 rather than blake2b: with the SHA extensions of current x86 CPUs it hashes
+    about twice as fast here (1.7 vs 0.85 GB/s), and the digests sit in the training loop.
+    """
     if data is None:
         return 0
-    value = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    value = int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
     return value or 1
 
 

@@ -58,7 +58,7 @@ def tensor_bits(t: torch.Tensor) -> np.ndarray:
 
 
 def digest_all(tensors: list[torch.Tensor | None]) -> np.ndarray:
-    """blake2b-64 digest of each tensor's bytes (0 for None), with one copy per dtype.
+    """64-bit digest (record.digest) of each tensor's bytes (0 for None), with one copy per dtype.
 
     Concatenating first and hashing slices of one buffer costs a fraction of converting
     every small tensor separately; the digest of a slice is the digest of the tensor.
@@ -251,7 +251,8 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
             if b.dim() > 0:
                 named[name] = b
         for name, out in outs:
-            named[f"eval.{name}"] = out
+            if not name.startswith("relu"):
+                named[f"eval.{name}"] = out
         rec.epoch_digests[row] = digest_all([named[t.key] for t in layout.epoch_tensors])
         if row in rec.probe_rows:
             with torch.no_grad():
@@ -294,7 +295,7 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
                 bn_inputs = torch.stack([outs[i - 1][1].detach() for i in bn_index])
                 step_var_min.append(bn_inputs.var(1, unbiased=False))
             if detailed:
-                named = {f"{name}.out": out for name, out in outs}
+                named = {f"{name}.out": out for name, out in outs if not name.startswith("relu")}
                 named["loss"] = loss
                 for (name, p) in model.named_parameters():
                     named[name] = p
