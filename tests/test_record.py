@@ -47,7 +47,7 @@ def test_layout_orders_tensors_as_they_are_computed(run_dir):
     (lambda d: d.update(spec_hash="0" * 64), "spec_hash does not match"),
     (lambda d: d.update(digest="f" * 64), "digest does not match"),
     (lambda d: d["epoch_digests"].__setitem__(1, "0" * 16), "digest does not match"),
-    (lambda d: d.update(epochs_run=2), "has 720 bytes, expected 540"),
+    (lambda d: d.update(epochs_run=2), r"epoch_group_digests' has \d+ bytes, expected \d+"),
     (lambda d: d.update(schema="bnaudit.fingerprint/99"), "is not bnaudit.fingerprint/1"),
     (lambda d: d.pop("steps"), "missing field 'steps'"),
     (lambda d: d.update(storage="float16"), "unknown storage dtype"),
