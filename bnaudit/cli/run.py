@@ -45,6 +45,7 @@ def run(
         metavar="LAYER.PARAM[INDEX]:ULPS", help="Move one initial value by some ulps (the chaos floor).")] = None,
     trace_epochs: Annotated[Optional[str], typer.Option(
         metavar="E1,E2", help="Epochs digested step by step, besides epoch 0.")] = None,
+    audit_every: Annotated[int, typer.Option(help="Operator audit every N epochs (0 = off).")] = 10,
     cpu_model: Annotated[Optional[str], typer.Option(
         help="Run under qemu-x86_64 -cpu MODEL (or preset seed-i7, seed-i5).")] = None,
     onednn_isa: Annotated[Optional[str], typer.Option(help="Override ONEDNN_MAX_CPU_ISA alone.")] = None,
@@ -64,6 +65,7 @@ def run(
         epochs=experiment.train.epochs if epochs is None else epochs,
         perturb=None if perturb is None else controls.parse_perturbation(perturb, experiment),
         trace_epochs=_epoch_list(trace_epochs),
+        audit_every=audit_every,
     )
     target = out if out is not None else default_out(c.label(), experiment.hash)
     with run_summary.progress(config.epochs, c.label(), enabled=not as_json) as advance:
