@@ -7,6 +7,7 @@ stdout: {"event": "progress", ...} per epoch, then {"event": "done", "summary": 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import sys
@@ -20,6 +21,32 @@ from bnaudit.errors import BnauditError, ExitCode
 def _emit(stream: Any, event: dict[str, Any]) -> None:
     stream.write(json.dumps(event) + "\n")
     stream.flush()
+
+
+def chaos_floor(twin: Any, perturbed: Any, storage: str) -> dict[str, Any]:
+    """How a perturbation grows: max parameter divergence from the unperturbed twin per epoch row."""
+    import numpy as np
+
+    from bnaudit import bits, compare
+
+    a, b = twin.params, perturbed.params
+    max_abs = np.abs(bits.to_float64(a, storage) - bits.to_float64(b, storage)).max(axis=1)
+    max_ulps = bits.ulp_distance(a, b, storage).max(axis=1)
+    rows = np.arange(len(max_abs))
+    rate, saturation = compare.growth(rows, max_abs)
+    return {
+        "twin_digest_rows": [format(int(d), "016x") for d in record_row_digests(twin)],
+        "max_abs": bits.to_hex(max_abs, "float64"),
+        "max_ulps": [int(u) for u in max_ulps],
+        "growth_rate": rate,
+        "saturation_row": saturation,
+    }
+
+
+def record_row_digests(result: Any) -> Any:
+    from bnaudit import record
+
+    return record.row_digests(result.epoch_digests)
 
 
 def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:
@@ -45,15 +72,29 @@ def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:
         effective=effective, environment=envinfo.snapshot(torch),
         created=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat())
 
-    def progress(epoch: int, epochs: int, train: float, test: float) -> None:
-        _emit(stream, {"event": "progress", "epoch": epoch, "epochs": epochs, "train_loss": train, "test_loss": test})
+    stages = 2 if config.perturb is not None else 1
+    done = 0
 
+    def progress(epoch: int, epochs: int, train: float, test: float) -> None:
+        _emit(stream, {"event": "progress", "epoch": done + epoch, "epochs": stages * epochs,
+                       "train_loss": train, "test_loss": test})
+
+    twin = None
+    if config.perturb is not None:
+        # The chaos floor: the same run without the perturbation, in this same process.
+        twin = runner.run(spec, inputs, dataclasses.replace(config, perturb=None), progress=progress)
+        done = config.epochs
     result = runner.run(spec, inputs, config, progress=progress)
+    if twin is not None:
+        meta["extra"]["perturbation"] = chaos_floor(twin, result, config.controls.storage)
     layout = record.TraceLayout.for_spec(spec)
     out = Path(request["out"])
     fp = record.write_record(out, meta, result, layout, force=bool(request.get("force")))
     return {
         "out": str(out),
+        "extra": {k: v for k, v in meta["extra"].items() if k != "perturbation"} | (
+            {"perturbation": {k: meta["extra"]["perturbation"][k] for k in ("growth_rate", "saturation_row")}}
+            if "perturbation" in meta["extra"] else {}),
         "digest": fp["digest"],
         "spec_hash": spec.hash,
         "config": config.to_dict(),

@@ -111,3 +111,14 @@ def test_full_1000_epoch_float32_run_completes(make_run):
     rec = record.load_record(make_run(1000))
     assert rec.arrays["params"].shape[0] == 1001
     assert rec.meta["nonfinite"] is None
+
+
+def test_perturbed_run_measures_the_chaos_floor_against_a_faithful_twin(make_run):
+    base = record.load_record(make_run(3))
+    moved = record.load_record(make_run(3, perturb="bn2.weight[5]:1"))
+    floor = moved.meta["extra"]["perturbation"]
+    # The in-process unperturbed twin is bit-identical to the separate unperturbed run.
+    assert floor["twin_digest_rows"] == [format(int(d), "016x") for d in base.fingerprint.row_digests]
+    assert floor["max_ulps"][0] == 1
+    assert floor["max_ulps"][-1] > 1
+    assert floor["growth_rate"] is not None and floor["growth_rate"] > 0

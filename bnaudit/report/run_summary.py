@@ -48,6 +48,12 @@ def render(summary: dict[str, Any]) -> None:
     if summary["config"].get("perturb"):
         p = summary["config"]["perturb"]
         table.add_row("perturbation", f"{p['tensor']}{p['index']} moved {p['ulps']:+d} ulp")
+    floor = summary.get("extra", {}).get("perturbation")
+    if floor:
+        rate, row = floor["growth_rate"], floor["saturation_row"]
+        growth = "no growth measured" if rate is None else f"ln(divergence) grows {rate:.3g} per epoch"
+        sat = "does not saturate" if row is None else f"saturates at the end of epoch {row - 1}"
+        table.add_row("chaos floor", f"vs the unperturbed twin: {growth}, {sat}")
     table.add_row("epochs", str(summary["epochs"]))
     table.add_row("final train MSE", f"{summary['train_loss']:.6g}")
     table.add_row("final test MSE", f"{summary['test_loss']:.6g}")
