@@ -18,6 +18,8 @@ import re
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from bnaudit import envinfo
 from bnaudit.errors import UsageError
 from bnaudit.spec import ExperimentSpec
@@ -83,7 +85,7 @@ def parse_perturbation(text: str, spec: ExperimentSpec) -> Perturbation:
         flat = index[0]
         if flat >= math.prod(shape):
             raise UsageError(f"--perturb: flat index {flat} out of range for {name} {shape}")
-        index = tuple(int(i) for i in __import__("numpy").unravel_index(flat, shape))
+        index = tuple(int(i) for i in np.unravel_index(flat, shape))
     if len(index) != len(shape) or any(i >= s for i, s in zip(index, shape)):
         raise UsageError(f"--perturb: index {list(index)} out of range for {name} of shape {list(shape)}")
     if ulps == 0 or abs(ulps) > 2**20:
@@ -153,12 +155,13 @@ class RunConfig:
         }
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         p = raw.get("perturb")
         return cls(
             controls=Controls(**raw["controls"]),
             epochs=int(raw["epochs"]),
-            perturb=None if p is None else Perturbation(str(p["tensor"]), tuple(int(i) for i in p["index"]), int(p["ulps"])),
+            perturb=None if p is None else Perturbation(
+                str(p["tensor"]), tuple(int(i) for i in p["index"]), int(p["ulps"])),
             trace_epochs=tuple(int(e) for e in raw.get("trace_epochs", (0,))),
             audit_every=int(raw.get("audit_every", 10)),
         )
@@ -228,11 +231,8 @@ def readback(torch: ModuleType) -> dict[str, Any]:
     """What actually took effect in this process."""
     from threadpoolctl import threadpool_info
 
-    pools = [
-        {k: p.get(k) for k in ("user_api", "internal_api", "prefix", "version", "num_threads", "threading_layer", "architecture")
-         if p.get(k) is not None}
-        for p in threadpool_info()
-    ]
+    keys = ("user_api", "internal_api", "prefix", "version", "num_threads", "threading_layer", "architecture")
+    pools = [{k: p[k] for k in keys if p.get(k) is not None} for p in threadpool_info()]
     return {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "intra_op_threads": torch.get_num_threads(),

@@ -15,7 +15,8 @@ from types import ModuleType
 from typing import Any
 
 # Environment variables that can change numerics or threading, by prefix or name.
-NUMERICS_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "OMP_", "KMP_", "GOMP_", "OPENBLAS_", "BNAUDIT_", "TORCH_", "NNPACK")
+NUMERICS_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "OMP_", "KMP_", "GOMP_", "OPENBLAS_", "BNAUDIT_", "TORCH_",
+                     "NNPACK")
 NUMERICS_NAMES = ("LD_PRELOAD", "CUBLAS_WORKSPACE_CONFIG", "PYTORCH_JIT")
 
 # CPUID features that decide which kernels the libraries pick.

@@ -79,7 +79,7 @@ def generate(spec: ExperimentSpec) -> dict[str, np.ndarray]:
     for _ in range(1, d.degree):
         powers.append(powers[-1] * x)  # x^k by repeated multiplication, rounded once each
     y = np.zeros_like(x)
-    for k, c in reversed(list(enumerate(d.target))):  # Horner: y = c0 + x (c1 + x (c2 + ...))
+    for c in reversed(d.target):  # Horner: y = c0 + x (c1 + x (c2 + ...))
         y = y * x + c
     y = y + e
     columns = powers + ([z] if d.noise_feature else [])
@@ -89,7 +89,7 @@ def generate(spec: ExperimentSpec) -> dict[str, np.ndarray]:
     # reduce to U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BatchNorm weight 1, bias 0,
     # running mean 0, running variance 1.
     parts = []
-    for name, kind, fan_in, fan_out in spec.layers():
+    for _, kind, fan_in, fan_out in spec.layers():
         if kind == "linear":
             bound = 1.0 / math.sqrt(fan_in)
             parts.append(init_rng.uniform(-bound, bound, size=fan_out * fan_in))

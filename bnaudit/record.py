@@ -124,7 +124,7 @@ class TraceLayout:
         return list(seen)
 
     @classmethod
-    def for_spec(cls, spec: ExperimentSpec) -> "TraceLayout":
+    def for_spec(cls, spec: ExperimentSpec) -> TraceLayout:
         params = spec.parameters()
         buffers = spec.buffers()
         modules = spec.modules()
@@ -155,7 +155,7 @@ class TraceLayout:
         widths = {name: fan_out for name, _, _, fan_out in spec.layers()}
         probe_width = []
         last = None
-        for name, kind in modules:
+        for name, _ in modules:
             last = widths.get(name, last)
             probe_width.append(last)
         return cls(step_tensors=step_tensors, epoch_tensors=tuple(epoch), params=tuple(params),

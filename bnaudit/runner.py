@@ -49,14 +49,6 @@ def build_model(spec: ExperimentSpec) -> nn.Sequential:
     return nn.Sequential(OrderedDict(mods))
 
 
-def tensor_bits(t: torch.Tensor) -> np.ndarray:
-    """The raw bytes of a tensor as a numpy uint8 view (bfloat16 included)."""
-    t = t.detach()
-    if t.dim() == 0:
-        t = t.reshape(1)
-    return t.contiguous().view(torch.uint8).numpy()
-
-
 def digest_all(tensors: list[torch.Tensor | None]) -> np.ndarray:
     """64-bit digest (record.digest) of each tensor's bytes (0 for None), with one copy per dtype.
 
@@ -68,7 +60,7 @@ def digest_all(tensors: list[torch.Tensor | None]) -> np.ndarray:
     for i, t in enumerate(tensors):
         if t is not None:
             by_dtype.setdefault(t.dtype, []).append(i)
-    for dtype, idx in by_dtype.items():
+    for idx in by_dtype.values():
         flat = [tensors[i].detach().reshape(-1) for i in idx]  # type: ignore[union-attr]
         buf = memoryview(torch.cat(flat).view(torch.uint8).numpy())
         width = flat[0].element_size()
@@ -205,7 +197,7 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
     targets = torch.from_numpy(frozen.targets).to(dtype).unsqueeze(1)
     n_train = spec.data.train
     x_train, y_train = inputs[:n_train], targets[:n_train]
-    x_test, y_test = inputs[n_train:], targets[n_train:]
+    y_test = targets[n_train:]
     probe_x = x_train[record.probe_indices(spec)]
 
     optimizer = torch.optim.SGD(params, lr=spec.train.lr, momentum=spec.train.momentum, foreach=False)
@@ -265,7 +257,8 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
         for observer in observers:
             if observer.wants(row):
                 observer.observe(row, model, probe_x)
-        if rec.nonfinite is None and not bool(torch.isfinite(flat_params).all() & torch.isfinite(named["eval.loss"]).all()):
+        finite = torch.isfinite(flat_params).all() & torch.isfinite(named["eval.loss"]).all()
+        if rec.nonfinite is None and not bool(finite):
             rec.first_nonfinite(f"epoch-end {epoch}", [
                 ("update", layer, name, named[name]) for name, layer in layout.param_layers] + [
                 ("eval", "loss", "eval.loss", named["eval.loss"])], epoch, None)
@@ -328,7 +321,8 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
         min_var_over_eps=rec.min_var,
         epoch_digests=rec.epoch_digests,
         step_rows=np.array(rec.step_rows, dtype=np.int64).reshape(-1, 2),
-        step_digests=np.stack(rec.step_digests) if rec.step_digests else np.zeros((0, len(layout.step_tensors)), np.uint64),
+        step_digests=np.stack(rec.step_digests) if rec.step_digests
+        else np.zeros((0, len(layout.step_tensors)), np.uint64),
         probe_rows=np.array(rec.probe_rows, dtype=np.int64),
         probe=np.stack(rec.probe),
         nonfinite=rec.nonfinite,

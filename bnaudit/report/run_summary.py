@@ -42,7 +42,8 @@ def render(summary: dict[str, Any]) -> None:
     if summary.get("cpu_model"):
         table.add_row("emulated CPU", summary["cpu_model"])
     table.add_row("effective", f"capability {e['cpu_capability']}, intra-op threads {e['intra_op_threads']}, "
-                               f"inter-op threads {e['inter_op_threads']}, deterministic {e['deterministic_algorithms']}")
+                               f"inter-op threads {e['inter_op_threads']}, "
+                               f"deterministic {e['deterministic_algorithms']}")
     pools = ", ".join(f"{p.get('internal_api')} {p.get('num_threads')}" for p in e.get("threadpools", []))
     table.add_row("thread pools", pools or "-")
     if summary["config"].get("perturb"):

@@ -1,0 +1,294 @@
+"""The mpmath engine against independent oracles: closed-form decimals and torch float64."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal, getcontext
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnaudit import bits, controls, frozen, runner
+from bnaudit.reference import engine
+from bnaudit.spec import default_spec, from_dict
+
+
+@pytest.fixture(autouse=True)
+def _restore_numeric_state():
+    prec, threads, dtype = mpmath.mp.prec, torch.get_num_threads(), torch.get_default_dtype()
+    yield
+    mpmath.mp.prec = prec
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+
+
+# --------------------------------------------------------------------------- hand-checkable case
+#
+# One BN unit: x = (1, 2, 4) -> Linear(1,1) w1=0.5 b1=-0.25 -> BatchNorm1d(1) weight 1.5 bias
+# 0.25 (eps 1e-5, momentum 0.1 as float64) -> ReLU -> Linear(1,1) w2=-0.75 b2=0.125, targets
+# (0.5, -1, 2), MSE, one SGD step with lr 0.01 (float64), momentum 0.9 (first step: buf = grad).
+# By hand: z = (0.25, 0.75, 1.75), mean 11/12, biased variance 7/18, running_var uses 7/12.
+# The strings below come from ``_decimal_oracle`` (Python's decimal module at 90 digits: the
+# closed-form forward, gradients by central differences with h = 1e-30, accurate to > 50
+# digits); ``test_decimal_oracle_reproduces_the_golden_strings`` re-derives them.
+
+GOLDEN = {
+    "loss": "4.70711968441868853027189350384435500408422624640528213743827",
+    "bn1.out": ["-1.35354683457635239137900425820554453113625322765918135806188",
+                "-0.150886708644088097844751064551386132784063306914795339515471",
+                "2.25443354322044048922375532275693066392031653457397669757735"],
+    "pred": ["0.125", "0.125", "-1.56582515741533036691781649206769799794023740093048252318301"],
+    "grad": {
+        "linear1.weight": "0.000183787091169208122564257126605095004009362647871376732435",
+        "linear1.bias": "0",
+        "bn1.weight": "2.382486518260865204021192887397083507333750711020767203666585",
+        "bn1.bias": "1.78291257870766518345890824603384899897011870046524126159152",
+        "linear2.weight": "-5.35927722942428546919535519013878334765754098886328149453037",
+        "linear2.bias": "-1.87721677161022024461187766137846533196015826728698834878868",
+    },
+    "after_step": {
+        "linear1.weight": "0.499998162129088307918736099054938023242533309451422386673234",
+        "linear1.bias": "-0.25",
+        "bn1.weight": "1.47617513481739134746383343579498491173415778529848504145048",
+        "bn1.bias": "0.232170874212923347794267680831837476596188107995740152969721",
+        "linear2.weight": "-0.696407227705757144192422765200582315667044939928883467224213",
+        "linear2.bias": "0.143772167716102202836893016998941605540367053788832058410162",
+    },
+    "bn1.running_mean": "0.0916666666666666717551888628653008102749784787495930989583333",
+    "bn1.running_var": "0.958333333333333331020368698697590540784100691477457682291666",
+}
+PARAM_NAMES = list(GOLDEN["grad"])
+INIT = [0.5, -0.25, 1.5, 0.25, -0.75, 0.125, 0.0, 1.0]  # parameters, then running_mean, running_var
+X = [1.0, 2.0, 4.0]
+T = [0.5, -1.0, 2.0]
+
+
+def _decimal_oracle() -> dict[str, object]:
+    """The golden values from decimal arithmetic: no mpmath, no torch, no engine."""
+    getcontext().prec = 90
+
+    def exact(x: float) -> Decimal:
+        f = Fraction(x)
+        return Decimal(f.numerator) / Decimal(f.denominator)
+
+    eps, m, lr = exact(1e-5), exact(0.1), exact(0.01)
+    xs, ts = [Decimal(v) for v in X], [exact(v) for v in T]
+
+    def forward(w1, b1, gamma, beta, w2, b2):
+        z = [w1 * x + b1 for x in xs]
+        mean = sum(z) / 3
+        var = sum((v - mean) ** 2 for v in z) / 3
+        invstd = 1 / (var + eps).sqrt()
+        bn = [gamma * (v - mean) * invstd + beta for v in z]
+        pred = [w2 * (v if v > 0 else Decimal(0)) + b2 for v in bn]
+        return sum((p - t) ** 2 for p, t in zip(pred, ts)) / 3, mean, var, bn, pred
+
+    p = [exact(v) for v in INIT[:6]]
+    loss, mean, var, bn, pred = forward(*p)
+    h = Decimal("1e-30")
+    grads = []
+    for k in range(6):
+        up, dn = list(p), list(p)
+        up[k] += h
+        dn[k] -= h
+        grads.append((forward(*up)[0] - forward(*dn)[0]) / (2 * h))
+    return {"loss": loss, "bn1.out": bn, "pred": pred, "grad": dict(zip(PARAM_NAMES, grads)),
+            "after_step": {n: v - lr * g for n, v, g in zip(PARAM_NAMES, p, grads)},
+            "bn1.running_mean": m * mean, "bn1.running_var": (1 - m) + m * var * 3 / 2}
+
+
+def _close(ctx, value, text: str, digits: int = 40) -> bool:
+    golden = ctx.mpf(text)
+    return abs(value - golden) <= ctx.mpf(10) ** (-digits) * max(1, abs(golden))
+
+
+def test_decimal_oracle_reproduces_the_golden_strings():
+    oracle = _decimal_oracle()
+    for key in ("loss", "bn1.running_mean", "bn1.running_var"):
+        assert abs(oracle[key] - Decimal(GOLDEN[key])) < Decimal("1e-55"), key
+    for key in ("grad", "after_step"):
+        for name in PARAM_NAMES:
+            assert abs(oracle[key][name] - Decimal(GOLDEN[key][name])) < Decimal("1e-50"), f"{key} {name}"
+
+
+def _tiny_spec():
+    raw = {"data": {"samples": 6, "train": 3, "degree": 1, "noise_feature": False},
+           "model": {"hidden_layers": 1, "hidden_units": 1},
+           "train": {"batch_size": 3, "epochs": 1, "lr": 0.01, "lr_milestones": []}}
+    return from_dict(raw, base=default_spec())
+
+
+def test_hand_checkable_bn_unit_forward_backward_and_step():
+    spec = _tiny_spec()
+    ctx = engine.new_context(256)
+    inputs = [[v] for v in X + [0.0, 1.0, -1.0]]
+    net = engine.Network(spec, ctx, INIT, inputs, T + [0.0, 0.0, 0.0])
+    loss, grads, outs = net.gradients(net.inputs[:3], net.targets[:3])
+    # forward, checked before the backward
+    assert _close(ctx, loss, GOLDEN["loss"]), f"forward: loss {loss}"
+    for i, text in enumerate(GOLDEN["bn1.out"]):
+        assert _close(ctx, outs[1][i][0], text), f"forward: bn1 output {i}"
+    for i, text in enumerate(GOLDEN["pred"]):
+        assert _close(ctx, outs[-1][i][0], text), f"forward: prediction {i}"
+    assert _close(ctx, net.layers[1].running_mean[0], GOLDEN["bn1.running_mean"]), "forward: running_mean"
+    assert _close(ctx, net.layers[1].running_var[0], GOLDEN["bn1.running_var"]), \
+        "forward: running_var must use the unbiased variance"
+    # backward
+    for name in PARAM_NAMES:
+        value = grads[name][0][0] if name.endswith("weight") and name.startswith("linear") else grads[name][0]
+        assert _close(ctx, value, GOLDEN["grad"][name]), f"backward: {name}.grad = {value}"
+    # update (SGD first step: buf = grad; p -= lr * buf)
+    net.sgd_step(grads, ctx.mpf(spec.lr_at(0)))
+    flat = net.flat_parameters()
+    for name, value in zip(PARAM_NAMES, flat):
+        assert _close(ctx, value, GOLDEN["after_step"][name]), f"update: {name} = {value}"
+
+
+# --------------------------------------------------------------------------- against torch float64
+
+@pytest.fixture(scope="module")
+def default_inputs():
+    spec = default_spec()
+    return spec, frozen.load(spec)
+
+
+def _torch_first_step(spec, fz):
+    torch.set_num_threads(1)
+    config = controls.RunConfig(controls.Controls(dtype="float64"), epochs=1, audit_every=0)
+    model = runner.build_model(spec).double()
+    runner.load_initial_state(model, spec, fz, config)
+    idx = torch.from_numpy(fz.batches[0][: spec.train.batch_size].astype(np.int64))
+    x = torch.from_numpy(fz.inputs[: spec.data.train])[idx]
+    y = torch.from_numpy(fz.targets[: spec.data.train])[idx].unsqueeze(1)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr_at(0), momentum=spec.train.momentum, foreach=False)
+    outs = runner.forward_layers(model, x)
+    loss = F.mse_loss(outs[-1][1], y)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    return model, outs, loss, grads
+
+
+def _normwise_bits(ref: np.ndarray, got: np.ndarray) -> float:
+    err = np.abs(ref - got).max()
+    return 53.0 if err == 0 else -math.log2(err / np.abs(ref).max())
+
+
+def test_first_step_matches_torch_float64(default_inputs):
+    spec, fz = default_inputs
+    model, outs, loss, grads = _torch_first_step(spec, fz)
+    ctx = engine.new_context(256)
+    net = engine.Network(spec, ctx, fz.init, fz.inputs, fz.targets)
+    idx = [int(i) for i in fz.batches[0][: spec.train.batch_size]]
+    mp_loss, mp_grads, mp_outs = net.gradients([net.inputs[i] for i in idx], [net.targets[i] for i in idx])
+    # forward: every module's output, normwise within a few float64 roundings
+    for (name, t), mine in zip(outs, mp_outs):
+        ref = np.array([[float(v) for v in row] for row in mine])
+        assert _normwise_bits(ref, t.detach().numpy()) > 48, f"forward: {name} output differs"
+    assert abs(float(mp_loss) - loss.item()) <= 8 * 2**-52 * float(mp_loss), "forward: loss differs"
+    # backward: every gradient, normwise against its layer's gradient scale (the bias of a Linear
+    # feeding a BN has an exactly-zero gradient: torch returns rounding noise, ~1e-17 of the scale)
+    for name, g in grads.items():
+        layer = name.split(".")[0]
+        ref = np.array([float(v) for v in engine._flatten(mp_grads[name])])
+        scale = max(np.abs(np.array([float(v) for v in engine._flatten(mp_grads[f"{layer}.{k}"])])).max()
+                    for k in ("weight", "bias"))
+        err = np.abs(ref - g.numpy().reshape(-1)).max()
+        assert err <= 2**-44 * scale, f"backward: {name}.grad differs by {err:.3g} (scale {scale:.3g})"
+    # update: every parameter within a few float64 ulps
+    net.sgd_step(mp_grads, ctx.mpf(spec.lr_at(0)))
+    mine = np.array([float(v) for v in net.flat_parameters()])
+    theirs = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    _assert_params_within_few_ulps(spec, theirs, mine)
+
+
+def _assert_params_within_few_ulps(spec, theirs: np.ndarray, mine: np.ndarray) -> None:
+    """Per parameter tensor: every element within 8 ulps of the tensor's largest value, and
+    (elementwise, in the element's own ulps) the median within 1 and 98% within 4.
+
+    A weight that happens to be tiny is the difference of two ordinary numbers (w - lr g);
+    its error is a few ulps of the tensor's scale, not of its own magnitude.
+    """
+    offset = 0
+    for name, shape in spec.parameters():
+        size = math.prod(shape)
+        a, b = theirs[offset:offset + size], mine[offset:offset + size]
+        offset += size
+        scale_ulp = np.spacing(np.abs(b).max())
+        worst = np.abs(a - b).max() / scale_ulp
+        assert worst <= 8, f"update: {name} differs by {worst:.1f} ulps of its largest value"
+        ulps = bits.ulp_distance(a, b, "float64")
+        assert np.median(ulps) <= 1 and np.mean(ulps <= 4) >= 0.98, f"update: {name} elementwise ulps {ulps.max()}"
+
+
+def test_first_epoch_matches_torch_float64_run(default_inputs):
+    spec, fz = default_inputs
+    torch.set_num_threads(1)
+    config = controls.RunConfig(controls.Controls(dtype="float64"), epochs=1, audit_every=0)
+    result = runner.run(spec, fz, config)
+    net = engine.Network(spec, engine.new_context(256), fz.init, fz.inputs, fz.targets)
+    net.train_epoch(0, fz.batches[0])
+    mine = np.array([float(v) for v in net.flat_parameters()])
+    ulps = bits.ulp_distance(result.params[1], mine, "float64")
+    assert np.median(ulps) <= 16, f"median {np.median(ulps)} ulps after one epoch"
+    assert _normwise_bits(mine, result.params[1]) > 44
+    buffers = np.array([float(v) for v in net.flat_buffers()])
+    assert _normwise_bits(buffers, result.buffers[1]) > 44, "running statistics differ"
+    train, test = net.eval_losses()
+    assert abs(float(train) - result.train_loss[1]) <= 2**-40 * float(train), "eval-mode train loss differs"
+    assert abs(float(test) - result.test_loss[1]) <= 2**-40 * float(test), "eval-mode test loss differs"
+
+
+def test_no_bn_baseline_first_step_matches_torch_float64():
+    spec = from_dict({"model": {"batchnorm": False}}, base=default_spec())
+    fz = frozen.load(spec)  # generated into the cache (BNAUDIT_CACHE) for this custom spec
+    model, outs, loss, grads = _torch_first_step(spec, fz)
+    ctx = engine.new_context(256)
+    net = engine.Network(spec, ctx, fz.init, fz.inputs, fz.targets)
+    assert not any(isinstance(layer, engine.BatchNorm1d) for layer in net.layers)
+    idx = [int(i) for i in fz.batches[0][: spec.train.batch_size]]
+    mp_loss, mp_grads, _ = net.gradients([net.inputs[i] for i in idx], [net.targets[i] for i in idx])
+    assert abs(float(mp_loss) - loss.item()) <= 8 * 2**-52 * float(mp_loss), "forward: loss differs"
+    net.sgd_step(mp_grads, ctx.mpf(spec.lr_at(0)))
+    mine = np.array([float(v) for v in net.flat_parameters()])
+    theirs = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    _assert_params_within_few_ulps(spec, theirs, mine)
+
+
+def test_engine_never_touches_the_global_context(default_inputs):
+    spec, fz = default_inputs
+    before = (mpmath.mp.prec, mpmath.mp.rounding)
+    net = engine.Network(spec, engine.new_context(333), fz.init, fz.inputs, fz.targets)
+    net.train_epoch(0, fz.batches[0][: spec.train.batch_size])
+    assert (mpmath.mp.prec, mpmath.mp.rounding) == before
+    assert net.ctx.prec == 333
+
+
+def test_state_round_trips_exactly_through_text(default_inputs):
+    spec, fz = default_inputs
+    ctx = engine.new_context(200)
+    net = engine.Network(spec, ctx, fz.init, fz.inputs, fz.targets)
+    net.train_epoch(0, fz.batches[0][: 2 * spec.train.batch_size])
+    state = [engine.to_exact(v) for v in net.flat_state()]
+    other = engine.Network(spec, engine.new_context(200), fz.init, fz.inputs, fz.targets)
+    other.load_flat_state([engine.from_exact(other.ctx, t) for t in state], net.steps)
+    assert [engine.to_exact(v) for v in other.flat_state()] == state
+    assert other.steps == net.steps == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False, width=64), st.integers(-200, 200))
+def test_double_double_and_exact_text(x, shift):
+    ctx = engine.new_context(300)
+    value = ctx.mpf(x) * ctx.mpf(3) ** shift / 7 if x != 0 else ctx.zero
+    assert engine.from_exact(ctx, engine.to_exact(value)) == value
+    hi, lo = engine.double_double(value)
+    assert hi == float(value)
+    if value != 0 and math.isfinite(hi) and abs(hi) > 1e-290:
+        assert abs(value - (ctx.mpf(hi) + lo)) <= abs(value) * ctx.mpf(2) ** -104

@@ -1,0 +1,338 @@
+"""`bnaudit report`: the folder it writes, its figures, its refusals, and the page in a real browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnaudit.errors import ExitCode
+
+EPOCHS = 12
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG, after checking its signature, IHDR chunk and CRCs with plain Python."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name}: not a PNG signature"
+    offset, chunks = 8, []
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset:offset + 4])
+        kind = data[offset + 4:offset + 8]
+        body = data[offset + 8:offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"{path.name}: bad CRC in chunk {kind!r}"
+        chunks.append((kind, body))
+        offset += 12 + length
+    assert chunks[0][0] == b"IHDR" and len(chunks[0][1]) == 13, f"{path.name}: IHDR is not the first chunk"
+    assert chunks[-1][0] == b"IEND", f"{path.name}: truncated (no IEND)"
+    assert any(k == b"IDAT" for k, _ in chunks), f"{path.name}: no image data"
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[0][1][:10])
+    assert depth == 8 and colour in (2, 6), f"{path.name}: unexpected pixel format {depth}/{colour}"
+    return width, height
+
+
+def chromium_args(profile: Path) -> list[str]:
+    return [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", f"--user-data-dir={profile}"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def runs(make_run) -> dict[str, Path]:
+    """Real short runs: float32 at 1 and 2 threads, a 1-ulp perturbed twin, and float64."""
+    return {
+        "t1": make_run(EPOCHS),
+        "t2": make_run(EPOCHS, threads=2),
+        "perturb": make_run(EPOCHS, perturb="linear1.weight[0,0]:1"),
+        "f64": make_run(EPOCHS, dtype="float64"),
+    }
+
+
+@pytest.fixture(scope="module")
+def written(runs, tmp_path_factory) -> Path:
+    from bnaudit.cli import main
+
+    out = tmp_path_factory.mktemp("report") / "rep"
+    code = main(["report", *(str(p) for p in runs.values()), "--out", str(out)])
+    assert code == 0
+    return out
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+def test_report_folder_has_html_markdown_and_valid_figures(written: Path) -> None:
+    assert (written / "index.html").is_file() and (written / "report.md").is_file()
+    pngs = sorted((written / "figures").glob("*.png"))
+    names = {p.stem for p in pngs}
+    # one per class (4 classes: t1, t2, perturbed, float64) + overlay, both heatmap kinds that apply, growth, BN, grid
+    assert {"seed_overlay", "heatmap_pairs", "growth", "bn_conditioning", "matrix_grid"} <= names, names
+    assert sum(n.startswith("seed_") and n != "seed_overlay" for n in names) == 4
+    for p in pngs:
+        width, height = png_size(p)
+        assert 400 <= width <= 2000 and 250 <= height <= 2500, f"{p.name}: {width}x{height} px"
+        assert 10_000 < p.stat().st_size < 1_000_000, f"{p.name}: {p.stat().st_size} bytes"
+    html = (written / "index.html").read_text()
+    md = (written / "report.md").read_text()
+    for p in pngs:
+        rel = f"figures/{p.name}"
+        assert f'src="{rel}"' in html, f"index.html does not show {rel}"
+        assert f"({rel})" in md, f"report.md does not show {rel}"
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "index.html must not reach the network"
+    assert "<script" not in html
+    # no leftover temporary folder beside the report
+    assert not [p for p in written.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_report_says_what_it_found(written: Path, runs: dict[str, Path]) -> None:
+    md = (written / "report.md").read_text()
+    assert "1-ulp baseline" in md  # the perturbed run was paired with its twin
+    assert "float32_t2_native_nondet vs float32_t1_native_nondet" in md
+    # threads 1 vs 2 part in the first traced step on this machine; a 1-ulp perturbation at the initial state
+    assert "initial state" in md
+    assert "no run carries a divergence from the mpmath reference" in md
+    from bnaudit import record
+
+    for name in ("t1", "f64"):
+        losses = record.load_record(runs[name]).arrays["losses"][-1]
+        assert f"{losses[0]:.4g}" in md, f"final train MSE of {name} missing"
+
+
+def test_numpy_forward_matches_torch_float64(runs: dict[str, Path]) -> None:
+    """The report's float64 eval-mode forward against torch's own modules (an independent oracle)."""
+    import torch
+
+    from bnaudit import bits, frozen, record, runner
+    from bnaudit.report import build
+
+    rec = record.load_record(runs["t1"])
+    spec = rec.spec
+    params = bits.to_float64(rec.arrays["params"][-1], rec.storage)
+    buffers = bits.to_float64(rec.arrays["buffers"][-1], rec.storage)
+    inputs = frozen.load(spec).inputs
+    ours = build.numpy_forward(spec, rec.layout, params, buffers, inputs)
+
+    model = runner.build_model(spec).double().eval()
+    sd = model.state_dict()
+    flat = np.concatenate([params, buffers])
+    offset = 0
+    for name, shape in spec.parameters() + spec.buffers():
+        n = int(np.prod(shape))
+        sd[name].copy_(torch.from_numpy(flat[offset:offset + n].reshape(shape)))
+        offset += n
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(inputs)).numpy()[:, 0]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12, err_msg="eval-mode forward differs from torch")
+
+
+def test_terminal_view(runs: dict[str, Path], cli) -> None:
+    code, out, _ = cli("report", str(runs["t1"]), str(runs["t2"]), "--terminal")
+    assert code == 0
+    assert "Runs" in out and "Classes of bit-identical runs" in out
+    assert "log10 max |Δ parameter|" in out  # the coarse heatmap of the differing pair
+    assert any(ch in out for ch in "░▒▓█")
+
+
+def test_reference_and_audit_blocks_are_drawn(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Records that carry a reference divergence and an operator audit get their heatmap and audit figure."""
+    from bnaudit import record
+    from bnaudit.report import build
+
+    copy = tmp_path / "withref"
+    shutil.copytree(runs["t1"], copy)
+    meta = json.loads((copy / "record.json").read_text())
+    layers = ["linear1", "bn1", "linear2"]
+    rows = list(range(EPOCHS + 1))
+    meta["extra"] = {
+        "divergence": {"rows": rows, "layers": layers,
+                       "correct_bits": [[24 - 0.5 * r, 24 - r, 23 - r] for r in rows]},
+        "audit": {"rows": [0, 10], "max_ulps": {"linear": [1, 2], "bn.rsqrt": [3, 40]}},
+    }
+    (copy / "record.json").write_text(json.dumps(meta))
+    assert record.load_record(copy).fingerprint.extra["divergence"]["layers"] == layers
+    out = build.write_report([copy], tmp_path / "rep")
+    names = {Path(f).stem for f in out.files if f.endswith(".png")}
+    assert {"heatmap_reference", "operator_audit", "growth"} <= names, names
+    ref = out.report.references["float32_t1_native_nondet"]
+    assert ref.correct_bits.shape == (len(rows), 3) and ref.correct_bits.min() >= 0
+
+
+def test_unreadable_blocks_are_noted_not_fatal(runs: dict[str, Path], tmp_path: Path) -> None:
+    from bnaudit.report import build
+
+    copy = tmp_path / "oddref"
+    shutil.copytree(runs["t1"], copy)
+    meta = json.loads((copy / "record.json").read_text())
+    meta["extra"] = {"divergence": {"something": "else"}, "audit": [1, 2]}
+    (copy / "record.json").write_text(json.dumps(meta))
+    report = build.build_report([copy])
+    assert not report.references and not report.audits
+    assert any("divergence block is not in a form" in n for n in report.notes)
+    assert any("operator-audit block is not in a form" in n for n in report.notes)
+
+
+def test_matrix_folder_is_read_with_its_labels(runs: dict[str, Path], tmp_path: Path) -> None:
+    from bnaudit.report import build
+
+    matrix = tmp_path / "m"
+    for name in ("t1", "t2"):
+        shutil.copytree(runs[name], matrix / "runs" / f"cfg-{name}")
+    (matrix / "matrix.json").write_text(json.dumps({"runs": [{"folder": "runs/cfg-t1"}, {"folder": "runs/cfg-t2"}]}))
+    report = build.build_report([matrix])
+    assert [r.label for r in report.runs] == ["cfg-t1", "cfg-t2"]
+    assert len(report.classes) == 2 and len(report.pairs) == 1
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_different_specs_are_refused_with_exit_4(runs: dict[str, Path], make_run, tmp_path: Path, cli) -> None:
+    spec = tmp_path / "other.toml"
+    spec.write_text("[model]\nbn_eps = 1e-3\n")
+    other = make_run(2, spec_path=spec)
+    out = tmp_path / "rep"
+    code, _, err = cli("report", str(runs["t1"]), str(other), "--out", str(out))
+    assert code == ExitCode.MISMATCH == 4
+    assert err.count("\n") == 1, err
+    assert str(other) in err and "spec" in err
+    assert not out.exists()
+
+
+def test_missing_run_is_named_with_exit_3(tmp_path: Path, cli, runs: dict[str, Path]) -> None:
+    missing = tmp_path / "no-such-run"
+    code, _, err = cli("report", str(runs["t1"]), str(missing), "--out", str(tmp_path / "rep"))
+    assert code == ExitCode.BAD_INPUT == 3
+    assert str(missing) in err and err.count("\n") == 1
+    assert not (tmp_path / "rep").exists()
+
+
+def test_partial_run_is_named_with_exit_3(tmp_path: Path, cli, runs: dict[str, Path]) -> None:
+    partial = tmp_path / "half"
+    shutil.copytree(runs["t1"], partial)
+    (partial / "record.json").unlink()  # what an interrupted write leaves: arrays without record.json
+    code, _, err = cli("report", str(partial), "--out", str(tmp_path / "rep"))
+    assert code == 3 and str(partial) in err and err.count("\n") == 1
+
+
+def test_matrix_with_missing_or_partial_run_is_named(tmp_path: Path, cli, runs: dict[str, Path]) -> None:
+    matrix = tmp_path / "m"
+    shutil.copytree(runs["t1"], matrix / "runs" / "a")
+    (matrix / "matrix.json").write_text(json.dumps({"runs": [{"folder": "runs/a"}, {"folder": "runs/b"}]}))
+    code, _, err = cli("report", str(matrix), "--out", str(tmp_path / "rep"))
+    assert code == 3 and str(matrix / "runs" / "b") in err and "missing" in err
+    leftover = matrix / "runs" / ".b.partial-x1"
+    leftover.mkdir()
+    (matrix / "matrix.json").write_text(json.dumps({"runs": [{"folder": "runs/a"}]}))
+    code, _, err = cli("report", str(matrix), "--out", str(tmp_path / "rep"))
+    assert code == 3 and str(leftover) in err and "partial" in err
+
+
+def test_existing_output_needs_force(tmp_path: Path, cli, runs: dict[str, Path]) -> None:
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = cli("report", str(runs["t1"]), "--out", str(out))
+    assert code == ExitCode.OUTPUT == 5 and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_report_without_out_or_terminal_is_a_usage_error(cli, runs: dict[str, Path]) -> None:
+    code, _, err = cli("report", str(runs["t1"]))
+    assert code == ExitCode.USAGE and "--out" in err
+
+
+# --------------------------------------------------------------------------- no torch, properties
+
+
+def test_report_code_imports_neither_torch_nor_mpmath() -> None:
+    code = ("import sys; import bnaudit.report.build, bnaudit.report.figures, bnaudit.report.html, "
+            "bnaudit.report.markdown, bnaudit.report.terminal, bnaudit.cli.report; "
+            "bad = [m for m in ('torch', 'mpmath') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 800))
+def test_class_names_are_unique_and_short(n: int) -> None:
+    from bnaudit.report.build import _class_names
+
+    names = _class_names(n)
+    assert len(set(names)) == n and all(1 <= len(x) <= 3 and x.isupper() for x in names)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 3000), layers=st.integers(1, 12), seed=st.integers(0, 2**32 - 1),
+       nan_share=st.floats(0, 1))
+def test_terminal_heatmap_partitions_epochs(rows: int, layers: int, seed: int, nan_share: float) -> None:
+    from bnaudit.report.terminal import COLUMNS, epoch_bins, heatmap_lines
+
+    bins = epoch_bins(rows)
+    assert 1 <= len(bins) <= COLUMNS
+    assert np.array_equal(np.concatenate(bins), np.arange(rows)), "bins must cover every epoch row once, in order"
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=(rows, layers))
+    values[rng.random((rows, layers)) < nan_share] = np.nan
+    names = tuple(f"layer{i}" for i in range(layers))
+    lines = heatmap_lines(values, np.arange(rows), names, -3.0, 3.0)
+    assert len(lines) == layers + 1
+    assert {len(line.plain) for line in lines} == {len(names[-1]) + 1 + len(bins)}
+
+
+# --------------------------------------------------------------------------- the page in a browser
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian package 'chromium'); .ci/run installs it")
+def test_html_renders_in_headless_chromium(written: Path, tmp_path: Path) -> None:
+    """Screenshot the page, and check in the live DOM that every figure decoded (naturalWidth > 0)."""
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([*chromium_args(tmp_path / "profile1"), f"--screenshot={shot}", "--window-size=1400,2400",
+                          "--hide-scrollbars", (written / "index.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert shot.exists(), f"no screenshot: {run.stderr[-600:]}"
+    width, height = png_size(shot)
+    assert (width, height) == (1400, 2400)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels[..., :3].std() > 0.05, "the screenshot is blank"
+
+    # A probe page beside index.html (same relative figure paths) records each image's decoded size.
+    probe = written.parent / "probe.html"
+    script = ("<script>window.addEventListener('load', () => { for (const img of document.images) "
+              "{ img.setAttribute('data-natural', img.naturalWidth + 'x' + img.naturalHeight); } "
+              "document.body.setAttribute('data-loaded', document.images.length); });</script>")
+    page = (written / "index.html").read_text().replace("</body>", script + "</body>")
+    probe.write_text(page.replace('src="figures/', f'src="{written.name}/figures/'))
+    try:
+        dom = subprocess.run([*chromium_args(tmp_path / "profile2"), "--virtual-time-budget=10000", "--dump-dom",
+                              probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    finally:
+        probe.unlink()
+    images = re.findall(r'<img [^>]*src="[^"]*/figures/([^"]+)"[^>]*>', dom)
+    assert images, "no figures in the rendered DOM"
+    assert f'data-loaded="{len(images)}"' in dom, "the load handler did not run"
+    for tag in re.findall(r"<img [^>]*>", dom):
+        natural = re.search(r'data-natural="(\d+)x(\d+)"', tag)
+        name = re.search(r'src="([^"]+)"', tag)
+        assert natural and int(natural.group(1)) > 0 and int(natural.group(2)) > 0, f"not loaded: {name and name[1]}"
+        w, h = png_size(written / "figures" / Path(name[1]).name)  # type: ignore[index]
+        assert (int(natural.group(1)), int(natural.group(2))) == (w, h)
