@@ -48,9 +48,9 @@ def numerics_environment() -> dict[str, str]:
 def cpu_features() -> dict[str, bool]:
     """CPUID features as numpy's runtime dispatcher detected them."""
     try:
-        from numpy._core import _multiarray_umath as umath  # numpy >= 2
+        from numpy._core import _multiarray_umath as umath  # type: ignore[attr-defined]  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
+        from numpy.core import _multiarray_umath as umath
     return {k: bool(v) for k, v in umath.__cpu_features__.items()}
 
 

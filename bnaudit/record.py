@@ -153,8 +153,8 @@ class TraceLayout:
         epoch += [TensorKey("eval", name, f"eval.{name}") for name, kind in modules if kind != "relu"]
         epoch.append(TensorKey("eval", "loss", "eval.loss"))
         widths = {name: fan_out for name, _, _, fan_out in spec.layers()}
-        probe_width = []
-        last = None
+        probe_width: list[int] = []
+        last = 0  # a BN or ReLU output is as wide as the Linear before it
         for name, _ in modules:
             last = widths.get(name, last)
             probe_width.append(last)
@@ -167,7 +167,7 @@ def storage_numpy(storage: str) -> np.dtype:
     return np.dtype(bits.storage(storage).numpy_dtype)
 
 
-def digest(data: np.ndarray | bytes | memoryview | None) -> int:
+def digest(data: Any) -> int:
     """The first 64 bits of sha256 of raw bytes, as an integer; 0 is reserved for "no tensor".
 
     sha256 rather than blake2b: with the SHA extensions of current x86 CPUs it hashes

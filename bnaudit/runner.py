@@ -62,7 +62,7 @@ def digest_all(tensors: list[torch.Tensor | None]) -> np.ndarray:
             by_dtype.setdefault(t.dtype, []).append(i)
     for idx in by_dtype.values():
         flat = [tensors[i].detach().reshape(-1) for i in idx]  # type: ignore[union-attr]
-        buf = memoryview(torch.cat(flat).view(torch.uint8).numpy())
+        buf = memoryview(torch.cat(flat).view(torch.uint8).numpy())  # type: ignore[arg-type]
         width = flat[0].element_size()
         offset = 0
         for i, t in zip(idx, flat):
@@ -231,10 +231,8 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
         rec.train_loss[row] = float(train_loss)
         rec.test_loss[row] = float(test_loss)
         momentum = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
-        named = {
-            "loss.steps": step_losses,
-            "eval.loss": torch.stack([train_loss, test_loss]),
-        }
+        losses = torch.stack([train_loss, test_loss])
+        named: dict[str, torch.Tensor | None] = {"loss.steps": step_losses, "eval.loss": losses}
         for (name, _), p, g, m in zip(model.named_parameters(), params, last_grads, momentum):
             named[f"{name}"] = p
             named[f"{name}.grad"] = g
@@ -257,11 +255,10 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
         for observer in observers:
             if observer.wants(row):
                 observer.observe(row, model, probe_x)
-        finite = torch.isfinite(flat_params).all() & torch.isfinite(named["eval.loss"]).all()
-        if rec.nonfinite is None and not bool(finite):
+        if rec.nonfinite is None and not bool(torch.isfinite(flat_params).all() & torch.isfinite(losses).all()):
             rec.first_nonfinite(f"epoch-end {epoch}", [
-                ("update", layer, name, named[name]) for name, layer in layout.param_layers] + [
-                ("eval", "loss", "eval.loss", named["eval.loss"])], epoch, None)
+                ("update", layer, name, p) for (name, layer), p in zip(layout.param_layers, params)] + [
+                ("eval", "loss", "eval.loss", losses)], epoch, None)
 
     end_of_epoch(0, -1, [None] * len(params), None)
     started = time.perf_counter()
@@ -288,7 +285,8 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
                 bn_inputs = torch.stack([outs[i - 1][1].detach() for i in bn_index])
                 step_var_min.append(bn_inputs.var(1, unbiased=False))
             if detailed:
-                named = {f"{name}.out": out for name, out in outs if not name.startswith("relu")}
+                named: dict[str, torch.Tensor | None] = {
+                    f"{name}.out": out for name, out in outs if not name.startswith("relu")}
                 named["loss"] = loss
                 for (name, p) in model.named_parameters():
                     named[name] = p
@@ -300,8 +298,8 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
                 rec.step_rows.append((epoch, step))
                 rec.step_digests.append(digest_all([named[t.key] for t in layout.step_tensors]))
                 rec.first_nonfinite(f"epoch {epoch} step {step}",
-                                    [(t.phase, t.layer, t.key, named[t.key]) for t in layout.step_tensors
-                                     if named[t.key] is not None], epoch, step)
+                                    [(t.phase, t.layer, t.key, v) for t in layout.step_tensors
+                                     if (v := named[t.key]) is not None], epoch, step)
         scheduler.step()
         losses_now = torch.stack(step_losses)
         rec.step_loss[epoch] = losses_now.double().numpy()
