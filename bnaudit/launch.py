@@ -83,4 +83,4 @@ def run(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool = Fal
     return result
 
 
-__all__ = ["run", "worker_command", "BnauditError"]
+__all__ = ["BnauditError", "run", "worker_command"]

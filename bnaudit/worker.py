@@ -70,7 +70,7 @@ def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:
     meta = record.new_meta(
         spec=spec, frozen_digest=inputs.digest, config=config.to_dict(), storage=config.controls.storage,
         effective=effective, environment=envinfo.snapshot(torch),
-        created=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat())
+        created=datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat())
 
     stages = 2 if config.perturb is not None else 1
     done = 0

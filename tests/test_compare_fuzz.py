@@ -23,7 +23,7 @@ from bnaudit import record
 from bnaudit.cli import main
 from bnaudit.errors import ExitCode
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def check_outcome(code: int, out: str, err: str) -> None:
 def compare_with(base, data: bytes, name: str = "edited.json") -> tuple[int, str, str]:
     path = base["work"] / name
     path.write_bytes(data)
-    return run_cli("compare", str(base["fp"]), str(path))
+    return run_cli("compare", str(path), str(base["fp"]))
 
 
 @FUZZ
@@ -76,9 +76,12 @@ def test_byte_edits(base, edits):
     check_outcome(*compare_with(base, bytes(data)))
 
 
+# Control characters are left out of generated text: error messages that quote a hostile key
+# verbatim can break the one-line rule (see test_control_characters_stay_on_one_line).
+TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=20)
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(TEXT, children, max_size=4),
     max_leaves=12)
 
 
@@ -115,6 +118,14 @@ def test_arbitrary_json_documents(base, value):
     code, out, err = compare_with(base, json.dumps(value).encode())
     assert code == ExitCode.BAD_INPUT
     check_outcome(code, out, err)
+
+
+@pytest.mark.xfail(strict=True, reason="bnaudit.cli.fail prints messages verbatim; spec.py quotes unknown keys "
+                   "unescaped (fix proposed to the lead: escape non-printable characters in fail())")
+def test_control_characters_stay_on_one_line(base):
+    doc = json.loads(base["text"])
+    doc["spec"]["train"]["lr\nsecond line"] = 1
+    check_outcome(*compare_with(base, json.dumps(doc).encode(), "control.json"))
 
 
 @pytest.mark.parametrize("content", [
@@ -155,3 +166,23 @@ def test_broken_record_folders(base, tmp_path):
         code, out, err = run_cli("compare", str(base["folder"]), str(folder))
         assert code == ExitCode.BAD_INPUT, (folder, err)
         check_outcome(code, out, err)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["config"].update(controls=[1]),
+    lambda d: d["config"].update(controls="float32"),
+    lambda d: d["environment"].update(environment=["OMP_NUM_THREADS=1"]),
+    lambda d: d["effective"].update(threadpools=[{"prefix": None}, 3]),
+    lambda d: d.update(extra={"divergence": {"rows": [0], "layers": ["linear1"], "correct_bits": [["x"]]}}),
+])
+def test_odd_metadata_blocks_still_give_a_verdict_or_one_line(base, edit):
+    """Metadata is not part of the digests: odd blocks must neither crash nor change the verdict."""
+    doc = json.loads(base["text"])
+    edit(doc)
+    for args in (("compare",), ("compare", "--json"), ("compare", "--markdown")):
+        path = base["work"] / "odd.json"
+        path.write_text(json.dumps(doc))
+        code, out, err = run_cli(*args, str(path), str(base["fp"]))
+        check_outcome(code, out if args == ("compare",) or code else "bit-identical", err)
+        if code == 0 and "--json" in args:
+            assert json.loads(out)["verdict"] == "identical"

@@ -127,8 +127,8 @@ def _tiny_spec():
 def test_hand_checkable_bn_unit_forward_backward_and_step():
     spec = _tiny_spec()
     ctx = engine.new_context(256)
-    inputs = [[v] for v in X + [0.0, 1.0, -1.0]]
-    net = engine.Network(spec, ctx, INIT, inputs, T + [0.0, 0.0, 0.0])
+    inputs = [[v] for v in [*X, 0.0, 1.0, -1.0]]
+    net = engine.Network(spec, ctx, INIT, inputs, [*T, 0.0, 0.0, 0.0])
     loss, grads, outs = net.gradients(net.inputs[:3], net.targets[:3])
     # forward, checked before the backward
     assert _close(ctx, loss, GOLDEN["loss"]), f"forward: loss {loss}"
@@ -209,22 +209,27 @@ def test_first_step_matches_torch_float64(default_inputs):
 
 
 def _assert_params_within_few_ulps(spec, theirs: np.ndarray, mine: np.ndarray) -> None:
-    """Per parameter tensor: every element within 8 ulps of the tensor's largest value, and
-    (elementwise, in the element's own ulps) the median within 1 and 98% within 4.
+    """Per parameter tensor: every element within 4 ulps of the tensor's largest value; over
+    all parameters, elementwise in each element's own ulps, the median within 1.
 
-    A weight that happens to be tiny is the difference of two ordinary numbers (w - lr g);
-    its error is a few ulps of the tensor's scale, not of its own magnitude.
+    A weight that happens to be tiny is the difference of two ordinary numbers (w - lr g):
+    its error is a few ulps of the tensor's scale, not of its own magnitude.  BN biases
+    start at 0, so after the first step they *are* -lr * grad, and their gradient is a
+    cancelling sum over the batch: there the bound is the gradient's (2^-44 of the
+    largest term, as checked for the backward pass), times lr.
     """
     offset = 0
     for name, shape in spec.parameters():
         size = math.prod(shape)
         a, b = theirs[offset:offset + size], mine[offset:offset + size]
         offset += size
-        scale_ulp = np.spacing(np.abs(b).max())
-        worst = np.abs(a - b).max() / scale_ulp
-        assert worst <= 8, f"update: {name} differs by {worst:.1f} ulps of its largest value"
-        ulps = bits.ulp_distance(a, b, "float64")
-        assert np.median(ulps) <= 1 and np.mean(ulps <= 4) >= 0.98, f"update: {name} elementwise ulps {ulps.max()}"
+        if name.startswith("bn") and name.endswith(".bias"):
+            assert np.abs(a - b).max() <= spec.lr_at(0) * 2**-44, f"update: {name} differs"
+            continue
+        worst = np.abs(a - b).max() / np.spacing(np.abs(b).max())
+        assert worst <= 4, f"update: {name} differs by {worst:.1f} ulps of its largest value"
+    ulps = bits.ulp_distance(theirs, mine, "float64")
+    assert np.median(ulps) <= 1, f"update: median elementwise distance {np.median(ulps)} ulps"
 
 
 def test_first_epoch_matches_torch_float64_run(default_inputs):
@@ -263,10 +268,10 @@ def test_no_bn_baseline_first_step_matches_torch_float64():
 
 def test_engine_never_touches_the_global_context(default_inputs):
     spec, fz = default_inputs
-    before = (mpmath.mp.prec, mpmath.mp.rounding)
+    before = (mpmath.mp.prec, tuple(mpmath.mp._prec_rounding))
     net = engine.Network(spec, engine.new_context(333), fz.init, fz.inputs, fz.targets)
     net.train_epoch(0, fz.batches[0][: spec.train.batch_size])
-    assert (mpmath.mp.prec, mpmath.mp.rounding) == before
+    assert (mpmath.mp.prec, tuple(mpmath.mp._prec_rounding)) == before
     assert net.ctx.prec == 333
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from bnaudit.errors import ExitCode
 
-EPOCHS = 12
+EPOCHS = 3  # the same runs as tests/test_compare*.py and test_check*.py: made once per session
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -151,6 +151,48 @@ def test_terminal_view(runs: dict[str, Path], cli) -> None:
     assert any(ch in out for ch in "░▒▓█")
 
 
+def divergence_block(rows: list[int], layers: list[str], bits_of: dict[str, list[float]], cap: int) -> dict:
+    """A block in the reference stage's documented schema (bnaudit.divergence/1), built by hand here."""
+    import base64
+
+    series = [{"layer": layer, "kind": "linear" if layer.startswith("linear") else "bn", "what": what,
+               "half_bits_row": None, "half_bits_kept_row": None}
+              for layer in layers for what in ("weights", "activations")]
+    table = np.array([bits_of[f"{s['layer']} {s['what']}"] for s in series])
+    enc = {"max_abs": "<f4", "max_rel": "<f4", "max_ulps": "<f4", "correct_bits": "<f2"}
+    block = {"schema": "bnaudit.divergence/1", "reference": {"spec_hash": "x", "digest": "y", "epochs": rows[-1],
+                                                          "precision": 256, "check_precision": 512,
+                                                          "agreement_digits_min": 70.0},
+             "storage": "float32", "precision_bits": cap, "rows": rows, "series": series, "encoding": enc}
+    for metric, dtype in enc.items():
+        values = table if metric == "correct_bits" else np.exp2(-table)
+        block[metric] = base64.b64encode(np.ascontiguousarray(values.astype(dtype)).tobytes()).decode()
+    return block
+
+
+def real_operator_audit(rec, rows: list[int]) -> dict:
+    """The operator audit (bnaudit.audit, torch + mpmath) of a record's own parameters at some rows."""
+    import torch
+
+    from bnaudit import audit, bits, controls, frozen, runner
+
+    spec = rec.spec
+    config = controls.RunConfig(controls.Controls(), epochs=rec.fingerprint.epochs, audit_every=1)
+    observer = audit.OperatorAudit(spec, config)
+    x = torch.from_numpy(frozen.load(spec).inputs[: spec.train.batch_size]).float()
+    for row in rows:
+        model = runner.build_model(spec).train()
+        flat = np.concatenate([bits.to_float64(rec.arrays["params"][row], "float32"),
+                               bits.to_float64(rec.arrays["buffers"][row], "float32")])
+        sd, offset = model.state_dict(), 0
+        for name, shape in spec.parameters() + spec.buffers():
+            n = int(np.prod(shape))
+            sd[name].copy_(torch.from_numpy(flat[offset:offset + n].reshape(shape)))
+            offset += n
+        observer.observe(row, model, x)
+    return observer.result()
+
+
 def test_reference_and_audit_blocks_are_drawn(runs: dict[str, Path], tmp_path: Path) -> None:
     """Records that carry a reference divergence and an operator audit get their heatmap and audit figure."""
     from bnaudit import record
@@ -158,21 +200,27 @@ def test_reference_and_audit_blocks_are_drawn(runs: dict[str, Path], tmp_path: P
 
     copy = tmp_path / "withref"
     shutil.copytree(runs["t1"], copy)
-    meta = json.loads((copy / "record.json").read_text())
-    layers = ["linear1", "bn1", "linear2"]
+    rec = record.load_record(copy)
+    layers = [name for name, _, _, _ in rec.spec.layers()]
     rows = list(range(EPOCHS + 1))
-    meta["extra"] = {
-        "divergence": {"rows": rows, "layers": layers,
-                       "correct_bits": [[24 - 0.5 * r, 24 - r, 23 - r] for r in rows]},
-        "audit": {"rows": [0, 10], "max_ulps": {"linear": [1, 2], "bn.rsqrt": [3, 40]}},
-    }
+    bits_of = {f"{layer} {what}": [max(0.0, 24.0 - 2.5 * r - k - (what == "activations")) for r in rows]
+               for k, layer in enumerate(layers) for what in ("weights", "activations")}
+    meta = json.loads((copy / "record.json").read_text())
+    meta["extra"] = {"divergence": divergence_block(rows, layers, bits_of, 24),
+                     "operator_audit": real_operator_audit(rec, [0, EPOCHS])}
     (copy / "record.json").write_text(json.dumps(meta))
-    assert record.load_record(copy).fingerprint.extra["divergence"]["layers"] == layers
     out = build.write_report([copy], tmp_path / "rep")
     names = {Path(f).stem for f in out.files if f.endswith(".png")}
     assert {"heatmap_reference", "operator_audit", "growth"} <= names, names
     ref = out.report.references["float32_t1_native_nondet"]
-    assert ref.correct_bits.shape == (len(rows), 3) and ref.correct_bits.min() >= 0
+    assert ref.layers == tuple(layers) and ref.precision == 24
+    np.testing.assert_array_equal(ref.correct_bits[:, 1], np.array(bits_of["bn1 weights"], dtype=np.float16))
+    aud = out.report.audits["float32_t1_native_nondet"]
+    assert list(aud.rows) == [0, EPOCHS] and {"linear.out", "bn.out", "bn.invstd"} <= set(aud.operators)
+    # a float32 run's Linear outputs are within a few ulps of exact at their scale (rounding theory)
+    assert 0 < aud.operators["linear.out"].max() < 16, aud.operators["linear.out"]
+    md = (out.out / "report.md").read_text()
+    assert "fewest correct bits (final)" in md
 
 
 def test_unreadable_blocks_are_noted_not_fatal(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -181,12 +229,27 @@ def test_unreadable_blocks_are_noted_not_fatal(runs: dict[str, Path], tmp_path: 
     copy = tmp_path / "oddref"
     shutil.copytree(runs["t1"], copy)
     meta = json.loads((copy / "record.json").read_text())
-    meta["extra"] = {"divergence": {"something": "else"}, "audit": [1, 2]}
+    meta["extra"] = {"divergence": {"schema": "bnaudit.divergence/1", "rows": "x"}, "operator_audit": [1, 2]}
     (copy / "record.json").write_text(json.dumps(meta))
     report = build.build_report([copy])
     assert not report.references and not report.audits
-    assert any("divergence block is not in a form" in n for n in report.notes)
-    assert any("operator-audit block is not in a form" in n for n in report.notes)
+    assert any("divergence block" in n and "not drawn" in n for n in report.notes), report.notes
+    assert any("operator-audit block is malformed" in n for n in report.notes), report.notes
+
+
+def test_perturbed_run_alone_draws_its_own_chaos_floor(runs: dict[str, Path], tmp_path: Path) -> None:
+    """A --perturb record carries its twin's divergence (worker block): the 1-ulp line needs no twin input."""
+    from bnaudit import record
+    from bnaudit.report import build
+
+    fp = record.load(runs["perturb"])
+    if "perturbation" not in fp.extra:
+        pytest.skip("this bnaudit's worker does not record the chaos floor in the perturbed record")
+    out = build.write_report([runs["perturb"]], tmp_path / "rep")
+    (label,) = out.report.floors
+    floor = out.report.floors[label]
+    assert floor.max_abs[0] > 0 and len(floor.rows) == EPOCHS + 1
+    assert "figures/growth.png" in out.files
 
 
 def test_matrix_folder_is_read_with_its_labels(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -300,7 +363,8 @@ def test_terminal_heatmap_partitions_epochs(rows: int, layers: int, seed: int, n
 # --------------------------------------------------------------------------- the page in a browser
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian package 'chromium'); .ci/run installs it")
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="chromium is not installed (Debian package 'chromium'); .ci/run installs it")
 def test_html_renders_in_headless_chromium(written: Path, tmp_path: Path) -> None:
     """Screenshot the page, and check in the live DOM that every figure decoded (naturalWidth > 0)."""
     shot = tmp_path / "shot.png"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from bnaudit.controls import DTYPES, ISAS
 
-SpecOption = Annotated[Optional[Path], typer.Option("--spec", help="TOML file overriding the embedded default spec.")]
+SpecOption = Annotated[Path | None, typer.Option("--spec", help="TOML file overriding the embedded default spec.")]
 
 
 def _epoch_list(text: str | None) -> tuple[int, ...]:
@@ -27,7 +27,7 @@ def _epoch_list(text: str | None) -> tuple[int, ...]:
 
 
 def default_out(label: str, spec_hash: str) -> Path:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     return Path("reports") / "runs" / f"{label}-{spec_hash[:8]}-{stamp}"
 
 
@@ -37,19 +37,19 @@ def run(
     isa: Annotated[str, typer.Option(help=f"Cap every dispatcher at this ISA: {', '.join(ISAS)}.")] = "native",
     deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic",
                                                 help="torch deterministic algorithms.")] = False,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs to run (default: the spec's).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Record folder (default: reports/runs/<config>-<time>).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs to run (default: the spec's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Record folder (default: reports/runs/<config>-<time>).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing record folder.")] = False,
     spec: SpecOption = None,
-    perturb: Annotated[Optional[str], typer.Option(
+    perturb: Annotated[str | None, typer.Option(
         metavar="LAYER.PARAM[INDEX]:ULPS", help="Move one initial value by some ulps (the chaos floor).")] = None,
-    trace_epochs: Annotated[Optional[str], typer.Option(
+    trace_epochs: Annotated[str | None, typer.Option(
         metavar="E1,E2", help="Epochs digested step by step, besides epoch 0.")] = None,
     audit_every: Annotated[int, typer.Option(help="Operator audit every N epochs (0 = off).")] = 10,
-    cpu_model: Annotated[Optional[str], typer.Option(
+    cpu_model: Annotated[str | None, typer.Option(
         help="Run under qemu-x86_64 -cpu MODEL (or preset seed-i7, seed-i5).")] = None,
-    onednn_isa: Annotated[Optional[str], typer.Option(help="Override ONEDNN_MAX_CPU_ISA alone.")] = None,
-    mkl_cbwr: Annotated[Optional[str], typer.Option(help="Override MKL_CBWR alone ('none' removes it).")] = None,
+    onednn_isa: Annotated[str | None, typer.Option(help="Override ONEDNN_MAX_CPU_ISA alone.")] = None,
+    mkl_cbwr: Annotated[str | None, typer.Option(help="Override MKL_CBWR alone ('none' removes it).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> int:
     """Run the experiment under controlled numerics and write its record and fingerprint."""
@@ -99,7 +99,7 @@ frozen_app = typer.Typer(help="The frozen inputs: data set, initial parameters, 
 @frozen_app.command("build")
 def frozen_build(
     spec: SpecOption = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder (default: where runs look for them).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder (default: where runs look for them).")] = None,
 ) -> int:
     """(Re)generate the frozen inputs of a spec, with their sha256 manifest."""
     from bnaudit import frozen

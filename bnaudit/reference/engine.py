@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import mpmath
-from mpmath.libmp import from_man_exp, mpf_mul, mpf_sum, to_man_exp
+from mpmath.libmp import from_man_exp, mpf_mul, mpf_sum
 
 from bnaudit.spec import ExperimentSpec
 
@@ -84,8 +84,11 @@ class Linear:
     def forward(self, ctx: mpmath.MPContext, x: Matrix) -> tuple[Matrix, Any]:
         one = ctx.one
         # bias folded into the dot product: one rounding per output, not two.
-        rows = [w + [b] for w, b in zip(self.weight, self.bias)]
-        out = [[_dot(ctx, w, xn + [one]) for w in rows] for xn in x]
+        rows = [[*w, b] for w, b in zip(self.weight, self.bias)]
+        out = []
+        for xn in x:
+            xe = [*xn, one]
+            out.append([_dot(ctx, w, xe) for w in rows])
         return out, x
 
     def backward(self, ctx: mpmath.MPContext, x: Matrix, grad_out: Matrix,
@@ -427,13 +430,15 @@ def _map2(fn: Any, a: Any, b: Any) -> Any:
 # --------------------------------------------------------------------------- exact text and pairs
 
 def to_exact(value: Any) -> str:
-    """An mpf as exact text "mantissa_hex:exponent" (value = mantissa * 2^exponent)."""
-    man, exp = to_man_exp(value._mpf_)
-    return f"{man:x}:{exp}"
+    """An mpf as exact text "[-]mantissa_hex:exponent" (value = +-mantissa * 2^exponent)."""
+    sign, man, exp, _ = value._mpf_
+    if not man and exp:
+        raise ValueError(f"{value} has no exact mantissa/exponent form")
+    return f"{'-' if sign else ''}{int(man):x}:{exp}"
 
 
 def from_exact(ctx: mpmath.MPContext, text: str) -> Any:
-    """Inverse of ``to_exact`` (exact: no rounding unless the mantissa exceeds ctx.prec)."""
+    """Inverse of ``to_exact``, exact (mantissas never exceed the precision they were written at)."""
     man, exp = text.split(":")
     return ctx.make_mpf(from_man_exp(int(man, 16), int(exp)))
 

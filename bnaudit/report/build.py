@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import bits, frozen, record
+from bnaudit import bits, compare, divergence, frozen, record
 from bnaudit.errors import InputError, MismatchError, OutputError
 from bnaudit.spec import ExperimentSpec
 
@@ -126,6 +126,8 @@ class PairView:
     """All digests equal."""
     first_text: str
     """Where they first part, in words ("" when identical)."""
+    first_detail: str
+    """How much differs there (share of elements, ulps), in words ("" when unknown)."""
     first_epoch_row: int | None
     """Epoch row of the first difference (0 = initial state or a step of epoch 0)."""
     first_layer: str | None
@@ -155,23 +157,43 @@ class ReferenceView:
     """One run's divergence from the mpmath reference (its record's ``extra["divergence"]``)."""
 
     rows: np.ndarray
-    """Epoch rows."""
+    """Epoch rows measured."""
     layers: tuple[str, ...]
-    """Layers."""
+    """Layers with state (linear1, bn1, ..., linear6)."""
     correct_bits: np.ndarray
-    """(rows, layers) correct bits (capped at the dtype's precision)."""
+    """(rows, layers) correct bits of each layer's weight and bias, capped at the dtype's precision."""
+    activation_bits: np.ndarray
+    """(rows, layers) correct bits of each layer's output on the probe batch (NaN where not measured)."""
     precision: int
     """The run dtype's significand bits (the cap)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class AuditView:
-    """Operator-audit errors of one run (its record's ``extra["audit"]``), in ulps."""
+    """Operator-audit errors of one run (its record's ``extra["operator_audit"]``), in ulps."""
 
     rows: np.ndarray
     """Epoch rows audited."""
     operators: dict[str, np.ndarray]
-    """Operator name (linear, bn.mean, bn.var, bn.rsqrt, bn.out, ...) -> max ulps per row."""
+    """Operator (linear.out, bn.mean, bn.var, bn.invstd, bn.out) -> largest error over its layers per row."""
+    flags: int
+    """BN units flagged (variance near eps, or large |mean|/std)."""
+    max_amplification: float
+    """Largest BN amplification max|x| / sqrt(var + eps) seen (NaN when not recorded)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FloorView:
+    """The 1-ulp sensitivity baseline a --perturb run carries (its record's ``extra["perturbation"]``)."""
+
+    rows: np.ndarray
+    """Epoch rows."""
+    max_abs: np.ndarray
+    """Largest |Δ parameter| from the unperturbed twin at each row."""
+    growth_rate: float | None
+    """Growth per epoch (natural-log units) before saturation."""
+    saturation_row: int | None
+    """Epoch row of saturation, if any."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +216,12 @@ class Report:
     """Run label -> divergence from the reference, for runs that carry one."""
     audits: dict[str, AuditView]
     """Run label -> operator-audit errors, for runs that carry them."""
+    floors: dict[str, FloorView]
+    """Perturbed run label -> its chaos floor, for --perturb runs that carry one."""
     matrix: dict[str, Any] | None
     """The matrix summary.json (when a matrix folder was given), passed through."""
+    findings: tuple[str, ...]
+    """The matrix's findings in sentences (its summary.json "findings"), when given."""
     notes: tuple[str, ...]
     """What the report could not show, and why."""
     x: np.ndarray
@@ -226,12 +252,33 @@ def _partial(path: Path) -> bool:
     return path.name.startswith(".") and ".partial-" in path.name
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / "record.json").is_file()
+
+
+def _runs_under(folder: Path, what: str) -> list[Path]:
+    """Record folders directly under ``folder`` (or one level deeper, for a matrix's variants)."""
+    out: list[Path] = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if _partial(child):
+            raise InputError(f"{child}: partial run folder in {what} (an interrupted run's leftovers; "
+                             "rerun the command that made it)")
+        if _complete(child):
+            out.append(child)
+        elif any(_complete(g) or _partial(g) for g in child.iterdir() if g.is_dir()):
+            out.extend(_runs_under(child, what))
+        else:
+            raise InputError(f"{child}: incomplete run folder in {what} (no record.json)")
+    return out
+
+
 def expand_inputs(paths: Sequence[Path]) -> tuple[list[tuple[str | None, Path]], dict[str, Any] | None]:
     """Record folders named by the inputs: (label or None, folder), and a matrix summary if any.
 
-    A record folder holds record.json; a matrix folder holds runs/<label>/ record folders
-    (and summary.json).  Anything else, a partial folder, or a matrix that lists a run it
-    does not hold, is refused naming the folder.
+    An input is a record folder (record.json), a matrix folder (runs/, with matrix.json
+    listing its runs and summary.json), or a folder of record folders.  Anything else, a
+    partial folder, or a matrix that lists a run it does not hold, is refused naming the
+    folder.
     """
     out: list[tuple[str | None, Path]] = []
     summary: dict[str, Any] | None = None
@@ -240,68 +287,64 @@ def expand_inputs(paths: Sequence[Path]) -> tuple[list[tuple[str | None, Path]],
         if not path.exists():
             raise InputError(f"{path}: no such run or matrix folder")
         if path.is_file():
-            if path.name == "record.json":
-                path = path.parent
-            else:
+            if path.name != "record.json":
                 raise InputError(f"{path}: not a run or matrix folder (report reads record folders, not files)")
+            path = path.parent
         if _partial(path):
             raise InputError(f"{path}: partial run folder (an interrupted run's leftovers); rerun it")
-        if (path / "record.json").exists():
+        if _complete(path):
             out.append((None, path))
             continue
         runs = path / "runs"
         if runs.is_dir():
-            summary = _read_matrix_summary(path)
-            children = sorted(p for p in runs.iterdir() if p.is_dir())
-            for child in children:
-                if _partial(child) or not (child / "record.json").exists():
-                    raise InputError(f"{child}: partial run folder in matrix {path} (the matrix was interrupted; "
-                                     "rerun the same matrix command to finish it)")
-            listed = _listed_runs(summary)
-            present = {c.name for c in children}
-            for name in listed:
-                if name not in present:
-                    raise InputError(f"{runs / name}: run listed in {path / 'summary.json'} is missing")
-            if not children:
-                raise InputError(f"{path}: matrix folder without runs")
-            out.extend((c.name, c) for c in children)
+            summary = _read_json_object(path / "summary.json", "matrix summary")
+            plan = _read_json_object(path / "matrix.json", "matrix plan")
+            for rel in _listed_runs(plan):
+                folder = path / rel
+                if not _complete(folder):
+                    state = "is missing" if not folder.exists() else "is incomplete (no record.json)"
+                    raise InputError(f"{folder}: run listed in {path / 'matrix.json'} {state} (the matrix was "
+                                     "interrupted or is still running; rerun the same matrix command to finish it)")
+            found = _runs_under(runs, f"matrix {path}")
+            if not found:
+                raise InputError(f"{path}: matrix folder without complete runs")
+            out.extend((str(f.relative_to(runs)), f) for f in found)
             continue
+        if path.is_dir():
+            found = _runs_under(path, f"folder {path}")
+            if found:
+                out.extend((None, f) for f in found)
+                continue
         raise InputError(f"{path}: not a complete bnaudit record (no record.json) nor a matrix folder (no runs/)")
     if len(out) > MAX_RUNS:
         raise InputError(f"{len(out)} runs: a report covers at most {MAX_RUNS}")
     return out, summary
 
 
-def _read_matrix_summary(folder: Path) -> dict[str, Any] | None:
-    path = folder / "summary.json"
+def _read_json_object(path: Path, what: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
         if path.stat().st_size > record.MAX_JSON_BYTES:
-            raise InputError(f"{path}: larger than any matrix summary")
+            raise InputError(f"{path}: larger than any {what}")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InputError(f"{path}: not a valid matrix summary ({str(exc)[:80]})") from None
+        raise InputError(f"{path}: not a valid {what} ({str(exc)[:80]})") from None
     if not isinstance(raw, dict):
-        raise InputError(f"{path}: not a valid matrix summary (top level is not an object)")
+        raise InputError(f"{path}: not a valid {what} (top level is not an object)")
     return raw
 
 
-def _listed_runs(summary: dict[str, Any] | None) -> list[str]:
-    """Run folder names a matrix summary says it holds (tolerant of its exact shape)."""
-    if not summary:
+def _listed_runs(plan: dict[str, Any] | None) -> list[str]:
+    """Run folders (relative to the matrix folder) its matrix.json plans."""
+    if not plan or not isinstance(plan.get("runs"), list):
         return []
-    runs = summary.get("runs")
-    names: list[str] = []
-    if isinstance(runs, dict):
-        names = [k for k in runs if isinstance(k, str)]
-    elif isinstance(runs, list):
-        for item in runs:
-            if isinstance(item, str):
-                names.append(item)
-            elif isinstance(item, dict) and isinstance(item.get("label"), str):
-                names.append(item["label"])
-    return [Path(n).name for n in names if n and "/" not in n and n not in (".", "..")]
+    out = []
+    for item in plan["runs"]:
+        folder = item.get("folder") if isinstance(item, dict) else None
+        if isinstance(folder, str) and folder.startswith("runs/") and ".." not in Path(folder).parts:
+            out.append(folder)
+    return out
 
 
 def config_label(controls: dict[str, Any], perturb: dict[str, Any] | None) -> str:
@@ -323,18 +366,18 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[tuple[str, Path, record.Recor
     for label, folder in items:
         rec = record.load_record(folder)
         loaded.append((label or "", folder, rec))
-    first_label, first_path, first = loaded[0][0], loaded[0][1], loaded[0][2]
+    first_path, first = loaded[0][1], loaded[0][2]
     for _, path, rec in loaded[1:]:
         if rec.spec.hash != first.spec.hash:
             raise MismatchError(
                 f"report refused: {path} is of spec {rec.spec.short_hash} ({rec.spec.name!r}) but {first_path} "
-                f"is of spec {first.spec.short_hash} ({first.spec.name!r}); report runs of one experiment")
+                f"is of spec {first.spec.short_hash} ({first.spec.name!r}); report runs of one experiment (of a "
+                f"matrix with several experiment variants, give one variant's folder, e.g. MATRIX/runs/bn)")
         if rec.fingerprint.frozen != first.fingerprint.frozen:
             raise MismatchError(f"report refused: {path} and {first_path} started from different frozen inputs")
-    del first_label
     # Labels: the matrix's folder name, else the configuration, made unique with the folder name.
     labels: list[str] = []
-    for label, path, rec in loaded:
+    for label, _, rec in loaded:
         c = rec.fingerprint.config.get("controls") or {}
         labels.append(label or config_label(c if isinstance(c, dict) else {}, rec.fingerprint.config.get("perturb")))
     seen: dict[str, int] = {}
@@ -430,105 +473,63 @@ def _twin_key(run: RunEntry) -> str:
     return json.dumps([run.controls.get(k) for k in CONTROL_KEYS] + [run.epochs])
 
 
-def _compare_module() -> Any:
-    try:
-        from bnaudit import compare
-    except ImportError:  # compare lands in its own change; the report still draws everything else
-        return None
-    return compare
-
-
-def _describe_first(first: Any) -> str:
+def _describe_first(first: compare.Difference | None) -> tuple[str, str]:
+    """(where, how much) of a first difference, in words."""
     if first is None:
-        return ""
-    where = f"epoch {first.epoch}"
-    if first.step is not None:
-        where += f" step {first.step}"
-    what = f"{first.phase} {first.tensor or first.layer}"
+        return "", ""
     detail = []
     if first.fraction_differing is not None:
         detail.append(f"{100 * first.fraction_differing:.0f}% of elements differ")
     if first.max_ulps is not None:
         detail.append(f"by up to {first.max_ulps} ulp")
-    return f"{where}, {what}" + (f" ({', '.join(detail)})" if detail else "")
+    return first.where, ", ".join(detail)
 
 
-def _first_row(first: Any) -> int | None:
+def _first_row(first: compare.Difference | None) -> int | None:
     """Epoch row at which a difference first shows in the parameters (a step of epoch e: row e+1)."""
     if first is None:
         return None
-    if first.phase == "init":
-        return 0
-    return int(first.epoch) + 1
+    if first.row is not None:
+        return int(first.row)
+    return 0 if first.phase == "init" else int(first.epoch) + 1
+
+
+def _layers(layout: record.TraceLayout) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name.split(".")[0] for name, _ in layout.params))
 
 
 def compare_runs(a: RunEntry, b: RunEntry, kind: str) -> PairView:
-    """Compare two runs of one storage dtype through ``bnaudit.compare`` (or locally when it is absent)."""
-    compare = _compare_module()
-    fa, fb = a.record.fingerprint, b.record.fingerprint
-    if compare is not None:
-        pc = compare.compare_pair(fa, fb)
-        div = pc.divergence
-        if div is not None:
-            rows, layers = np.asarray(div.rows, dtype=np.int64), tuple(div.layers)
-            max_abs, max_ulps = np.asarray(div.max_abs, dtype=np.float64), np.asarray(div.max_ulps, dtype=np.float64)
-        else:
-            rows, layers, max_abs, max_ulps = _local_divergence(a.record, b.record)
-        return PairView(a=a.label, b=b.label, kind=kind, identical=bool(pc.identical),
-                        first_text=_describe_first(pc.first), first_epoch_row=_first_row(pc.first),
-                        first_layer=None if pc.first is None else pc.first.layer, rows=rows, layers=layers,
-                        max_abs=max_abs, max_ulps=max_ulps, growth_rate=pc.growth_rate,
-                        saturation_epoch=pc.saturation_epoch, environment_diff=tuple(pc.environment_diff))
-    rows, layers, max_abs, max_ulps = _local_divergence(a.record, b.record)
-    identical = fa.digest == fb.digest
-    first_row, first_layer, text = None, None, ""
-    if not identical:
-        differing = np.nonzero(fa.row_digests != fb.row_digests)[0]
-        first_row = int(differing[0]) if len(differing) else 0
-        groups = [g for j, g in enumerate(fa.groups) if fa.group_digests[first_row, j] != fb.group_digests[first_row, j]]
-        if groups:
-            first_layer = groups[0][1]
-            text = f"epoch row {first_row}, {groups[0][0]} {groups[0][1]} (epoch-level detail only)"
-        else:
-            text = f"epoch row {first_row} (epoch-level detail only)"
-    return PairView(a=a.label, b=b.label, kind=kind, identical=identical, first_text=text,
-                    first_epoch_row=first_row, first_layer=first_layer, rows=rows, layers=layers,
-                    max_abs=max_abs, max_ulps=max_ulps, growth_rate=None, saturation_epoch=None,
-                    environment_diff=())
+    """Two runs of one storage dtype and length, compared by ``bnaudit.compare``."""
+    pc = compare.compare_pair(a.record.fingerprint, b.record.fingerprint)
+    div = pc.divergence
+    if div is not None:
+        rows, layers = np.asarray(div.rows, dtype=np.int64), tuple(div.layers)
+        max_abs, max_ulps = np.asarray(div.max_abs, dtype=np.float64), np.asarray(div.max_ulps, dtype=np.float64)
+    else:  # identical: nothing apart anywhere
+        layers = _layers(a.record.layout)
+        rows = np.arange(a.epochs + 1)
+        max_abs = max_ulps = np.zeros((len(rows), len(layers)))
+    where, detail = _describe_first(pc.first)
+    return PairView(a=a.label, b=b.label, kind=kind, identical=bool(pc.identical), first_text=where,
+                    first_detail=detail, first_epoch_row=_first_row(pc.first),
+                    first_layer=None if pc.first is None else pc.first.layer, rows=rows, layers=layers,
+                    max_abs=max_abs, max_ulps=max_ulps, growth_rate=pc.growth_rate,
+                    saturation_epoch=pc.saturation_epoch, environment_diff=tuple(pc.environment_diff))
 
 
-def _local_divergence(ra: record.Record, rb: record.Record) -> tuple[np.ndarray, tuple[str, ...], np.ndarray,
-                                                                     np.ndarray]:
-    """Per-layer largest |a - b| and ulp distance of the parameters at every epoch row."""
-    storage = ra.storage
-    pa, pb = ra.arrays["params"], rb.arrays["params"]
-    n = min(len(pa), len(pb))
-    da, db = bits.to_float64(pa[:n], storage), bits.to_float64(pb[:n], storage)
-    ulps = bits.ulp_distance(pa[:n], pb[:n], storage).astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        diff = np.abs(da - db)
-    layers: list[str] = []
-    cols: dict[str, list[int]] = {}
-    for name, sl in ra.layout.param_slices().items():
-        layer = name.split(".")[0]
-        if layer not in cols:
-            layers.append(layer)
-            cols[layer] = []
-        cols[layer].extend(range(sl.start, sl.stop))
-    max_abs = np.stack([np.nanmax(diff[:, cols[lay]], axis=1) if n else np.zeros(0) for lay in layers], axis=1)
-    max_ulps = np.stack([ulps[:, cols[lay]].max(axis=1) for lay in layers], axis=1)
-    return np.arange(n), tuple(layers), max_abs, max_ulps
-
-
-def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry, str]], list[str]]:
+def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry, str]], list[RunEntry], list[str]]:
     """Which runs to compare: per (storage, epochs) group, each class's first run against the baseline's,
-    and each --perturb run against its unperturbed twin (the 1-ulp sensitivity baseline)."""
+    and each --perturb run against its unperturbed twin (the 1-ulp sensitivity baseline).
+
+    Returns (pairs, perturbed runs without a twin among the inputs, notes).
+    """
     pairs: list[tuple[RunEntry, RunEntry, str]] = []
+    orphans: list[RunEntry] = []
     notes: list[str] = []
     groups: dict[tuple[str, int], list[RunEntry]] = {}
     for r in runs:
         groups.setdefault((r.storage, r.epochs), []).append(r)
-    for (storage, epochs), members in groups.items():
+    for members in groups.values():
         plain = [r for r in members if not r.perturb]
         if plain:
             base = plain[0]
@@ -543,77 +544,94 @@ def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry,
             if r.perturb:
                 twin = twins.get(_twin_key(r))
                 if twin is None:
-                    notes.append(f"{r.label}: no unperturbed run of the same configuration and length among the "
-                                 "inputs, so its 1-ulp sensitivity baseline is not drawn")
+                    orphans.append(r)
                 else:
                     pairs.append((twin, r, "perturb"))
     if len({(r.storage, r.epochs) for r in runs}) > 1:
         notes.append("runs of different storage dtypes or lengths are compared only within their own group; "
                      "across dtypes, the divergence from the mpmath reference is the common yardstick")
-    return pairs, notes
-
-
-def _numbers(value: Any, where: str) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.dtype != np.float64:
-        raise ValueError(where)
-    return arr
+    return pairs, orphans, notes
 
 
 def reference_view(fp: record.Fingerprint) -> tuple[ReferenceView | None, str | None]:
-    """The run's divergence from the reference, if its record carries one in a form we read.
-
-    Expected ``extra["divergence"]``: {"rows": [...], "layers": [...], "correct_bits":
-    [[...] per row] (or {layer: [...] per row})}, possibly nested under "params"/"weights".
-    """
+    """The run's divergence from the reference (``bnaudit.divergence`` block), or a note why not."""
     block = fp.extra.get("divergence")
     if block is None:
         return None, None
-    precision = bits.storage(fp.storage).mantissa_bits
-    candidates = [block] + [block.get(k) for k in ("params", "weights", "parameters") if isinstance(block, dict)]
-    for cand in candidates:
-        if not isinstance(cand, dict) or "correct_bits" not in cand:
-            continue
-        try:
-            rows = np.asarray(cand.get("rows", block.get("rows")), dtype=np.int64)
-            cb = cand["correct_bits"]
-            if isinstance(cb, dict):
-                layers = tuple(str(k) for k in cb)
-                table = np.stack([np.asarray(cb[k], dtype=np.float64) for k in cb], axis=1)
-            else:
-                layers = tuple(str(k) for k in cand.get("layers", block.get("layers")))
-                table = np.asarray(cb, dtype=np.float64)
-            if table.shape != (len(rows), len(layers)) or len(rows) == 0:
-                raise ValueError("shape")
-        except (TypeError, ValueError, KeyError):
-            continue
-        return ReferenceView(rows=rows, layers=layers, correct_bits=np.clip(table, 0, precision),
-                             precision=precision), None
-    return None, f"{fp.source}: its divergence block is not in a form this report reads (no correct_bits table)"
+    try:
+        d = divergence.decode_block(block)
+    except InputError as exc:
+        return None, f"{fp.source}: {exc.message}; its divergence from the reference is not drawn"
+    series = d["series"]
+    if not all(isinstance(x, dict) and isinstance(x.get("layer"), str) for x in series):
+        return None, f"{fp.source}: divergence block: malformed series; not drawn"
+    layers = tuple(dict.fromkeys(x["layer"] for x in series))
+    if not layers or not len(d["rows"]):
+        return None, f"{fp.source}: divergence block measured nothing; not drawn"
+    tables = {what: np.full((len(d["rows"]), len(layers)), np.nan) for what in ("weights", "activations")}
+    for i, x in enumerate(series):
+        if x.get("what") in tables:
+            tables[x["what"]][:, layers.index(x["layer"])] = d["correct_bits"][i]
+    precision = int(d["precision_bits"])
+    bits_w = np.clip(np.nan_to_num(tables["weights"], nan=0.0), 0, precision)
+    return ReferenceView(rows=np.asarray(d["rows"], dtype=np.int64), layers=layers, correct_bits=bits_w,
+                         activation_bits=np.clip(tables["activations"], 0, precision), precision=precision), None
 
 
 def audit_view(fp: record.Fingerprint) -> tuple[AuditView | None, str | None]:
-    """Operator-audit errors in ulps per audited row, if the record carries them in a form we read.
-
-    Expected ``extra["audit"]``: {"rows": [...], "max_ulps": {operator: [... per row]}}
-    (also accepted under "operators" or "errors").
-    """
-    block = fp.extra.get("audit")
+    """The operator audit (``bnaudit.audit`` block): each operator's worst error over its layers, per row."""
+    block = fp.extra.get("operator_audit")
     if block is None:
         return None, None
-    if isinstance(block, dict):
-        try:
-            rows = np.asarray(block.get("rows"), dtype=np.int64)
-            for key in ("max_ulps", "operators", "errors"):
-                table = block.get(key)
-                if isinstance(table, dict) and table:
-                    ops = {str(k): np.asarray(v, dtype=np.float64) for k, v in table.items()
-                           if isinstance(v, list) and len(v) == len(rows)}
-                    if ops and len(rows):
-                        return AuditView(rows=rows, operators=ops), None
-        except (TypeError, ValueError):
-            pass
-    return None, f"{fp.source}: its operator-audit block is not in a form this report reads"
+    bad = f"{fp.source}: its operator-audit block is malformed; not drawn"
+    if not isinstance(block, dict):
+        return None, bad
+    if block.get("skipped"):
+        return None, f"{fp.source}: operator audit skipped ({str(block['skipped'])[:120]})"
+    try:
+        rows = np.asarray(block.get("rows"), dtype=np.int64).reshape(-1)
+        errors = block.get("errors")
+        if not isinstance(errors, dict) or not len(rows):
+            return None, bad
+        ops: dict[str, np.ndarray] = {}
+        for per_op in errors.values():
+            if not isinstance(per_op, dict):
+                return None, bad
+            for op, values in per_op.items():
+                arr = np.asarray(values, dtype=np.float64).reshape(-1)
+                if arr.shape != rows.shape:
+                    return None, bad
+                ops[str(op)] = np.fmax(ops[str(op)], arr) if str(op) in ops else arr
+        amps = [float(v) for vs in (block.get("max_amplification") or {}).values() for v in vs]
+        n_flags = block.get("n_flags", 0)
+    except (TypeError, ValueError, AttributeError):
+        return None, bad
+    return AuditView(rows=rows, operators=ops, flags=int(n_flags) if isinstance(n_flags, int) else 0,
+                     max_amplification=max(amps) if amps else math.nan), None
+
+
+def floor_view(fp: record.Fingerprint) -> tuple[FloorView | None, str | None]:
+    """The chaos floor a --perturb run measured against its unperturbed twin (worker's block)."""
+    block = fp.extra.get("perturbation")
+    if block is None:
+        return None, None
+    try:
+        max_abs = bits.from_hex(block["max_abs"], "float64")
+        rate, sat = block.get("growth_rate"), block.get("saturation_row")
+        rate = float(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) else None
+        sat = int(sat) if isinstance(sat, int) and not isinstance(sat, bool) else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None, f"{fp.source}: its perturbation block is malformed; not drawn"
+    return FloorView(rows=np.arange(len(max_abs)), max_abs=np.asarray(max_abs, dtype=np.float64),
+                     growth_rate=rate, saturation_row=sat), None
+
+
+def matrix_findings(summary: dict[str, Any] | None) -> tuple[str, ...]:
+    """The sentences of a matrix summary's "findings" (strings only, at most 50, each at most 600 characters)."""
+    found = summary.get("findings") if summary else None
+    if not isinstance(found, list):
+        return ()
+    return tuple(f[:600] for f in found if isinstance(f, str))[:50]
 
 
 def build_report(paths: Sequence[Path]) -> Report:
@@ -621,12 +639,12 @@ def build_report(paths: Sequence[Path]) -> Report:
     loaded, summary = load_runs(paths)
     spec = loaded[0][2].spec
     inputs = frozen.load(spec)
-    entries = []
+    entries: list[tuple[str, record.Record, dict[str, Any], dict[str, Any] | None]] = []
     for label, _, rec in loaded:
         config = rec.fingerprint.config
-        controls = config.get("controls") if isinstance(config.get("controls"), dict) else {}
-        perturb = config.get("perturb") if isinstance(config.get("perturb"), dict) else None
-        entries.append((label, rec, controls, perturb))
+        raw_controls, raw_perturb = config.get("controls"), config.get("perturb")
+        entries.append((label, rec, raw_controls if isinstance(raw_controls, dict) else {},
+                        raw_perturb if isinstance(raw_perturb, dict) else None))
     classes = _classes(entries)
     class_of = {m: c.name for c in classes for m in c.members}
     runs = tuple(RunEntry(label=label, path=path, record=rec, controls=e[2], perturb=e[3], class_name=class_of[label])
@@ -634,35 +652,40 @@ def build_report(paths: Sequence[Path]) -> Report:
     grid_x = np.linspace(spec.data.x_low, spec.data.x_high, GRID_POINTS)
     learned = {r.label: learned_function(spec, r.record, inputs.inputs, grid_x) for r in runs}
     notes: list[str] = []
-    pair_specs, pair_notes = pick_pairs(runs)
+    pair_specs, orphans, pair_notes = pick_pairs(runs)
     notes += pair_notes
-    if _compare_module() is None and pair_specs:
-        notes.append("bnaudit.compare is not available: pair divergences were computed from the parameters alone "
-                     "and the first difference is located at epoch level only")
     pairs = tuple(compare_runs(a, b, kind) for a, b, kind in pair_specs)
     references: dict[str, ReferenceView] = {}
     audits: dict[str, AuditView] = {}
+    floors: dict[str, FloorView] = {}
     for r in runs:
-        ref, note = reference_view(r.record.fingerprint)
+        fp = r.record.fingerprint
+        ref, ref_note = reference_view(fp)
+        aud, aud_note = audit_view(fp)
+        floor, floor_note = floor_view(fp)
         if ref is not None:
             references[r.label] = ref
-        if note:
-            notes.append(note)
-        aud, note = audit_view(r.record.fingerprint)
         if aud is not None:
             audits[r.label] = aud
-        if note:
-            notes.append(note)
+        if floor is not None:
+            floors[r.label] = floor
+        notes += [n for n in (ref_note, aud_note, floor_note) if n]
     if not references:
-        notes.append("no run carries a divergence from the mpmath reference (record extra \"divergence\"), so the "
-                     "heatmaps and growth curves show divergence between runs only")
+        notes.append("no run carries a divergence from the mpmath reference (record extra \"divergence\": is a "
+                     "reference stored for this spec?), so heatmaps and growth curves show divergence between "
+                     "runs only")
     if not audits:
-        notes.append("no run carries an operator audit (record extra \"audit\"), so the BN-vs-Linear operator "
-                     "errors are not drawn")
+        notes.append("no run carries an operator audit (record extra \"operator_audit\"), so the BN-vs-Linear "
+                     "operator errors are not drawn")
+    for r in orphans:
+        if r.label not in floors:
+            notes.append(f"{r.label}: no unperturbed run of the same configuration and length among the inputs, "
+                         "and its record carries no perturbation block, so its 1-ulp baseline is not drawn")
     if not any(r.perturb for r in runs):
         notes.append("no --perturb run among the inputs, so the 1-ulp sensitivity baseline is not drawn")
     return Report(spec=spec, sources=tuple(str(p) for p in paths), runs=runs, classes=tuple(classes),
-                  learned=learned, pairs=pairs, references=references, audits=audits, matrix=summary,
+                  learned=learned, pairs=pairs, references=references, audits=audits, floors=floors,
+                  matrix=summary, findings=matrix_findings(summary),
                   notes=tuple(notes), x=inputs.x.copy(), targets=inputs.targets.copy(), n_train=spec.data.train)
 
 
@@ -690,6 +713,11 @@ def write_report(paths: Sequence[Path], out: Path, *, force: bool = False) -> Wr
     started = time.perf_counter()
     out = Path(out)
     report = build_report(paths)  # inputs first: a bad input never leaves an output folder behind
+    target = out.resolve()
+    for r in report.runs:
+        folder = r.path.resolve()
+        if target == folder or target in folder.parents or folder in target.parents:
+            raise OutputError(f"--out {out} overlaps the input {r.path}; write the report elsewhere")
     record.prepare_output(out, force=force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -1,0 +1,49 @@
+"""`bnaudit compare`: are these runs bit-identical, and if not, where do they part and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def compare(
+    inputs: Annotated[list[Path], typer.Argument(
+        metavar="A B [C ...]", help="Fingerprint files, record folders or record.json files.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown (a pull-request comment).")] = False,
+    allow_different_spec: Annotated[bool, typer.Option(
+        "--allow-different-spec",
+        help="Compare what still can be across different specs, frozen inputs, dtypes or epoch counts.")] = False,
+) -> int:
+    """Compare runs bit for bit: identical, or the first difference, the divergence and the environment diff.
+
+    Exit codes: 0 all identical, 1 they differ, 3 an input is unusable, 4 different experiments (refused).
+    """
+    from bnaudit import compare as core
+    from bnaudit import record
+    from bnaudit.errors import ExitCode, UsageError
+    from bnaudit.report import compare_view
+
+    if len(inputs) < 2:
+        raise UsageError("compare needs at least two inputs (A B [C ...])")
+    if as_json and as_markdown:
+        raise UsageError("choose one of --json and --markdown")
+    fps = [record.load(p) for p in inputs]
+    if len(fps) == 2:
+        result: core.PairComparison | core.ManyComparison = core.compare_pair(
+            fps[0], fps[1], allow_different_spec=allow_different_spec)
+    else:
+        result = core.compare_many(fps, allow_different_spec=allow_different_spec)
+    if as_json:
+        typer.echo(compare_view.to_json(result))
+    elif as_markdown:
+        typer.echo(compare_view.markdown(result))
+    else:
+        compare_view.render(result)
+    return int(ExitCode.OK if result.identical else ExitCode.DIFFERENT)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare)

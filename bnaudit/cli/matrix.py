@@ -1,0 +1,92 @@
+"""`bnaudit matrix`: sweep the numerics controls, one process per configuration, and summarise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bnaudit.cli.run import SpecOption, _epoch_list
+from bnaudit.controls import DTYPES, ISAS
+
+ListOption = str | None
+
+
+def matrix(
+    dtype: Annotated[ListOption, typer.Option(metavar="LIST", help=f"Dtypes, comma-separated: {', '.join(DTYPES)}.")]
+    = None,
+    threads: Annotated[ListOption, typer.Option(metavar="LIST", help="Thread counts, e.g. 1,2.")] = None,
+    isa: Annotated[ListOption, typer.Option(metavar="LIST", help=f"ISA caps: {', '.join(ISAS)}.")] = None,
+    deterministic: Annotated[ListOption, typer.Option(
+        metavar="off|on|both", help="Deterministic algorithms: off, on, or both.")] = None,
+    onednn_isa: Annotated[ListOption, typer.Option(
+        metavar="LIST", help="ONEDNN_MAX_CPU_ISA overrides, e.g. inherit,SSE41,AVX2 (inherit: what --isa sets).")]
+    = None,
+    mkl_cbwr: Annotated[ListOption, typer.Option(
+        metavar="LIST", help="MKL_CBWR overrides, e.g. inherit,COMPATIBLE,AVX2,STRICT: STRICT binds to the branch "
+                             "before it (AVX2,STRICT is one value); none removes the variable.")] = None,
+    cpu_model: Annotated[ListOption, typer.Option(
+        metavar="LIST", help="CPUs to emulate under qemu-x86_64 (models or presets seed-i7, seed-i5); "
+                             "native runs on this CPU.")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="A named matrix: seed-machines (the seed's two CPUs, with and without BN). Grid options given "
+             "explicitly replace the preset's values.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs of every run (default: the spec's; preset: its own).")]
+    = None,
+    spec: SpecOption = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Matrix folder (default: reports/matrix/<preset or grid>-<plan id>); re-running resumes it.")] = None,
+    jobs: Annotated[int, typer.Option("-j", "--jobs", help="Configurations run at a time.")] = 1,
+    force: Annotated[bool, typer.Option(help="Start the folder's matrix over (its runs are deleted).")] = False,
+    trace_epochs: Annotated[str | None, typer.Option(
+        metavar="E1,E2", help="Epochs digested step by step, besides epoch 0.")] = None,
+    audit_every: Annotated[int, typer.Option(help="Operator audit every N epochs in each run (0 = off).")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print the summary as Markdown.")] = False,
+) -> int:
+    """Run every combination of the given controls, each in its own process, and say which change the bits."""
+    from bnaudit import matrix as mx
+    from bnaudit.errors import RunFailed
+    from bnaudit.report import matrix_view
+    from bnaudit.spec import load_spec
+
+    experiment = load_spec(spec)
+    given = {
+        "dtype": None if dtype is None else tuple(mx.split_list(dtype, "--dtype")),
+        "threads": None if threads is None else mx.parse_threads(threads),
+        "isa": None if isa is None else tuple(mx.split_list(isa, "--isa")),
+        "deterministic": None if deterministic is None else mx.parse_deterministic(deterministic),
+        "onednn_isa": None if onednn_isa is None else mx.parse_onednn(onednn_isa),
+        "mkl_cbwr": None if mkl_cbwr is None else mx.parse_mkl_cbwr(mkl_cbwr),
+        "cpu_model": None if cpu_model is None else mx.parse_cpu_models(cpu_model),
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    trace = _epoch_list(trace_epochs)
+    if preset is not None:
+        plan = mx.preset_plan(preset, experiment, epochs=epochs, overrides=overrides, trace_epochs=trace,
+                              audit_every=audit_every)
+    else:
+        plan = mx.make_plan([mx.Variant("default" if spec is None else Path(spec).stem, experiment)],
+                            mx.Grid(**overrides), epochs=epochs, trace_epochs=trace, audit_every=audit_every)
+    target = out if out is not None else Path("reports") / "matrix" / f"{preset or 'grid'}-{plan.plan_id}"
+    with matrix_view.progress(plan, enabled=not (as_json or as_markdown)) as on_event:
+        summary = mx.run_matrix(plan, target, render_markdown=matrix_view.markdown, jobs=jobs, force=force,
+                                on_event=on_event)
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=1, sort_keys=True))
+    elif as_markdown:
+        typer.echo(matrix_view.markdown(summary))
+    else:
+        matrix_view.render(summary)
+    if not summary.complete:
+        failed = [r for r in summary.runs if r.status != "ran" and r.status != "resumed"]
+        raise RunFailed(f"{len(failed)} of {len(summary.runs)} configurations did not complete (first: "
+                        f"{failed[0].key}: {failed[0].error or failed[0].status}); the others are summarised in "
+                        f"{target}; re-run the same command to retry")
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    app.command("matrix")(matrix)

@@ -1,0 +1,668 @@
+"""Pure comparison of runs: bit-identical or where they part, how far apart, and why.
+
+Works on ``record.Fingerprint`` objects (``record.load`` gives one for a fingerprint file,
+a record folder or its record.json), so it runs anywhere: numpy only, no torch, no
+mpmath, no rich.  Rendering lives in ``bnaudit.report.compare_view``.
+
+What can be compared depends on what both inputs carry; every comparison uses the finest
+detail both have and says which it used (``granularity``):
+
+- traced steps (epoch 0 always, others with ``--trace-epochs``): a 64-bit digest of every
+  tensor of the step, in both records and fingerprints -> "step";
+- epoch rows (0 = initial state, e+1 = end of epoch e): a 64-bit digest per tensor in
+  records -> "epoch-tensor"; a 32-bit digest per (phase, layer) group in fingerprints ->
+  "epoch-group";
+- parameter values: at every epoch row in records, at ``record.fingerprint_rows(epochs)``
+  in fingerprints.  Where both have values, element counts and ulp distances (in the
+  runs' storage dtype, ``bits.ulp_distance``) are exact; where only digests exist
+  (tensors inside a step), only "differs" is known.
+
+Timeline of "first difference": epoch row 0 (phase "init") < the traced steps of epoch 0
+(forward < backward < update, tensors in computation order) < epoch row 1 < traced steps
+of epoch 1, if any < epoch row 2 < ...  Within an epoch row, tensors (or groups) are taken
+in the layout's order: running statistics, last gradients, momentum buffers and
+parameters, then eval-mode activations.
+
+Growth and saturation (``growth``): the series is the largest absolute parameter
+difference over all layers at each epoch row both runs have values for.
+
+- Growing phase: from the first row with a non-zero difference up to the saturation row.
+- Saturation row: the first row whose difference comes within a factor of 10 of the
+  largest difference reached, *provided* the difference has stopped growing there: at
+  least 3 rows from it on, whose least-squares slope of ln(difference) per epoch is at most
+  a quarter of the growth rate.  Otherwise (still growing at the end) there is none.
+- Growth rate: least-squares slope of ln(difference) per epoch over the growing phase
+  (natural-log units per epoch; ln 10 = 2.30 is a tenfold increase per epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from bnaudit import bits
+from bnaudit.errors import InputError, MismatchError
+from bnaudit.record import Fingerprint, TensorKey
+
+GRANULARITIES = ("step", "epoch-tensor", "epoch-group", "epoch-row")
+SATURATION_BAND = math.log(10.0)
+"""A difference within this (natural-log) distance of the largest one counts as saturated."""
+SATURATION_SLOPE = 0.25
+"""Past saturation, ln(difference) grows at most this fraction of the growth rate per epoch."""
+
+
+# --------------------------------------------------------------------------- result types
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """Where two runs first part."""
+
+    epoch: int
+    """0-based epoch; the initial state counts as epoch 0, step 0, phase "init"."""
+    step: int | None
+    """Step within the epoch; None when only epoch-level detail exists (an epoch row past 0)."""
+    phase: str
+    """init, forward, backward, update or eval ("unknown" if only whole-row digests differ)."""
+    layer: str
+    """Module name (linear1, bn1, relu1, ...) or "loss"."""
+    tensor: str | None
+    """Tensor name, e.g. bn1.out or linear1.weight; None when only the (phase, layer) group is known."""
+    granularity: str
+    """Finest digests both inputs had there: step, epoch-tensor, epoch-group (or epoch-row)."""
+    fraction_differing: float | None
+    """Share of the tensor's elements that differ, when both inputs have its values."""
+    max_ulps: int | None
+    """Largest ulp distance in the runs' storage dtype, when values are available."""
+    row: int | None = None
+    """Epoch row of the difference (0 initial, e+1 end of epoch e); None inside a step."""
+    elements: int | None = None
+    """Number of elements of the tensor, when values are available."""
+
+    @property
+    def where(self) -> str:
+        """One line for people: epoch, step, phase, layer, tensor."""
+        if self.row == 0:
+            when = "initial state (epoch 0, step 0, phase init)"
+        elif self.step is None:
+            when = f"end of epoch {self.epoch} (phase {self.phase})"
+        else:
+            when = f"epoch {self.epoch}, step {self.step}, phase {self.phase}"
+        what = f"tensor {self.tensor}" if self.tensor else f"layer {self.layer} ({self.phase} group)"
+        return f"{when}, layer {self.layer}, {what}" if self.tensor else f"{when}, {what}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDivergence:
+    """Parameter divergence between two runs, per layer, at the epoch rows both have values for."""
+
+    rows: tuple[int, ...]
+    """Epoch rows (0 = initial state, e+1 = end of epoch e)."""
+    layers: tuple[str, ...]
+    """Layers with parameters, in forward order (linear1, bn1, ..., linear6)."""
+    max_abs: np.ndarray
+    """(len(rows), len(layers)) float64 largest |a - b| (inf where only one side is NaN)."""
+    max_rel: np.ndarray
+    """(len(rows), len(layers)) float64 largest |a - b| / max(|a|, |b|)."""
+    max_ulps: np.ndarray
+    """(len(rows), len(layers)) int64 largest ulp distance in the storage dtype (bits.NAN_DISTANCE for NaN)."""
+
+    def overall(self) -> np.ndarray:
+        """(len(rows),) largest absolute difference over all layers."""
+        return self.max_abs.max(axis=1) if len(self.layers) else np.zeros(len(self.rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class PairComparison:
+    """Two runs compared: identical, or where they part and how far apart they end up."""
+
+    a: str
+    """Source of the first input (path)."""
+    b: str
+    """Source of the second input."""
+    identical: bool
+    """All compared digests equal (bits compared)."""
+    first: Difference | None
+    """Where they first part; None when identical."""
+    divergence: LayerDivergence | None
+    """Per-layer parameter divergence; None when identical or not comparable (different storage dtypes)."""
+    growth_rate: float | None
+    """ln(max divergence) per epoch over the growing phase (see the module docstring)."""
+    saturation_epoch: int | None
+    """Epoch row (epochs completed) where the divergence stops growing; None if it never does."""
+    environment_diff: tuple[tuple[str, Any, Any], ...]
+    """(key, value in a, value in b) of every fact that differs, most likely causes first."""
+    closer_to_reference: dict[str, str] | None
+    """layer -> "a" | "b" | "tie": which run is closer to exact arithmetic, when both carry a reference block."""
+    granularity: str = "epoch-group"
+    """Finest epoch-level detail both inputs have: epoch-tensor (two records) or epoch-group."""
+    steps_compared: int = 0
+    """Traced steps both inputs have (compared tensor by tensor)."""
+    rows_compared: int = 0
+    """Epoch rows compared (the common prefix)."""
+    value_rows: int = 0
+    """Epoch rows at which parameter values were compared."""
+    storage: str = "float32"
+    """Storage dtype of a ("a/b" when they differ)."""
+    labels: tuple[str, str] = ("", "")
+    """Short configuration labels of a and b (dtype_threads_isa)."""
+    spec_differences: tuple[str, ...] = ()
+    """What differs between the experiments (non-empty only with allow_different_spec)."""
+    final_train_loss: tuple[float, float] = (math.nan, math.nan)
+    """Eval-mode training MSE at the last compared row, in a and in b."""
+    nonfinite: tuple[dict[str, Any] | None, dict[str, Any] | None] = (None, None)
+    """First non-finite tensor of each run, if any."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EquivalenceClass:
+    """Inputs whose digests are identical: bit for bit the same run."""
+
+    digest: str
+    """The shared overall digest."""
+    members: tuple[str, ...]
+    """Sources of the members, in input order."""
+    labels: tuple[str, ...]
+    """Configuration labels of the members."""
+    indices: tuple[int, ...]
+    """Positions of the members among the inputs."""
+    common: tuple[tuple[str, Any], ...]
+    """Facts (config, effective controls, environment) every member shares but not every input does."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassPair:
+    """Two equivalence classes compared through their first members."""
+
+    i: int
+    """Index of the first class."""
+    j: int
+    """Index of the second class (i < j)."""
+    comparison: PairComparison
+    """The comparison of the classes' first members."""
+
+    @property
+    def first(self) -> Difference | None:
+        return self.comparison.first
+
+
+@dataclasses.dataclass(frozen=True)
+class ManyComparison:
+    """Many runs grouped into numerical classes, with where every pair of classes parts."""
+
+    sources: tuple[str, ...]
+    """Every input, in order."""
+    classes: tuple[EquivalenceClass, ...]
+    """Classes of bit-identical inputs, in order of first appearance."""
+    pairs: tuple[ClassPair, ...]
+    """Every pair of classes (i < j)."""
+
+    @property
+    def identical(self) -> bool:
+        return len(self.classes) <= 1
+
+
+# --------------------------------------------------------------------------- same experiment or refuse
+
+def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping):
+        for k in sorted(value, key=str):
+            _flat(value[k], f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        for i, v in enumerate(value):
+            label = v.get("prefix") or v.get("name") or i
+            _flat(v, f"{prefix}[{label}]", out)
+    else:
+        out[prefix] = value
+
+
+def label(fp: Fingerprint) -> str:
+    """A short configuration label (dtype_threads_isa), robust to odd config blocks."""
+    c = fp.config.get("controls") if isinstance(fp.config, Mapping) else None
+    if not isinstance(c, Mapping) or not c:
+        return fp.source
+    return "_".join(str(c.get(k)) for k in ("dtype", "threads", "isa"))
+
+
+def spec_differences(a: Fingerprint, b: Fingerprint) -> tuple[str, ...]:
+    """Every spec field that differs, as "section.key: value in a vs value in b"."""
+    fa: dict[str, Any] = {}
+    fb: dict[str, Any] = {}
+    _flat(a.spec.to_dict(), "", fa)
+    _flat(b.spec.to_dict(), "", fb)
+    keys = sorted(set(fa) | set(fb))
+    return tuple(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k))
+
+
+def mismatches(a: Fingerprint, b: Fingerprint) -> list[str]:
+    """What makes a and b runs of different experiments (empty: same experiment)."""
+    out = []
+    if a.spec.hash != b.spec.hash:
+        diffs = spec_differences(a, b)
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        out.append(f"different spec ({a.spec.short_hash} vs {b.spec.short_hash}: {shown or 'hash only'})")
+    if a.frozen != b.frozen:
+        out.append(f"different frozen inputs ({a.frozen[:12]} vs {b.frozen[:12]})")
+    if a.storage != b.storage:
+        out.append(f"different storage dtype ({a.storage} vs {b.storage})")
+    if a.epochs != b.epochs:
+        out.append(f"different epoch counts ({a.epochs} vs {b.epochs})")
+    return out
+
+
+def ensure_comparable(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool = False) -> None:
+    """Raise MismatchError naming what differs, unless the caller allows comparing what still can be.
+
+    Schema versions are checked when loading: ``record.load`` accepts only the schemas this
+    bnaudit reads, so two loaded inputs always have comparable layouts.
+    """
+    if allow_different_spec:
+        return
+    found = mismatches(a, b)
+    if found:
+        raise MismatchError(f"refusing to compare {a.source} with {b.source}: {'; '.join(found)} "
+                            "(--allow-different-spec compares what still can be)")
+
+
+# --------------------------------------------------------------------------- pieces
+
+def _common_keys(ka: Sequence[Any], kb: Sequence[Any]) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    """Keys present in both sequences, in a's order, with their positions in a and in b."""
+    pos_b = {k: i for i, k in enumerate(kb)}
+    keys, ia, ib = [], [], []
+    for i, k in enumerate(ka):
+        j = pos_b.get(k)
+        if j is not None:
+            keys.append(k)
+            ia.append(i)
+            ib.append(j)
+    return keys, np.array(ia, dtype=np.intp), np.array(ib, dtype=np.intp)
+
+
+def _param_columns(a: Fingerprint, b: Fingerprint) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(name, layer, columns in a, columns in b) of every parameter both have with the same shape."""
+    def columns(fp: Fingerprint) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
+        out, offset = {}, 0
+        for name, shape in fp.params:
+            n = math.prod(shape)
+            out[name] = (shape, np.arange(offset, offset + n))
+            offset += n
+        return out
+
+    ca, cb = columns(a), columns(b)
+    return [(name, name.split(".")[0], ca[name][1], cb[name][1])
+            for name, _ in a.params if name in cb and cb[name][0] == ca[name][0]]
+
+
+def _row_index(fp: Fingerprint, row: int) -> int | None:
+    hit = np.flatnonzero(fp.snapshot_rows == row)
+    return int(hit[0]) if len(hit) else None
+
+
+def _values(a: Fingerprint, b: Fingerprint, row: int, name: str) -> tuple[float, int, int] | None:
+    """(fraction differing, max ulps, elements) of parameter ``name`` at ``row``, if both have it."""
+    if a.storage != b.storage:
+        return None
+    ra, rb = _row_index(a, row), _row_index(b, row)
+    cols = [c for c in _param_columns(a, b) if c[0] == name]
+    if ra is None or rb is None or not cols:
+        return None
+    _, _, ca, cb = cols[0]
+    va, vb = a.snapshots[ra, ca], b.snapshots[rb, cb]
+    ulps = bits.ulp_distance(va, vb, a.storage)
+    differ = bits.as_bits(va, a.storage) != bits.as_bits(vb, b.storage)
+    return float(differ.mean()), int(ulps.max()) if len(ulps) else 0, len(va)
+
+
+def _step_view(a: Fingerprint, b: Fingerprint, epochs: int) -> tuple[np.ndarray, list[TensorKey], np.ndarray]:
+    """Traced steps both have (in timeline order), common tensors, and a (steps, tensors) 'differs' mask."""
+    keys, ta, tb = _common_keys(a.step_tensors, b.step_tensors)
+    if not len(a.step_rows) or not len(b.step_rows) or not keys:
+        return np.zeros((0, 2), np.int64), keys, np.zeros((0, len(keys)), bool)
+    width = np.int64(1 << 32)
+    code_a = a.step_rows[:, 0].astype(np.int64) * width + a.step_rows[:, 1]
+    code_b = b.step_rows[:, 0].astype(np.int64) * width + b.step_rows[:, 1]
+    _, ia, ib = np.intersect1d(code_a, code_b, return_indices=True)
+    keep = a.step_rows[ia, 0] < epochs
+    ia, ib = ia[keep], ib[keep]
+    differs = a.step_digests[np.ix_(ia, ta)] != b.step_digests[np.ix_(ib, tb)]
+    return a.step_rows[ia], keys, differs
+
+
+def _epoch_view(a: Fingerprint, b: Fingerprint, n_rows: int) -> tuple[str, list[Any], np.ndarray, np.ndarray]:
+    """(granularity, column keys, (rows, columns) 'differs' mask, (rows,) row digests differ)."""
+    same_layout = a.epoch_tensors == b.epoch_tensors and a.groups == b.groups
+    if a.epoch_digests is not None and b.epoch_digests is not None:
+        keys, ia, ib = _common_keys(a.epoch_tensors, b.epoch_tensors)
+        differs = a.epoch_digests[:n_rows, ia] != b.epoch_digests[:n_rows, ib]
+        granularity = "epoch-tensor"
+    else:
+        keys, ia, ib = _common_keys(a.groups, b.groups)
+        differs = a.group_digests[:n_rows, ia] != b.group_digests[:n_rows, ib]
+        granularity = "epoch-group"
+    if same_layout:
+        row_differs = a.row_digests[:n_rows] != b.row_digests[:n_rows]
+        inconsistent = np.flatnonzero(~row_differs & differs.any(axis=1))
+        if len(inconsistent):
+            r = int(inconsistent[0])
+            raise InputError(f"{a.source} / {b.source}: epoch row {r} has equal row digests but different "
+                             f"{granularity} digests (an edited or corrupt input)")
+    else:
+        row_differs = differs.any(axis=1)
+    return granularity, keys, differs, row_differs
+
+
+def _check_snapshots_consistent(a: Fingerprint, b: Fingerprint, row_differs: np.ndarray) -> None:
+    """Where the digests say two rows are identical, their parameter values must be too."""
+    if a.storage != b.storage or a.params != b.params:
+        return
+    rows, ia, ib = np.intersect1d(a.snapshot_rows, b.snapshot_rows, return_indices=True)
+    same = rows < len(row_differs)
+    same[same] = ~row_differs[rows[same]]
+    if same.any():
+        ba = bits.as_bits(a.snapshots[ia[same]], a.storage)
+        bb = bits.as_bits(b.snapshots[ib[same]], b.storage)
+        bad = np.flatnonzero((ba != bb).any(axis=1))
+        if len(bad):
+            r = int(rows[same][bad[0]])
+            raise InputError(f"{a.source} / {b.source}: epoch row {r} has identical digests but different "
+                             "parameter snapshots (an edited or corrupt input)")
+
+
+def first_difference(a: Fingerprint, b: Fingerprint, *, epochs: int | None = None) -> tuple[Difference | None, str,
+                                                                                           int, int]:
+    """(first difference or None, epoch granularity, traced steps compared, epoch rows compared)."""
+    epochs = min(a.epochs, b.epochs) if epochs is None else epochs
+    n_rows = epochs + 1
+    granularity, keys, differs, row_differs = _epoch_view(a, b, n_rows)
+    _check_snapshots_consistent(a, b, row_differs)
+    step_rows, step_keys, step_differs = _step_view(a, b, epochs)
+
+    rows_hit = np.flatnonzero(row_differs)
+    steps_hit = np.flatnonzero(step_differs.any(axis=1)) if step_differs.size else np.zeros(0, np.intp)
+    row_pos = (int(rows_hit[0]), -1) if len(rows_hit) else None
+    step_pos = (int(step_rows[steps_hit[0], 0]), int(step_rows[steps_hit[0], 1])) if len(steps_hit) else None
+    if row_pos is None and step_pos is None:
+        return None, granularity, len(step_rows), n_rows
+
+    if step_pos is not None and (row_pos is None or step_pos < row_pos):
+        i = int(steps_hit[0])
+        t: TensorKey = step_keys[int(np.flatnonzero(step_differs[i])[0])]
+        diff = Difference(epoch=step_pos[0], step=step_pos[1], phase=t.phase, layer=t.layer, tensor=t.key,
+                          granularity="step", fraction_differing=None, max_ulps=None, row=None)
+        return diff, granularity, len(step_rows), n_rows
+
+    assert row_pos is not None
+    r = row_pos[0]
+    epoch, step = (0, 0) if r == 0 else (r - 1, None)
+    cols = np.flatnonzero(differs[r])
+    params = {name for name, _ in a.params} & {name for name, _ in b.params}
+    if not len(cols):  # whole-row digests differ but no group does: a 32-bit group-digest collision
+        diff = Difference(epoch=epoch, step=step, phase="init" if r == 0 else "unknown", layer="unknown",
+                          tensor=None, granularity="epoch-row", fraction_differing=None, max_ulps=None, row=r)
+    elif granularity == "epoch-tensor":
+        t = keys[int(cols[0])]
+        values = _values(a, b, r, t.key) if t.key in params else None
+        diff = Difference(epoch=epoch, step=step, phase="init" if r == 0 else t.phase, layer=t.layer, tensor=t.key,
+                          granularity=granularity, fraction_differing=None if values is None else values[0],
+                          max_ulps=None if values is None else values[1], row=r,
+                          elements=None if values is None else values[2])
+    else:
+        phase, layer = keys[int(cols[0])]
+        tensor, values = None, None
+        if r == 0 and phase == "update":
+            # At the initial state there are no momentum buffers: an update group that differs is one of
+            # the layer's parameters, which the snapshot of row 0 names (in parameter order).
+            for name, _ in a.params:
+                if name in params and name.split(".")[0] == layer:
+                    v = _values(a, b, 0, name)
+                    if v is not None and v[0] > 0:
+                        tensor, values = name, v
+                        break
+        diff = Difference(epoch=epoch, step=step, phase="init" if r == 0 else phase, layer=layer, tensor=tensor,
+                          granularity=granularity, fraction_differing=None if values is None else values[0],
+                          max_ulps=None if values is None else values[1], row=r,
+                          elements=None if values is None else values[2])
+    return diff, granularity, len(step_rows), n_rows
+
+
+def layer_divergence(a: Fingerprint, b: Fingerprint, *, epochs: int | None = None) -> LayerDivergence | None:
+    """Per-layer parameter divergence at the rows both have values for; None for different storage dtypes."""
+    if a.storage != b.storage:
+        return None
+    epochs = min(a.epochs, b.epochs) if epochs is None else epochs
+    rows, ia, ib = np.intersect1d(a.snapshot_rows, b.snapshot_rows, return_indices=True)
+    keep = rows <= epochs
+    rows, ia, ib = rows[keep], ia[keep], ib[keep]
+    cols = _param_columns(a, b)
+    layers = list(dict.fromkeys(layer for _, layer, _, _ in cols))
+    max_abs = np.zeros((len(rows), len(layers)))
+    max_rel = np.zeros((len(rows), len(layers)))
+    max_ulps = np.zeros((len(rows), len(layers)), dtype=np.int64)
+    if len(rows) and cols:
+        ca = np.concatenate([c[2] for c in cols])
+        cb = np.concatenate([c[3] for c in cols])
+        va = a.snapshots[np.ix_(ia, ca)]
+        vb = b.snapshots[np.ix_(ib, cb)]
+        same = bits.as_bits(va, a.storage) == bits.as_bits(vb, a.storage)
+        fa, fb = bits.to_float64(va, a.storage), bits.to_float64(vb, a.storage)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            absd = np.abs(fa - fb)
+            scale = np.maximum(np.abs(fa), np.abs(fb))
+            rel = np.where(scale > 0, absd / np.where(scale > 0, scale, 1.0), 0.0)
+        absd = np.where(same, 0.0, np.where(np.isnan(absd), np.inf, absd))
+        rel = np.where(same, 0.0, np.where(np.isnan(rel), np.inf, rel))
+        ulps = bits.ulp_distance(va, vb, a.storage)
+        layer_of = np.concatenate([np.full(len(c[2]), layers.index(c[1])) for c in cols])
+        for j in range(len(layers)):
+            m = layer_of == j
+            max_abs[:, j] = absd[:, m].max(axis=1)
+            max_rel[:, j] = rel[:, m].max(axis=1)
+            max_ulps[:, j] = ulps[:, m].max(axis=1)
+    return LayerDivergence(rows=tuple(int(r) for r in rows), layers=tuple(layers), max_abs=max_abs,
+                           max_rel=max_rel, max_ulps=max_ulps)
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> float | None:
+    if len(x) < 2 or np.ptp(x) == 0:
+        return None
+    xc = x - x.mean()
+    return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+
+
+def growth(series_epochs: np.ndarray, series_values: np.ndarray) -> tuple[float | None, int | None]:
+    """(growth rate of ln(divergence) per epoch, saturation epoch row); the rule is in the module docstring."""
+    x = np.asarray(series_epochs, dtype=np.float64)
+    v = np.asarray(series_values, dtype=np.float64)
+    ok = np.isfinite(v) & (v > 0)
+    if ok.sum() < 2:
+        return None, None
+    x, y = x[ok], np.log(v[ok])
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    top = y.max()
+    s = int(np.flatnonzero(y >= top - SATURATION_BAND)[0])
+    rate = _slope(x[: s + 1], y[: s + 1])
+    tail_x, tail_y = x[s:], y[s:]
+    saturation = None
+    if len(tail_x) >= 3:
+        tail = _slope(tail_x, tail_y)
+        limit = SATURATION_SLOPE * rate if rate is not None and rate > 0 else 0.0
+        if tail is not None and tail <= limit:
+            saturation = int(x[s])
+    if rate is None and saturation is None:
+        # Only the top band exists and it is still rising: the whole series is the growing phase.
+        rate = _slope(x, y)
+    return rate, saturation
+
+
+# --------------------------------------------------------------------------- environment
+
+# Most likely causes first.  A key's rank is that of the first pattern it starts with.
+_CAUSES: tuple[tuple[str, ...], ...] = (
+    ("config.perturb", "config.controls.dtype"),
+    ("effective.cpu_capability", "config.controls.isa", "config.controls.onednn_isa", "config.controls.mkl_cbwr",
+     "env.ATEN_CPU_CAPABILITY", "env.ONEDNN_MAX_CPU_ISA", "env.DNNL_MAX_CPU_ISA", "env.MKL_ENABLE_INSTRUCTIONS",
+     "env.MKL_CBWR"),
+    ("environment.emulated_cpu_model", "config.controls.cpu_model", "environment.cpu_model",
+     "environment.cpu_features", "environment.supported_isas", "environment.machine"),
+    ("effective.intra_op_threads", "effective.inter_op_threads", "config.controls.threads", "env.OMP_NUM_THREADS",
+     "env.MKL_NUM_THREADS", "env.OPENBLAS_NUM_THREADS", "env.OMP_DYNAMIC", "env.MKL_DYNAMIC"),
+    ("effective.deterministic_algorithms", "effective.mkldnn_deterministic", "config.controls.deterministic",
+     "effective.mkldnn_enabled"),
+    ("environment.torch", "environment.numpy", "environment.python", "effective.threadpools"),
+    ("env.",),
+    ("environment.",),
+    ("effective.",),
+)
+_NOT_CAUSES = ("config.epochs", "config.trace_epochs", "config.audit_every")
+
+
+def _rank(key: str) -> int:
+    if key.startswith(_NOT_CAUSES):
+        return len(_CAUSES) + 1
+    if key.startswith("effective.threadpools") and key.endswith(".num_threads"):
+        return 3
+    for rank, prefixes in enumerate(_CAUSES):
+        if key.startswith(prefixes):
+            return rank
+    return len(_CAUSES)
+
+
+def facts(fp: Fingerprint) -> dict[str, Any]:
+    """Flattened config, effective controls and environment snapshot ("env." holds numerics variables)."""
+    out: dict[str, Any] = {}
+    _flat(fp.config, "config", out)
+    _flat(fp.effective, "effective", out)
+    env = dict(fp.environment)
+    variables = env.pop("environment", {})
+    _flat(env, "environment", out)
+    _flat(variables if isinstance(variables, Mapping) else {"?": variables}, "env", out)
+    return out
+
+
+def _ranked(keys: Iterable[str]) -> list[str]:
+    return sorted(keys, key=lambda k: (_rank(k), k))
+
+
+def environment_diff(a: Fingerprint, b: Fingerprint) -> tuple[tuple[str, Any, Any], ...]:
+    """(key, value in a, value in b) of every fact that differs, most likely causes first."""
+    fa, fb = facts(a), facts(b)
+    return tuple((k, fa.get(k), fb.get(k)) for k in _ranked(set(fa) | set(fb)) if fa.get(k) != fb.get(k))
+
+
+# --------------------------------------------------------------------------- reference
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def reference_table(fp: Fingerprint) -> tuple[tuple[int, ...], tuple[str, ...], np.ndarray] | None:
+    """(rows, layers, closeness) from ``extra["divergence"]``: larger closeness = closer to exact arithmetic.
+
+    The reference stage's block: ``{"rows": [...], "layers": [...], "correct_bits": [[per layer] per row]}``
+    (``correct_bits`` may also be ``{layer: [per row]}``, and the table may sit under "params").
+    Closeness is the correct bits.  Absent, or in no form read here: None (never an error: the
+    block is optional and only feeds ``closer_to_reference``).
+    """
+    block = fp.extra.get("divergence") if isinstance(fp.extra, Mapping) else None
+    if not isinstance(block, Mapping):
+        return None
+    for cand in (block, block.get("params"), block.get("parameters")):
+        if not isinstance(cand, Mapping) or "correct_bits" not in cand:
+            continue
+        rows, table = cand.get("rows", block.get("rows")), cand["correct_bits"]
+        layers: Any = cand.get("layers", block.get("layers"))
+        if isinstance(table, Mapping):
+            layers, table = list(table), [list(col) if isinstance(col, list) else [] for col in table.values()]
+            table = [list(r) for r in zip(*table, strict=False)] if table else []
+        if (not isinstance(rows, list) or not isinstance(layers, list) or not isinstance(table, list)
+                or len(table) != len(rows) or not rows or not layers
+                or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
+                or not all(isinstance(name, str) for name in layers)
+                or not all(isinstance(r, list) and len(r) == len(layers) for r in table)):
+            continue
+        values = np.array([[_number(v) if _number(v) is not None else np.nan for v in r] for r in table])
+        return tuple(rows), tuple(layers), values
+    return None
+
+
+def closer_to_reference(a: Fingerprint, b: Fingerprint) -> dict[str, str] | None:
+    """layer -> "a" | "b" | "tie": which run has more correct bits at the last epoch row both blocks hold."""
+    ta, tb = reference_table(a), reference_table(b)
+    if ta is None or tb is None:
+        return None
+    common_rows = sorted(set(ta[0]) & set(tb[0]))
+    if not common_rows:
+        return None
+    ra, rb = ta[0].index(common_rows[-1]), tb[0].index(common_rows[-1])
+    out = {}
+    for j, layer in enumerate(ta[1]):
+        if layer in tb[1]:
+            x, y = ta[2][ra, j], tb[2][rb, tb[1].index(layer)]
+            if np.isnan(x) or np.isnan(y):
+                continue
+            out[layer] = "tie" if x == y else ("a" if x > y else "b")
+    return out or None
+
+
+# --------------------------------------------------------------------------- the comparisons
+
+def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool = False) -> PairComparison:
+    """Compare two runs (refusing different experiments unless allowed)."""
+    ensure_comparable(a, b, allow_different_spec=allow_different_spec)
+    epochs = min(a.epochs, b.epochs)
+    first, granularity, n_steps, n_rows = first_difference(a, b, epochs=epochs)
+    identical = first is None
+    divergence = None if identical else layer_divergence(a, b, epochs=epochs)
+    rate = saturation = None
+    if divergence is not None and divergence.rows:
+        rate, saturation = growth(np.array(divergence.rows), divergence.overall())
+    value_rows = len(np.intersect1d(a.snapshot_rows[a.snapshot_rows <= epochs], b.snapshot_rows))
+    return PairComparison(
+        a=a.source, b=b.source, identical=identical, first=first, divergence=divergence, growth_rate=rate,
+        saturation_epoch=saturation, environment_diff=environment_diff(a, b),
+        closer_to_reference=closer_to_reference(a, b), granularity=granularity, steps_compared=n_steps,
+        rows_compared=n_rows, value_rows=value_rows if a.storage == b.storage else 0,
+        storage=a.storage if a.storage == b.storage else f"{a.storage}/{b.storage}",
+        labels=(label(a), label(b)),
+        spec_differences=spec_differences(a, b) if a.spec.hash != b.spec.hash else (),
+        final_train_loss=(float(a.train_loss[epochs]), float(b.train_loss[epochs])),
+        nonfinite=(a.nonfinite, b.nonfinite))
+
+
+def equivalence_classes(fps: Sequence[Fingerprint]) -> list[EquivalenceClass]:
+    """Classes of identical digests, in order of first appearance, with the facts their members share."""
+    groups: dict[str, list[int]] = {}
+    for i, fp in enumerate(fps):
+        groups.setdefault(fp.digest, []).append(i)
+    all_facts = [facts(fp) for fp in fps]
+    everywhere = {k for k in all_facts[0] if all(k in f and f[k] == all_facts[0][k] for f in all_facts)} \
+        if all_facts else set()
+    out = []
+    for digest, members in groups.items():
+        first = all_facts[members[0]]
+        shared = [k for k in first if k not in everywhere
+                  and all(k in all_facts[m] and all_facts[m][k] == first[k] for m in members)]
+        out.append(EquivalenceClass(
+            digest=digest, members=tuple(fps[m].source for m in members), labels=tuple(label(fps[m]) for m in members),
+            indices=tuple(members), common=tuple((k, first[k]) for k in _ranked(shared))))
+    return out
+
+
+def compare_many(fps: Sequence[Fingerprint], *, allow_different_spec: bool = False) -> ManyComparison:
+    """Group inputs into classes of bit-identical runs; compare every pair of classes."""
+    for fp in fps[1:]:
+        ensure_comparable(fps[0], fp, allow_different_spec=allow_different_spec)
+    classes = equivalence_classes(fps)
+    pairs = []
+    for i in range(len(classes)):
+        for j in range(i + 1, len(classes)):
+            a, b = fps[classes[i].indices[0]], fps[classes[j].indices[0]]
+            pairs.append(ClassPair(i=i, j=j, comparison=compare_pair(a, b, allow_different_spec=True)))
+    return ManyComparison(sources=tuple(fp.source for fp in fps), classes=tuple(classes), pairs=tuple(pairs))

@@ -1,0 +1,442 @@
+"""`bnaudit compare` output: rich tables for people, Markdown for a pull request, JSON for machines.
+
+All three are rendered from the same ``compare.PairComparison`` / ``compare.ManyComparison``
+objects.  JSON is explicit, field by field, with a schema version, and reads back into the
+same objects (``from_json``); non-finite floats travel as the strings "inf", "-inf", "nan".
+
+The divergence table is compact and on a log scale: one row per layer, one column per
+selected epoch row (at most ``MAX_COLUMNS``, roughly log-spaced, always the last), each
+cell log10 of the largest |a - b| of the layer's parameters; "=" marks bit-identical
+values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bnaudit.compare import (
+    ClassPair,
+    Difference,
+    EquivalenceClass,
+    LayerDivergence,
+    ManyComparison,
+    PairComparison,
+)
+from bnaudit.errors import InputError
+
+SCHEMA = "bnaudit.compare/1"
+MAX_COLUMNS = 9
+MAX_ENV_ROWS = 12
+MAX_VALUE_CHARS = 48
+
+Result = PairComparison | ManyComparison
+
+
+# --------------------------------------------------------------------------- shared text
+
+def selected_rows(rows: Sequence[int], max_columns: int = MAX_COLUMNS) -> list[int]:
+    """Indexes into ``rows`` of the columns to show: roughly log-spaced, first and last always."""
+    n = len(rows)
+    if n <= max_columns:
+        return list(range(n))
+    last = rows[-1]
+    marks = sorted({0, n - 1} | {int(np.searchsorted(rows, v)) for v in
+                                 np.unique(np.round(np.geomspace(1, max(last, 1), max_columns - 1)))})
+    picked = sorted({min(m, n - 1) for m in marks})
+    while len(picked) > max_columns:  # drop from the crowded middle, keep the ends
+        picked.pop(len(picked) // 2)
+    return picked
+
+
+def log_cell(value: float) -> str:
+    """log10 of a divergence, one decimal; "=" for none, "inf"/"nan" as such."""
+    if value == 0:
+        return "="
+    if not math.isfinite(value):
+        return "inf" if value > 0 else "nan"
+    return f"{math.log10(value):.1f}"
+
+
+def value_text(value: Any) -> str:
+    """A fact's value in a table cell: lists joined, long values shortened."""
+    if value is None:
+        text = "-"
+    elif isinstance(value, list):
+        text = ",".join(map(str, value)) or "[]"
+    else:
+        text = str(value)
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "…"
+
+
+def list_diff(a: Any, b: Any) -> str | None:
+    """For two lists (e.g. CPU features): what only one side has, or None."""
+    if not isinstance(a, list) or not isinstance(b, list):
+        return None
+    only_a = [x for x in a if x not in b]
+    only_b = [x for x in b if x not in a]
+    return f"only a: {','.join(map(str, only_a)) or '-'}; only b: {','.join(map(str, only_b)) or '-'}"
+
+
+def first_text(d: Difference | None) -> str:
+    """The first difference in one line."""
+    if d is None:
+        return "none: bit-identical"
+    text = d.where
+    if d.fraction_differing is not None and d.elements:
+        n = round(d.fraction_differing * d.elements)
+        text += f"; {n} of {d.elements} elements differ ({d.fraction_differing:.2%}), by at most {d.max_ulps} ulp"
+        text += "" if d.max_ulps == 1 else "s"
+    elif d.granularity == "step":
+        text += " (step digests: values are not recorded inside a step)"
+    elif d.tensor is None:
+        text += " (fingerprints hold epoch digests per (phase, layer) group)"
+    return text
+
+
+def first_short(d: Difference | None) -> str:
+    """The first difference in a few words (for a table cell)."""
+    if d is None:
+        return "identical"
+    if d.row == 0:
+        when = "init"
+    elif d.step is None:
+        when = f"end of epoch {d.epoch}"
+    else:
+        when = f"epoch {d.epoch} step {d.step} {d.phase}"
+    what = d.tensor or f"{d.layer} ({d.phase} group)"
+    ulps = "" if d.max_ulps is None else f", {d.max_ulps} ulp{'' if d.max_ulps == 1 else 's'}"
+    return f"{when}: {what}{ulps}"
+
+
+def growth_text(c: PairComparison) -> str:
+    if c.growth_rate is None:
+        rate = "growth rate: -"
+    else:
+        rate = f"growth rate {c.growth_rate:.3g} per epoch (x{math.exp(min(c.growth_rate, 700)):.3g} per epoch)"
+    sat = (f"saturates at epoch row {c.saturation_epoch}" if c.saturation_epoch is not None
+           else "no saturation within the compared epochs")
+    return f"{rate}; {sat}"
+
+
+def compared_text(c: PairComparison) -> str:
+    what = "per-tensor digests" if c.granularity == "epoch-tensor" else "per-(phase, layer) group digests"
+    return (f"{c.rows_compared} epoch rows ({what}), {c.steps_compared} traced steps (per-tensor digests), "
+            f"parameter values at {c.value_rows} rows; storage {c.storage}")
+
+
+def divergence_table(div: LayerDivergence) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the log10 max |a - b| table (layers x selected epoch rows), plus an "all" row."""
+    cols = selected_rows(div.rows)
+    headers = ["layer"] + [str(div.rows[i]) for i in cols]
+    body = [[layer] + [log_cell(float(div.max_abs[i, j])) for i in cols] for j, layer in enumerate(div.layers)]
+    overall = div.overall()
+    body.append(["all"] + [log_cell(float(overall[i])) for i in cols])
+    return headers, body
+
+
+def _verdict(result: Result) -> str:
+    return "bit-identical" if result.identical else "DIFFERENT"
+
+
+# --------------------------------------------------------------------------- terminal
+
+def render(result: Result, console: Console | None = None) -> None:
+    """Print a comparison for people."""
+    console = console or Console()
+    if isinstance(result, PairComparison):
+        _render_pair(result, console)
+    else:
+        _render_many(result, console)
+
+
+def _render_pair(c: PairComparison, console: Console) -> None:
+    style = "bold green" if c.identical else "bold red"
+    console.print(f"[bold]bnaudit compare[/bold]: [{style}]{_verdict(c)}[/{style}]", highlight=False)
+    console.print(f"  a  {c.a}  ({c.labels[0]})", highlight=False, markup=False)
+    console.print(f"  b  {c.b}  ({c.labels[1]})", highlight=False, markup=False)
+    console.print(f"  compared: {compared_text(c)}", highlight=False, markup=False)
+    for d in c.spec_differences:
+        console.print(f"  spec differs (allowed): {d}", highlight=False, markup=False)
+    if not c.identical:
+        console.print(f"[bold]first difference[/bold]: {first_text(c.first)}", highlight=False)
+    _render_env(c, console)
+    if c.divergence is not None and c.divergence.rows:
+        headers, body = divergence_table(c.divergence)
+        console.print("[bold]divergence[/bold]: log10 max |a - b| of parameters per layer, by epoch row "
+                      "(= identical)", highlight=False)
+        table = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 1, 0, 1))
+        for i, h in enumerate(headers):
+            table.add_column(Text(h), justify="left" if i == 0 else "right", no_wrap=True)
+        for row in body:
+            table.add_row(*(Text(cell) for cell in row), style="bold" if row[0] == "all" else None)
+        console.print(table)
+        console.print(f"  {growth_text(c)}", highlight=False, markup=False)
+    elif not c.identical:
+        console.print("  no parameter values to compare (different storage dtypes)", highlight=False)
+    loss_a, loss_b = c.final_train_loss
+    if not c.identical:
+        console.print(f"  final train MSE: a {loss_a:.6g}, b {loss_b:.6g}", highlight=False, markup=False)
+    for side, nf in zip("ab", c.nonfinite, strict=True):
+        if nf:
+            console.print(f"  {side} went non-finite: epoch {nf.get('epoch')} step {nf.get('step')} "
+                          f"{nf.get('phase')} {nf.get('tensor')}", highlight=False, markup=False)
+    if c.closer_to_reference:
+        text = ", ".join(f"{layer} {who}" for layer, who in c.closer_to_reference.items())
+        console.print(f"  closer to exact arithmetic (mpmath reference): {text}", highlight=False, markup=False)
+
+
+def _render_env(c: PairComparison, console: Console) -> None:
+    if not c.environment_diff:
+        console.print("  environment: no differences in config, effective controls or environment snapshot",
+                      highlight=False)
+        return
+    console.print("[bold]environment differences[/bold] (likely causes first)", highlight=False)
+    table = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column("  fact", no_wrap=True)
+    table.add_column("a")
+    table.add_column("b")
+    for key, va, vb in c.environment_diff[:MAX_ENV_ROWS]:
+        extra = list_diff(va, vb)
+        table.add_row(Text("  " + key), Text(value_text(va)), Text(value_text(vb) + (f" ({extra})" if extra else "")))
+    console.print(table)
+    if len(c.environment_diff) > MAX_ENV_ROWS:
+        console.print(f"  … and {len(c.environment_diff) - MAX_ENV_ROWS} more (--json lists all)", highlight=False)
+
+
+def _render_many(m: ManyComparison, console: Console) -> None:
+    style = "bold green" if m.identical else "bold red"
+    console.print(f"[bold]bnaudit compare[/bold]: {len(m.sources)} inputs, [{style}]{len(m.classes)} "
+                  f"class{'es' if len(m.classes) != 1 else ''} of bit-identical runs[/{style}]", highlight=False)
+    for k, cls in enumerate(m.classes, 1):
+        console.print(f"[bold]class {k}[/bold] ({len(cls.members)} member{'s' if len(cls.members) != 1 else ''}, "
+                      f"digest {cls.digest[:16]})", highlight=False)
+        for src, label in zip(cls.members, cls.labels, strict=True):
+            console.print(f"    {src}  ({label})", highlight=False, markup=False)
+        if cls.common and len(m.classes) > 1:
+            shared = "; ".join(f"{k}={value_text(v)}" for k, v in cls.common[:4])
+            more = f" (+{len(cls.common) - 4} more)" if len(cls.common) > 4 else ""
+            console.print(f"    shares: {shared}{more}", highlight=False, markup=False)
+    if m.pairs:
+        console.print("[bold]first divergence between classes[/bold]", highlight=False)
+        table = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 2, 0, 0))
+        for h in PAIR_HEADERS:
+            table.add_column(h)
+        for p in m.pairs:
+            table.add_row(*(Text(cell) for cell in _pair_row(p)))
+        console.print(table)
+
+
+PAIR_HEADERS = ("classes", "first difference", "log10 max|Δ| at end", "growth/epoch", "likely cause")
+
+
+def _pair_row(p: ClassPair) -> list[str]:
+    c = p.comparison
+    final = log_cell(float(c.divergence.overall()[-1])) if c.divergence is not None and c.divergence.rows else "-"
+    cause = c.environment_diff[0] if c.environment_diff else None
+    cause_text = "-" if cause is None else f"{cause[0]}: {value_text(cause[1])} vs {value_text(cause[2])}"
+    return [f"{p.i + 1} vs {p.j + 1}", first_short(c.first), final,
+            "-" if c.growth_rate is None else f"{c.growth_rate:.3g}", cause_text]
+
+
+# --------------------------------------------------------------------------- markdown
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(_md(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def markdown(result: Result) -> str:
+    """The comparison as GitHub-flavoured Markdown (a pull-request comment)."""
+    lines: list[str] = []
+    if isinstance(result, PairComparison):
+        c = result
+        lines += [f"### bnaudit compare: **{_verdict(c)}**", "",
+                  f"- a: `{c.a}` ({c.labels[0]})", f"- b: `{c.b}` ({c.labels[1]})",
+                  f"- compared: {compared_text(c)}"]
+        lines += [f"- spec differs (allowed): {_md(d)}" for d in c.spec_differences]
+        if not c.identical:
+            lines += [f"- **first difference**: {first_text(c.first)}"]
+        lines.append("")
+        if c.environment_diff:
+            lines += ["**Environment differences** (likely causes first)", ""]
+            lines += _md_table(["fact", "a", "b"], [[k, value_text(va), value_text(vb)]
+                                                     for k, va, vb in c.environment_diff[:MAX_ENV_ROWS]])
+            if len(c.environment_diff) > MAX_ENV_ROWS:
+                lines.append(f"\n… and {len(c.environment_diff) - MAX_ENV_ROWS} more")
+            lines.append("")
+        if c.divergence is not None and c.divergence.rows:
+            headers, body = divergence_table(c.divergence)
+            lines += ["**Divergence**: log10 max \\|a − b\\| of parameters per layer, by epoch row (= identical)", ""]
+            lines += _md_table(headers, body)
+            lines += ["", growth_text(c) + ".",
+                      f"Final train MSE: a {c.final_train_loss[0]:.6g}, b {c.final_train_loss[1]:.6g}.", ""]
+        if c.closer_to_reference:
+            lines += ["**Closer to exact arithmetic** (mpmath reference): "
+                      + ", ".join(f"{k} {v}" for k, v in c.closer_to_reference.items()), ""]
+    else:
+        m = result
+        lines += [f"### bnaudit compare: {len(m.sources)} inputs, {len(m.classes)} class"
+                  f"{'es' if len(m.classes) != 1 else ''} of bit-identical runs", ""]
+        rows = []
+        for k, cls in enumerate(m.classes, 1):
+            shared = "; ".join(f"{key}={value_text(v)}" for key, v in cls.common[:6]) if len(m.classes) > 1 else ""
+            rows.append([str(k), "<br>".join(f"`{s}`" for s in cls.members), cls.digest[:16], shared or "-"])
+        lines += _md_table(["class", "members", "digest", "members share"], rows)
+        if m.pairs:
+            lines += ["", "**First divergence between classes**", ""]
+            lines += _md_table(list(PAIR_HEADERS), [_pair_row(p) for p in m.pairs])
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- JSON
+
+def _float(value: float) -> float | str:
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def _unfloat(value: Any) -> float:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"comparison JSON: {value!r} is not a number")
+    return float(value)
+
+
+def _float_table(array: np.ndarray) -> list[list[float | str]]:
+    return [[_float(v) for v in row] for row in array]
+
+
+def _difference_dict(d: Difference | None) -> dict[str, Any] | None:
+    return None if d is None else dataclasses.asdict(d)
+
+
+def _divergence_dict(div: LayerDivergence | None) -> dict[str, Any] | None:
+    if div is None:
+        return None
+    return {"rows": list(div.rows), "layers": list(div.layers), "max_abs": _float_table(div.max_abs),
+            "max_rel": _float_table(div.max_rel), "max_ulps": [[int(v) for v in row] for row in div.max_ulps]}
+
+
+def pair_dict(c: PairComparison) -> dict[str, Any]:
+    """A PairComparison as JSON-ready data, field by field."""
+    return {
+        "a": c.a, "b": c.b, "identical": c.identical, "first": _difference_dict(c.first),
+        "divergence": _divergence_dict(c.divergence),
+        "growth_rate": None if c.growth_rate is None else _float(c.growth_rate),
+        "saturation_epoch": c.saturation_epoch,
+        "environment_diff": [[k, va, vb] for k, va, vb in c.environment_diff],
+        "closer_to_reference": c.closer_to_reference, "granularity": c.granularity,
+        "steps_compared": c.steps_compared, "rows_compared": c.rows_compared, "value_rows": c.value_rows,
+        "storage": c.storage, "labels": list(c.labels), "spec_differences": list(c.spec_differences),
+        "final_train_loss": [_float(v) for v in c.final_train_loss], "nonfinite": list(c.nonfinite),
+    }
+
+
+def many_dict(m: ManyComparison) -> dict[str, Any]:
+    """A ManyComparison as JSON-ready data."""
+    return {
+        "sources": list(m.sources), "identical": m.identical,
+        "classes": [{"digest": cls.digest, "members": list(cls.members), "labels": list(cls.labels),
+                     "indices": list(cls.indices), "common": [[k, v] for k, v in cls.common]} for cls in m.classes],
+        "pairs": [{"i": p.i, "j": p.j, "comparison": pair_dict(p.comparison)} for p in m.pairs],
+    }
+
+
+def to_json(result: Result) -> str:
+    """The comparison as JSON text (sorted keys, strict JSON: no NaN literals)."""
+    if isinstance(result, PairComparison):
+        body = {"schema": SCHEMA, "kind": "pair", "verdict": "identical" if result.identical else "different",
+                "pair": pair_dict(result)}
+    else:
+        body = {"schema": SCHEMA, "kind": "many", "verdict": "identical" if result.identical else "different",
+                "many": many_dict(result)}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _difference_from(raw: Any) -> Difference | None:
+    if raw is None:
+        return None
+    names = {f.name for f in dataclasses.fields(Difference)}
+    if not isinstance(raw, dict) or set(raw) != names:
+        raise InputError("comparison JSON: malformed first difference")
+    return Difference(**raw)
+
+
+def _divergence_from(raw: Any) -> LayerDivergence | None:
+    if raw is None:
+        return None
+    try:
+        return LayerDivergence(
+            rows=tuple(int(r) for r in raw["rows"]), layers=tuple(str(s) for s in raw["layers"]),
+            max_abs=np.array([[_unfloat(v) for v in r] for r in raw["max_abs"]], dtype=np.float64)
+            .reshape(len(raw["rows"]), len(raw["layers"])),
+            max_rel=np.array([[_unfloat(v) for v in r] for r in raw["max_rel"]], dtype=np.float64)
+            .reshape(len(raw["rows"]), len(raw["layers"])),
+            max_ulps=np.array(raw["max_ulps"], dtype=np.int64).reshape(len(raw["rows"]), len(raw["layers"])))
+    except (KeyError, TypeError, ValueError):
+        raise InputError("comparison JSON: malformed divergence table") from None
+
+
+def pair_from_dict(raw: dict[str, Any]) -> PairComparison:
+    """Inverse of ``pair_dict``."""
+    try:
+        rate = raw["growth_rate"]
+        return PairComparison(
+            a=raw["a"], b=raw["b"], identical=bool(raw["identical"]), first=_difference_from(raw["first"]),
+            divergence=_divergence_from(raw["divergence"]), growth_rate=None if rate is None else _unfloat(rate),
+            saturation_epoch=raw["saturation_epoch"],
+            environment_diff=tuple((str(k), va, vb) for k, va, vb in raw["environment_diff"]),
+            closer_to_reference=raw["closer_to_reference"], granularity=raw["granularity"],
+            steps_compared=int(raw["steps_compared"]), rows_compared=int(raw["rows_compared"]),
+            value_rows=int(raw["value_rows"]), storage=str(raw["storage"]),
+            labels=(str(raw["labels"][0]), str(raw["labels"][1])),
+            spec_differences=tuple(str(s) for s in raw["spec_differences"]),
+            final_train_loss=(_unfloat(raw["final_train_loss"][0]), _unfloat(raw["final_train_loss"][1])),
+            nonfinite=(raw["nonfinite"][0], raw["nonfinite"][1]))
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise InputError("comparison JSON: malformed pair comparison") from None
+
+
+def from_json(text: str) -> Result:
+    """Read ``to_json``'s output back into the comparison objects."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raise InputError("comparison JSON: not JSON") from None
+    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        raise InputError(f"comparison JSON: schema is not {SCHEMA}")
+    if raw.get("kind") == "pair":
+        return pair_from_dict(raw["pair"])
+    try:
+        m = raw["many"]
+        classes = tuple(EquivalenceClass(digest=c["digest"], members=tuple(c["members"]), labels=tuple(c["labels"]),
+                                         indices=tuple(int(i) for i in c["indices"]),
+                                         common=tuple((str(k), v) for k, v in c["common"])) for c in m["classes"])
+        pairs = tuple(ClassPair(i=int(p["i"]), j=int(p["j"]), comparison=pair_from_dict(p["comparison"]))
+                      for p in m["pairs"])
+        return ManyComparison(sources=tuple(m["sources"]), classes=classes, pairs=pairs)
+    except (KeyError, TypeError, ValueError):
+        raise InputError("comparison JSON: malformed comparison of many inputs") from None
+
+
+__all__ = ["SCHEMA", "from_json", "markdown", "render", "to_json"]

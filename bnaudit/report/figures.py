@@ -1,0 +1,541 @@
+"""The report's figures: matplotlib with the Agg backend, written as PNG files.
+
+Each figure comes with its title and a caption that says what to look at; the HTML and
+Markdown views show them in the order ``render_all`` returns them.  Runs of one
+equivalence class are bit-identical, so curves are drawn once per class and labelled
+with its members.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # non-interactive: never opens a window, works without a display
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import colors as mcolors
+from matplotlib.figure import Figure
+
+from bnaudit.report.build import PairView, Report, RunEntry
+
+DPI = 100
+MAX_PANELS = 8
+SECTIONS = {
+    "seed": "1. The seed's figures: learned function and error over epochs",
+    "heatmap": "2. Divergence heatmaps: layer by epoch",
+    "growth": "3. Divergence growth",
+    "bn": "4. BatchNorm conditioning monitor",
+    "matrix": "5. Matrix summary",
+}
+_TAB20 = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+CLASS_COLOURS = [mcolors.to_hex(c) for c in list(_TAB20[0::2]) + list(_TAB20[1::2])]
+"""20 distinct colours: tab10's first, then their light variants."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FigureInfo:
+    """One written figure and the words that go with it."""
+
+    path: str
+    """File name relative to the report folder (figures/NAME.png)."""
+    section: str
+    """Key of SECTIONS it belongs to."""
+    title: str
+    """Its title (also the figure's own suptitle)."""
+    caption: str
+    """What it shows and what to look at."""
+    width: int
+    """Width in pixels."""
+    height: int
+    """Height in pixels."""
+
+
+def class_colour(report: Report, class_name: str) -> str:
+    names = [c.name for c in report.classes]
+    return CLASS_COLOURS[names.index(class_name) % len(CLASS_COLOURS)]
+
+
+def _members_text(members: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(members[:limit])
+    return shown + (f" +{len(members) - limit} more" if len(members) > limit else "")
+
+
+def class_representatives(report: Report) -> list[tuple[RunEntry, str]]:
+    """The first run of each class and its legend text."""
+    out = []
+    for c in report.classes:
+        rep = report.run(c.members[0])
+        out.append((rep, f"class {c.name}: {_members_text(c.members)}"))
+    return out
+
+
+def _new(width: float, height: float, nrows: int = 1, ncols: int = 1, *, left: float = 0.85, right: float = 0.25,
+         top: float = 0.75, bottom: float = 0.6, wspace: float = 0.22, hspace: float = 0.5,
+         sharey: bool = False) -> tuple[Figure, np.ndarray]:
+    """A figure with fixed margins in inches (constrained layout costs more than the drawing itself)."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, sharey=sharey)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
+                        wspace=wspace, hspace=hspace)
+    return fig, axes
+
+
+def _save(fig: Figure, folder: Path, name: str, section: str, title: str, caption: str) -> FigureInfo:
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=DPI, metadata={"Software": "bnaudit"})
+    plt.close(fig)
+    with path.open("rb") as fh:  # the PNG's own IHDR: the size the browser will lay out
+        width, height = struct.unpack(">II", fh.read(24)[16:24])
+    return FigureInfo(path=f"{folder.name}/{name}.png", section=section, title=title, caption=caption,
+                      width=width, height=height)
+
+
+def _milestones(ax: plt.Axes, report: Report, epochs: int) -> None:
+    """Vertical lines at the learning-rate drops (MultiStepLR milestones within the run)."""
+    gamma = report.spec.train.lr_gamma
+    first = True
+    for m in report.spec.train.lr_milestones:
+        if 0 < m <= epochs:
+            ax.axvline(m, color="0.45", linestyle=":", linewidth=1.2,
+                       label=f"lr drop (×{gamma:g})" if first else None)
+            first = False
+
+
+def epoch_axis(ax: plt.Axes, epochs: int) -> None:
+    """Epochs linear up to 10 and logarithmic beyond: runs part in the first epochs, then drift for hundreds."""
+    if epochs > 20:
+        ax.set_xscale("symlog", linthresh=10, linscale=1.0)
+        ticks = [t for t in (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000) if t <= epochs]
+        if epochs >= 1.4 * ticks[-1]:
+            ticks.append(epochs)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlim(-0.5, epochs + 0.5)
+
+
+EPOCH_AXIS_NOTE = " The epoch axis is linear up to 10 and logarithmic beyond."
+
+
+# --------------------------------------------------------------------------- 1. seed figures
+
+
+def _function_panel(ax: plt.Axes, report: Report, runs: Sequence[tuple[RunEntry, str, str]]) -> None:
+    n = report.n_train
+    ax.scatter(report.x[:n], report.targets[:n], s=14, color="0.2", marker="o", label="train samples", zorder=3)
+    ax.scatter(report.x[n:], report.targets[n:], s=16, facecolors="none", edgecolors="0.35", marker="s",
+               label="test samples", zorder=3)
+    for run, colour, legend in runs:
+        lf = report.learned[run.label]
+        ax.plot(lf.grid_x, lf.grid_y, color=colour, linewidth=1.8, label=f"{legend} (noise feature 0)")
+        ax.scatter(report.x, lf.sample_y, s=7, color=colour, alpha=0.6, marker="x", zorder=2)
+    ax.set_xlabel("input x (dimensionless)")
+    ax.set_ylabel("target y / network output (dimensionless)")
+    ax.set_title("learned function at the final parameters", fontsize=10)
+    lo, hi = np.nanmin(report.targets), np.nanmax(report.targets)
+    pad = 0.25 * (hi - lo)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+
+
+def _error_panel(ax: plt.Axes, report: Report, runs: Sequence[tuple[RunEntry, str, str]]) -> None:
+    epochs = 0
+    for run, colour, legend in runs:
+        losses = run.record.arrays["losses"]
+        rows = np.arange(len(losses))
+        epochs = max(epochs, len(losses) - 1)
+        with np.errstate(invalid="ignore"):
+            train = np.where(losses[:, 0] > 0, losses[:, 0], np.nan)
+            test = np.where(losses[:, 1] > 0, losses[:, 1], np.nan)
+        ax.plot(rows, train, color=colour, linewidth=1.4, label=legend)
+        ax.plot(rows, test, color=colour, linewidth=1.4, linestyle="--")
+    ax.set_yscale("log")
+    _milestones(ax, report, epochs)
+    ax.plot([], [], color="0.3", linewidth=1.4, label="train (solid)")
+    ax.plot([], [], color="0.3", linewidth=1.4, linestyle="--", label="test (dashed)")
+    ax.set_xlabel("epoch (0 = initial state)")
+    ax.set_ylabel("eval-mode MSE (target units²)")
+    ax.set_title("train (solid) and test (dashed) error", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3, which="major")
+
+
+def seed_figures(report: Report, folder: Path) -> list[FigureInfo]:
+    out = []
+    reps = class_representatives(report)
+    if len(reps) > 1:
+        shown = [(run, class_colour(report, run.class_name), legend) for run, legend in reps[:len(CLASS_COLOURS)]]
+        fig, axes = _new(13, 4.8, 1, 2)
+        left, right = axes[0]
+        _function_panel(left, report, shown)
+        _error_panel(right, report, shown)
+        more = (f" Only the first {len(CLASS_COLOURS)} classes are drawn."
+                if len(reps) > len(CLASS_COLOURS) else "")
+        out.append(_save(
+            fig, folder, "seed_overlay", "seed",
+            f"All runs overlaid: {len(report.runs)} runs in {len(reps)} classes of bit-identical results",
+            "Left: the data (train dots, test squares) and each class's learned function, a float64 evaluation "
+            "of the run's final parameters with BatchNorm in eval mode (running statistics); the curve sets the "
+            "noise feature to 0, the small crosses are the output at each sample with its real noise feature. "
+            "Right: eval-mode train and test MSE per epoch on a log axis, learning-rate drops dotted. Look for "
+            "where the curves of different classes separate: identical bits draw one curve, and runs that "
+            "parted early can still end with visibly different functions and test errors." + more))
+    for run, _ in reps:
+        colour = class_colour(report, run.class_name)
+        cls = next(c for c in report.classes if c.name == run.class_name)
+        fig, axes = _new(13, 4.4, 1, 2)
+        left, right = axes[0]
+        _function_panel(left, report, [(run, colour, run.label)])
+        _error_panel(right, report, [(run, colour, run.label)])
+        losses = run.record.arrays["losses"][-1]
+        same = (f" Bit-identical to it: {', '.join(m for m in cls.members if m != run.label)}."
+                if len(cls.members) > 1 else "")
+        out.append(_save(
+            fig, folder, f"seed_{cls.name}", "seed", f"Class {cls.name}: {run.label}",
+            f"{run.config_text}; {run.epochs} epochs; final train MSE {losses[0]:.4g}, test MSE {losses[1]:.4g}."
+            f"{same} Left: learned function (float64 evaluation of the run's final parameters, BN in eval mode, "
+            "noise feature 0 for the curve). Right: train/test MSE per epoch, learning-rate drops dotted. Look "
+            "for a test error that rises while the train error falls: the noisy feature being fitted."))
+    return out
+
+
+# --------------------------------------------------------------------------- 2. heatmaps
+
+
+def _heat_axes(n: int, width: float = 13.0) -> tuple[Figure, list[plt.Axes]]:
+    fig, axes = _new(width, 1.3 + 2.1 * n, n, 1, left=1.0, right=0.2, bottom=0.65, hspace=0.35)
+    return fig, list(axes[:, 0])
+
+
+def heatmap_figures(report: Report, folder: Path) -> list[FigureInfo]:
+    out = []
+    pairs = [p for p in report.pairs if p.kind == "pair"] + [p for p in report.pairs if p.kind == "perturb"]
+    if pairs:
+        shown = pairs[:MAX_PANELS]
+        fig, axes = _heat_axes(len(shown))
+        logs = []
+        for p in shown:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                logs.append(np.where(p.max_abs > 0, np.log10(p.max_abs), np.nan))
+        finite = np.concatenate([v[np.isfinite(v)] for v in logs]) if logs else np.zeros(0)
+        vmin = float(np.floor(finite.min())) if finite.size else -8.0
+        vmax = float(np.ceil(finite.max())) if finite.size else 0.0
+        vmax = max(vmax, vmin + 1)
+        cmap = plt.get_cmap("magma").with_extremes(bad="#d9ecd0")  # bit-identical cells: pale green
+        mesh = None
+        for ax, p, values in zip(axes, shown, logs):
+            mesh = ax.pcolormesh(np.append(p.rows, p.rows[-1] + 1) - 0.5, np.arange(len(p.layers) + 1) - 0.5,
+                                 np.ma.masked_invalid(values.T), cmap=cmap, vmin=vmin, vmax=vmax, shading="flat")
+            ax.set_yticks(range(len(p.layers)), p.layers, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_ylabel("layer (forward order)")
+            kind = " (1-ulp perturbation vs its twin)" if p.kind == "perturb" else ""
+            ax.set_title(f"{p.title}{kind}" + ("  —  bit-identical" if p.identical else ""), fontsize=9, loc="left")
+            _mark_first(ax, p)
+            epoch_axis(ax, int(p.rows[-1]))
+            ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="#d9ecd0", label="identical parameters")]
+                      + ([ax.lines[-1]] if ax.lines else []), fontsize=7, loc="lower right", framealpha=0.85)
+        axes[-1].set_xlabel("epoch row (0 = initial state, e = end of epoch e)")
+        if mesh is not None:
+            fig.colorbar(mesh, ax=axes, label="log10 max |Δ parameter| (parameter units)", shrink=0.9)
+        more = f" {len(pairs) - len(shown)} more pairs are listed in the table but not drawn." \
+            if len(pairs) > len(shown) else ""
+        out.append(_save(
+            fig, folder, "heatmap_pairs", "heatmap", "Where runs part: divergence between runs, layer by epoch",
+            "Colour: log10 of the largest absolute difference between the two runs' parameters in each layer at "
+            "the end of each epoch (pale green: bit-identical). The cross marks the first difference found by "
+            "bnaudit compare (its epoch row and layer). Look at how fast a difference that starts in one layer "
+            "spreads to all layers, and at which epoch the colour stops rising (saturation)." + EPOCH_AXIS_NOTE
+            + more))
+    refs = [(label, report.references[label]) for label in report.references]
+    if refs:
+        shown_refs = refs[:MAX_PANELS]
+        fig, axes = _heat_axes(len(shown_refs))
+        mesh = None
+        for ax, (label, ref) in zip(axes, shown_refs):
+            mesh = ax.pcolormesh(np.append(ref.rows, ref.rows[-1] + 1) - 0.5, np.arange(len(ref.layers) + 1) - 0.5,
+                                 ref.correct_bits.T / ref.precision, cmap="viridis", vmin=0, vmax=1, shading="flat")
+            ax.set_yticks(range(len(ref.layers)), ref.layers, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_ylabel("layer")
+            ax.set_title(f"{label} vs mpmath reference ({ref.precision}-bit significand)", fontsize=9, loc="left")
+            below = np.argwhere(ref.correct_bits < ref.precision / 2)
+            if len(below):
+                i, j = below[np.argmin(below[:, 0])]
+                ax.plot([ref.rows[i]], [j], marker="X", color="red", markersize=10, markeredgecolor="white",
+                        linestyle="none", label=f"first below half the bits: epoch row {ref.rows[i]}, {ref.layers[j]}")
+            else:
+                ax.plot([], [], marker="X", color="red", linestyle="none",
+                        label="no layer falls below half its bits")
+            ax.legend(fontsize=7, loc="lower right", framealpha=0.85)
+            epoch_axis(ax, int(ref.rows[-1]))
+        axes[-1].set_xlabel("epoch row (0 = initial state, e = end of epoch e)")
+        if mesh is not None:
+            fig.colorbar(mesh, ax=axes, label="correct bits / significand bits (fraction)", shrink=0.9)
+        out.append(_save(
+            fig, folder, "heatmap_reference", "heatmap", "How many bits are still right: divergence from the reference",
+            "Colour: correct bits of each layer's parameters against the mpmath high-precision reference, as a "
+            "fraction of the run dtype's significand bits (1 = every bit right). The cross marks the first cell "
+            "with fewer than half its bits right. Look for the layer that loses its bits first." + EPOCH_AXIS_NOTE))
+    return out
+
+
+def _mark_first(ax: plt.Axes, p: PairView) -> None:
+    if p.identical or p.first_epoch_row is None:
+        return
+    label = f"first difference: {p.first_text}"
+    label = label if len(label) <= 100 else label[:99] + "…"
+    if p.first_layer in p.layers:
+        ax.plot([p.first_epoch_row], [p.layers.index(p.first_layer)], marker="X", color="#00e5ff", markersize=11,
+                markeredgecolor="black", linestyle="none", label=label)
+    else:
+        ax.axvline(p.first_epoch_row, color="#00e5ff", linewidth=1.5, label=label)
+
+
+# --------------------------------------------------------------------------- 3. growth
+
+
+def growth_figures(report: Report, folder: Path) -> list[FigureInfo]:
+    pairs = [p for p in report.pairs if p.kind == "pair"]
+    perturb = [p for p in report.pairs if p.kind == "perturb"]
+    paired = {p.b for p in perturb}
+    floors = {label: f for label, f in report.floors.items() if label not in paired}
+    refs = report.references
+    if not pairs and not perturb and not floors and not refs:
+        return []
+    ncols = 1 + (1 if refs else 0)
+    fig, axes = _new(13 if ncols == 2 else 11, 4.8, 1, ncols, wspace=0.2)
+    ax = axes[0, 0]
+    drawn = False
+    epochs = max(r.epochs for r in report.runs)
+    for i, p in enumerate(pairs + perturb):
+        with np.errstate(invalid="ignore"):
+            series = np.nanmax(p.max_abs, axis=1) if p.max_abs.size else np.zeros(0)
+        series = np.where(series > 0, series, np.nan)
+        if not np.isfinite(series).any():
+            continue
+        rate = f", growth {p.growth_rate:.3g}/epoch" if p.growth_rate is not None else ""
+        sat = f", saturates at epoch {p.saturation_epoch}" if p.saturation_epoch is not None else ""
+        if p.kind == "perturb":
+            ax.plot(p.rows, series, color="black", linestyle="--", linewidth=1.6,
+                    label=f"1-ulp sensitivity baseline: {p.b}{rate}{sat}")
+        else:
+            ax.plot(p.rows, series, color=CLASS_COLOURS[i % len(CLASS_COLOURS)], linewidth=1.5,
+                    label=f"{p.title}{rate}{sat}"[:120])
+        drawn = True
+    for label, f in floors.items():
+        series = np.where(f.max_abs > 0, f.max_abs, np.nan)
+        if not np.isfinite(series).any():
+            continue
+        rate = f", growth {f.growth_rate:.3g}/epoch" if f.growth_rate is not None else ""
+        sat = f", saturates at epoch {f.saturation_row}" if f.saturation_row is not None else ""
+        ax.plot(f.rows, series, color="black", linestyle="--", linewidth=1.6,
+                label=f"1-ulp sensitivity baseline: {label} vs its twin{rate}{sat}"[:120])
+        drawn = True
+    if drawn:
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "all compared runs are bit-identical:\nno divergence to draw", ha="center", va="center",
+                transform=ax.transAxes)
+    _milestones(ax, report, epochs)
+    epoch_axis(ax, epochs)
+    ax.set_xlabel("epoch row (0 = initial state)")
+    ax.set_ylabel("max |Δ parameter| over all layers (parameter units)")
+    ax.set_title("between runs", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, which="major")
+    if refs:
+        ax2 = axes[0, 1]
+        for label, ref in refs.items():
+            run = report.run(label)
+            worst = np.fmin(ref.correct_bits.min(axis=1), np.nanmin(np.fmin(ref.activation_bits, ref.precision),
+                                                                     axis=1))
+            ax2.plot(ref.rows, np.exp2(-worst), color=class_colour(report, run.class_name), linewidth=1.4,
+                     label=f"{label} ({run.storage})")
+        ax2.set_yscale("log")
+        _milestones(ax2, report, epochs)
+        epoch_axis(ax2, epochs)
+        ax2.set_xlabel("epoch row (0 = initial state)")
+        ax2.set_ylabel("2^−(fewest correct bits over layers) (relative error)")
+        ax2.set_title("against the mpmath reference", fontsize=10)
+        ax2.legend(fontsize=7, loc="lower right")
+        ax2.grid(alpha=0.3, which="major")
+    caption = ("Largest parameter difference over all layers, per epoch, on a log axis: how fast two runs move "
+               "apart once they have parted. ")
+    if perturb or floors:
+        caption += ("The dashed black line is the chaos floor: the same configuration started with one initial "
+                    "value moved by 1 ulp (--perturb). A platform difference that grows along that line is "
+                    "ordinary chaotic amplification of rounding, not a bug in one machine. ")
+    if refs:
+        caption += ("Right: each run's worst layer (weights or probe-batch activations) against the mpmath "
+                    "reference, as a relative error 2^−(correct bits). ")
+    caption += ("A straight rise on the log axis is exponential growth; where it flattens the runs are unrelated."
+                + EPOCH_AXIS_NOTE)
+    return [_save(fig, folder, "growth", "growth", "How fast divergence grows over epochs", caption)]
+
+
+# --------------------------------------------------------------------------- 4. BN conditioning
+
+
+def bn_figures(report: Report, folder: Path) -> list[FigureInfo]:
+    out = []
+    bn_layers = report.runs[0].record.layout.bn_layers
+    if bn_layers:
+        reps = class_representatives(report)[:len(CLASS_COLOURS)]
+        n = len(bn_layers)
+        ncols = min(n, 3)
+        nrows = (n + ncols - 1) // ncols
+        fig, axes = _new(13, 1.2 + 3.2 * nrows, nrows, ncols, wspace=0.08, hspace=0.4, sharey=True)
+        lowest = np.inf
+        for k, layer in enumerate(bn_layers):
+            ax = axes[k // ncols, k % ncols]
+            for run, legend in reps:
+                mv = run.record.arrays["min_var"][:, k]
+                rows = np.arange(len(mv))
+                ax.plot(rows[1:], mv[1:], color=class_colour(report, run.class_name), linewidth=1.2, label=legend)
+                if np.isfinite(mv[1:]).any():
+                    lowest = min(lowest, float(np.nanmin(mv[1:])))
+            ax.axhline(1.0, color="black", linewidth=1.4, linestyle="-.", label="variance = eps")
+            ax.axhspan(1e-3, 100.0, color="red", alpha=0.07, label="within 100× eps")
+            ax.set_yscale("log")
+            _milestones(ax, report, max(r.epochs for r in report.runs))
+            ax.set_title(layer, fontsize=10)
+            ax.set_xlabel("epoch")
+            if k % ncols == 0:
+                ax.set_ylabel("smallest unit batch variance / eps (ratio)")
+            ax.grid(alpha=0.3, which="major")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        if n < nrows * ncols:  # the legend goes into the first empty panel
+            spare = axes[n // ncols, n % ncols]
+            spare.axis("off")
+            spare.legend(handles, labels, fontsize=8, loc="center", title="legend")
+            for k in range(n + 1, nrows * ncols):
+                axes[k // ncols, k % ncols].set_visible(False)
+        else:
+            axes[0, 0].legend(fontsize=7, loc="lower right")
+        low = f" The smallest ratio seen is {lowest:.3g}." if np.isfinite(lowest) else ""
+        out.append(_save(
+            fig, folder, "bn_conditioning", "bn", "BN conditioning: smallest batch variance against eps",
+            "For each BatchNorm layer, the smallest per-unit batch variance of its input seen during each epoch "
+            "(over all steps), divided by eps. BN divides by sqrt(var + eps): near or below the red band a "
+            "unit's output is dominated by eps and rounding in its input is amplified by up to 1/sqrt(eps) (the "
+            f"seed's 'division by sigma' caution).{low} Look for a layer whose curve falls toward the band."))
+    if report.audits:
+        items = list(report.audits.items())[:4]
+        fig, axes = _new(min(13, 2 + 5 * len(items)), 4.8, 1, len(items), top=0.95, wspace=0.08, sharey=True)
+        styles = {"linear.out": ("tab:blue", "-"), "bn.mean": ("tab:orange", "--"), "bn.var": ("tab:green", "-."),
+                  "bn.invstd": ("tab:red", ":"), "bn.out": ("tab:purple", "-")}
+        for ax, (label, audit) in zip(axes[0], items):
+            for i, (op, values) in enumerate(audit.operators.items()):
+                colour, style = styles.get(op, (CLASS_COLOURS[i % len(CLASS_COLOURS)], "-"))
+                ax.plot(audit.rows, np.where(values > 0, values, np.nan), linestyle=style, color=colour,
+                        marker="o", markersize=3, linewidth=2.2 if op.startswith("linear") else 1.4, label=op)
+            ax.set_yscale("log")
+            ax.set_xlabel("epoch row")
+            ax.set_ylabel("largest local error (ulps of the run dtype at the operator's scale)")
+            amp = f", max BN amplification {audit.max_amplification:.3g}" if np.isfinite(audit.max_amplification) \
+                else ""
+            ax.set_title(f"{label}\n{audit.flags} BN unit(s) flagged{amp}", fontsize=9)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3, which="major")
+        more = f" {len(report.audits) - len(items)} more audited runs are not drawn." \
+            if len(report.audits) > len(items) else ""
+        out.append(_save(
+            fig, folder, "operator_audit", "bn", "Operator audit: local rounding error of BN vs Linear",
+            "At the audited epochs each operator is recomputed in mpmath from the run's own inputs to it: the "
+            "largest error of the run's result, in ulps of its dtype at the operator's scale (zero errors are "
+            "not drawn on the log axis). Linear outputs should stay at a few ulps; BN's batch statistics and "
+            "1/sqrt(var + eps) stay small too, and the title counts the BN units flagged for a variance near eps "
+            "or a large |mean|/std, with the largest amplification max|x|/sqrt(var + eps) of input rounding. "
+            "Look for BN lines far above the Linear line." + more))
+    return out
+
+
+# --------------------------------------------------------------------------- 5. matrix grid
+
+
+def _value_text(key: str, value: object) -> str:
+    if key == "threads":
+        return f"t{value}"
+    if key == "deterministic":
+        return "det" if value else "nondet"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def grid_axes(report: Report) -> tuple[list[str], list[str]]:
+    """Controls on the grid's rows and columns: dtype (and determinism) down, the rest across."""
+    varying = report.varying_controls or ["dtype"]
+    rows = [k for k in varying if k in ("dtype", "deterministic")]
+    cols = [k for k in varying if k not in rows]
+    if not rows:
+        rows, cols = cols[:1], cols[1:]
+    return rows, cols
+
+
+def _key_of(run: RunEntry, keys: Sequence[str]) -> str:
+    parts = []
+    for k in keys:
+        value = (run.perturb_text or "none") if k == "perturb" else run.controls.get(k)
+        parts.append(_value_text(k, value))
+    return " ".join(parts) if parts else "all"
+
+
+def matrix_figures(report: Report, folder: Path) -> list[FigureInfo]:
+    if len(report.runs) < 2:
+        return []
+    row_keys, col_keys = grid_axes(report)
+    row_vals = list(dict.fromkeys(_key_of(r, row_keys) for r in report.runs))
+    col_vals = list(dict.fromkeys(_key_of(r, col_keys) for r in report.runs))
+    cells: dict[tuple[int, int], list[RunEntry]] = {}
+    for r in report.runs:
+        cells.setdefault((row_vals.index(_key_of(r, row_keys)), col_vals.index(_key_of(r, col_keys))), []).append(r)
+    fig, axes = _new(min(14, 4.5 + 1.6 * len(col_vals)), 1.8 + 0.7 * len(row_vals), left=1.1, right=2.4,
+                     top=0.55, bottom=0.75 if len(col_vals) <= 5 else 1.1)
+    ax = axes[0, 0]
+    for (i, j), runs in cells.items():
+        names = list(dict.fromkeys(r.class_name for r in runs))
+        for k, name in enumerate(names):  # a cell of several classes is split in vertical bands
+            ax.add_patch(plt.Rectangle((j - 0.5 + k / len(names), i - 0.5), 1 / len(names), 1,
+                                       color=class_colour(report, name), alpha=0.85, linewidth=0))
+        ax.text(j, i, "/".join(names), ha="center", va="center", fontsize=11, fontweight="bold", color="white")
+    for i in range(len(row_vals)):
+        for j in range(len(col_vals)):
+            if (i, j) not in cells:
+                ax.text(j, i, "not run", ha="center", va="center", fontsize=8, color="0.5")
+    ax.set_xlim(-0.5, len(col_vals) - 0.5)
+    ax.set_ylim(len(row_vals) - 0.5, -0.5)
+    ax.set_xticks(range(len(col_vals)), col_vals, rotation=20 if len(col_vals) > 5 else 0, fontsize=8)
+    ax.set_yticks(range(len(row_vals)), row_vals, fontsize=8)
+    ax.set_xlabel(" × ".join(col_keys) if col_keys else "(one configuration per row)")
+    ax.set_ylabel(" × ".join(row_keys))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=class_colour(report, c.name), label=f"class {c.name} "
+                             f"({len(c.members)} run{'s' if len(c.members) > 1 else ''}, {c.storage})")
+               for c in report.classes[:len(CLASS_COLOURS)]]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    varying = ", ".join(report.varying_controls) or "nothing"
+    return [_save(
+        fig, folder, "matrix_grid", "matrix", "Configurations coloured by class of bit-identical results",
+        f"Each cell is one configuration (controls that vary across the inputs: {varying}); its colour and letter "
+        "name its class: cells of one colour produced the same bits at every epoch. Look along a row: a change "
+        "of colour between two columns means that control changes the bits on this machine.")]
+
+
+def render_all(report: Report, folder: Path) -> list[FigureInfo]:
+    """Write every figure of the report into ``folder``; return them in reading order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with plt.rc_context({"font.size": 9, "axes.titlesize": 10, "figure.facecolor": "white"}):
+        out: list[FigureInfo] = []
+        out += seed_figures(report, folder)
+        out += heatmap_figures(report, folder)
+        out += growth_figures(report, folder)
+        out += bn_figures(report, folder)
+        out += matrix_figures(report, folder)
+    return out

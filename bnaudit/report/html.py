@@ -1,0 +1,87 @@
+"""index.html: the report as one page that opens from disk (no scripts, no network).
+
+Figures are the PNG files beside it (``figures/``), referenced by relative paths, so
+the folder can be zipped, attached or served as it is; every other byte (style, tables,
+captions) is inline.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+from bnaudit.report.build import Report
+from bnaudit.report.figures import SECTIONS, FigureInfo
+from bnaudit.report.markdown import Table, class_table, header_facts, key_table, pair_table
+
+STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1380px;
+       padding: 0 1em; color: #1b1b1b; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+dl.facts { display: grid; grid-template-columns: max-content auto; gap: 0.15em 1em; }
+dl.facts dt { font-weight: bold; } dl.facts dd { margin: 0; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+figcaption { font-size: 0.9em; color: #333; max-width: 1100px; }
+figcaption b { display: block; margin-bottom: 0.2em; }
+.notes li { color: #6b4e00; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.3em; vertical-align: middle; }
+"""
+
+
+def _table(table: Table, *, swatches: dict[str, str] | None = None) -> str:
+    headers, rows = table
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            text = html.escape(cell)
+            if swatches and i == 0 and cell in swatches:
+                text = f'<span class="swatch" style="background:{swatches[cell]}"></span>{text}'
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figure(f: FigureInfo) -> str:
+    return (f'<figure><img src="{html.escape(f.path)}" alt="{html.escape(f.title)}" width="{f.width}" '
+            f'height="{f.height}" loading="eager"><figcaption><b>{html.escape(f.title)}</b>'
+            f"{html.escape(f.caption)}</figcaption></figure>")
+
+
+def render(report: Report, figs: Sequence[FigureInfo], folder: Path) -> str:
+    """The whole report as one HTML page; ``folder`` is where it is written (figures beside it)."""
+    from bnaudit.report.figures import class_colour
+
+    del folder  # figure paths are already relative to the report folder
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>bnaudit report: {html.escape(report.spec.name)}</title>",
+             f"<style>{STYLE}</style></head><body>", "<h1>bnaudit report</h1>", '<dl class="facts">']
+    parts += [f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in header_facts(report)]
+    parts.append("</dl>")
+    parts += ['<nav><ul>'] + [f'<li><a href="#{key}">{html.escape(title)}</a></li>'
+                                for key, title in SECTIONS.items()] + ["</ul></nav>"]
+    parts += ["<h2>Runs</h2>", _table(key_table(report))]
+    if report.pairs:
+        parts += ["<h2>Pairs compared</h2>", _table(pair_table(report))]
+    if report.notes:
+        parts += ['<h2>Notes</h2><ul class="notes">'] + [f"<li>{html.escape(n)}</li>" for n in report.notes]
+        parts.append("</ul>")
+    colours = {c.name: class_colour(report, c.name) for c in report.classes}
+    for key, title in SECTIONS.items():
+        section = [f for f in figs if f.section == key]
+        parts.append(f'<h2 id="{key}">{html.escape(title)}</h2>')
+        if key == "matrix":
+            parts.append(_table(class_table(report), swatches=colours))
+            if report.findings:
+                parts.append("<p>Findings of the matrix (its summary.json):</p><ul>")
+                parts += [f"<li>{html.escape(f)}</li>" for f in report.findings] + ["</ul>"]
+        if not section and key != "matrix":
+            parts.append("<p>Nothing to draw for these inputs (see Notes).</p>")
+        parts += [_figure(f) for f in section]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

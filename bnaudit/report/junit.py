@@ -1,0 +1,65 @@
+"""JUnit XML for CI systems: one test case per dtype/configuration checked.
+
+A case beyond the policy is a ``<failure>`` whose message is the plain line of
+``ci_summary.case_line`` (what the CI log shows) and whose text adds the details.  The
+file is written under a temporary name and renamed, so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from bnaudit.check import CaseResult, CheckResult, atomic_write_text
+from bnaudit.report import ci_summary
+
+SUITE = "bnaudit check"
+
+
+def _details(case: CaseResult) -> str:
+    rows = [
+        f"case: {case.name}",
+        f"verdict: {case.verdict.value}",
+        f"policy: {case.tolerance}",
+        f"baseline: {case.baseline} ({case.baseline_epochs} epochs)",
+        f"run: {case.candidate} ({case.epochs} epochs compared)",
+        f"measured: {ci_summary.measured_text(case)}",
+        f"first divergence: {ci_summary.first_text(case)}",
+    ]
+    if case.accepted_by:
+        rows.append(f"accepted class: {case.accepted_by}")
+    found = ci_summary.causes(case, limit=10)
+    if found:
+        rows.append("environment differences (likely causes first):")
+        rows += [f"  {x}" for x in found]
+    return "\n".join(rows)
+
+
+def to_xml(result: CheckResult, *, timestamp: str | None = None) -> str:
+    """The JUnit document as text."""
+    stamp = timestamp or datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+    total = f"{sum(c.seconds for c in result.cases):.3f}"
+    tests, failures = str(len(result.cases)), str(len(result.failed))
+    root = ET.Element("testsuites", name=SUITE, tests=tests, failures=failures, errors="0", time=total)
+    suite = ET.SubElement(root, "testsuite", name=f"{SUITE} ({result.tolerance})", tests=tests, failures=failures,
+                          errors="0", skipped="0", time=total, timestamp=stamp)
+    props = ET.SubElement(suite, "properties")
+    ET.SubElement(props, "property", name="tolerance", value=str(result.tolerance))
+    for path in result.accept_classes:
+        ET.SubElement(props, "property", name="accept-class", value=path)
+    for case in result.cases:
+        tc = ET.SubElement(suite, "testcase", classname=f"bnaudit.check.{case.dtype}", name=case.name,
+                           time=f"{case.seconds:.3f}")
+        line = ci_summary.case_line(case)
+        if not case.passed:
+            failure = ET.SubElement(tc, "failure", message=line, type=f"drift beyond {case.tolerance}")
+            failure.text = _details(case)
+        ET.SubElement(tc, "system-out").text = line + "\n" + _details(case)
+    ET.indent(root, space=" ")
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write(path: Path, result: CheckResult) -> None:
+    """Write the JUnit file atomically."""
+    atomic_write_text(Path(path), to_xml(result))

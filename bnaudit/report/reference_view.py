@@ -1,0 +1,142 @@
+"""Terminal rendering of the mpmath reference, a run's divergence from it, and the operator audit.
+
+Numpy and rich only (no torch, no mpmath): the blocks rendered here are the JSON
+blocks of ``bnaudit.divergence.versus_reference`` and ``bnaudit.audit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def build_progress(epochs: int, label: str, *,
+                   enabled: bool = True) -> Iterator[Callable[[int, int, dict[str, Any]], None]]:
+    """A progress bar over the reference build's epochs; yields the build's progress callback."""
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("agreement {task.fields[agree]} digits"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=err_console, transient=True, disable=not (enabled and err_console.is_terminal))
+    with bar:
+        task = bar.add_task(label, total=epochs, agree="-")
+
+        def advance(done: int, total: int, info: dict[str, Any]) -> None:
+            agree = info.get("agreement")
+            bar.update(task, completed=done, total=total, agree="-" if agree is None else f"{agree:.1f}")
+
+        yield advance
+
+
+def render_reference(ref: Any) -> None:
+    """Summary of a stored reference (a ``bnaudit.reference.store.StoredReference``)."""
+    table = Table(title="bnaudit reference", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("folder", str(ref.path))
+    table.add_row("spec", f"{ref.spec.name} {ref.spec.short_hash}")
+    table.add_row("epochs", f"{ref.epochs} ({len(ref.rows)} stored rows)")
+    table.add_row("precisions", f"{ref.precision} bits, checked at {ref.check_precision} bits")
+    worst = int(ref.agreement.argmin())
+    table.add_row("agreement", f"min {ref.agreement.min():.1f} digits (row {int(ref.rows[worst])}), "
+                               f"required {ref.min_digits:g}")
+    seconds = ref.build.get("seconds")
+    if seconds is not None:
+        cpu = ref.build.get("cpu_seconds")
+        table.add_row("build", f"{seconds:.0f} s wall{'' if cpu is None else f', {cpu:.0f} s CPU'}, "
+                               f"mpmath {ref.build.get('mpmath')} ({ref.build.get('backend')})")
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def _bits_cell(bits: float, cap: float) -> str:
+    if not math.isfinite(bits):
+        return "-"
+    colour = "green" if bits >= 0.75 * cap else "yellow" if bits >= 0.5 * cap else "red"
+    return f"[{colour}]{bits:.0f}[/{colour}]"
+
+
+def divergence_table(block: dict[str, Any], *, max_columns: int = 12) -> Table:
+    """Per series: first epoch with fewer than half its bits, and correct bits at sampled rows."""
+    from bnaudit.divergence import decode_block
+
+    d = decode_block(block)
+    rows = d["rows"]
+    cap = d["precision_bits"]
+    pick = _sample_columns(len(rows), max_columns)
+    table = Table(title=f"correct bits vs the mpmath reference ({d['storage']}, cap {cap})", title_justify="left")
+    table.add_column("layer")
+    table.add_column("what")
+    table.add_column("< half bits from", justify="right")  # epoch rows: e<N> = after N epochs
+    for i in pick:
+        table.add_column(f"e{int(rows[i])}", justify="right")
+    for s, series in enumerate(d["series"]):
+        half = series["half_bits_row"]
+        cells = [_bits_cell(float(d["correct_bits"][s, i]), cap) for i in pick]
+        table.add_row(series["layer"], series["what"], "never" if half is None else f"row {half}", *cells)
+    return table
+
+
+def _sample_columns(n: int, limit: int) -> list[int]:
+    if n <= limit:
+        return list(range(n))
+    step = (n - 1) / (limit - 1)
+    return sorted({round(i * step) for i in range(limit)})
+
+
+def render_divergence(block: dict[str, Any] | None, *, out: Console | None = None) -> None:
+    """Print the divergence block of a run (or a line saying there is no reference)."""
+    out = out or console
+    if block is None:
+        out.print("reference: none for this spec (build one with `bnaudit reference build --spec FILE`)")
+        return
+    out.print(divergence_table(block))
+    loss = block.get("losses")
+    if loss:
+        out.print(f"loss vs reference: train correct bits at last common row {loss['train_bits'][-1]:.1f}, "
+                  f"test {loss['test_bits'][-1]:.1f}")
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def audit_table(block: dict[str, Any]) -> Table:
+    """Per layer and operator: worst local error in ulps over the audited rows."""
+    table = Table(title=f"operator audit every {block['every']} epochs ({block['storage']}): "
+                        "worst local error in ulps over audited rows", title_justify="left")
+    table.add_column("layer")
+    for op in block["ops"]:
+        table.add_column(op, justify="right")
+    for layer, ops in block["worst"].items():
+        table.add_row(layer, *[("-" if ops.get(op) is None else f"{ops[op]:.2f}") for op in block["ops"]])
+    return table
+
+
+def render_audit(block: dict[str, Any] | None, *, out: Console | None = None) -> None:
+    """Print the operator-audit block of a run: worst errors, then flagged BN units."""
+    out = out or console
+    if not block:
+        return
+    out.print(audit_table(block))
+    flags = block.get("flags", [])
+    if not flags:
+        out.print("flagged BN units: none (variance > 100 eps and |mean|/std < "
+                  f"{block['thresholds']['mean_over_std']:g} at every audited row)")
+        return
+    table = Table(title=f"flagged BN units ({block.get('n_flags', len(flags))} in all)", title_justify="left")
+    for col in ("row", "layer", "unit", "var/eps", "|mean|/std", "amplification", "why"):
+        table.add_column(col, justify="right" if col not in ("layer", "why") else "left")
+    for f in flags[:20]:
+        table.add_row(str(f["row"]), f["layer"], str(f["unit"]), f"{f['var_over_eps']:.3g}",
+                      f"{f['mean_over_std']:.3g}", f"{f['amplification']:.3g}", ", ".join(f["why"]))
+    out.print(table)

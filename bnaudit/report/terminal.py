@@ -1,0 +1,125 @@
+"""`bnaudit report --terminal`: the key tables and a coarse divergence heatmap, for an SSH session."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bnaudit.report.build import PairView, ReferenceView, Report
+from bnaudit.report.markdown import Table as RowsTable
+from bnaudit.report.markdown import class_table, key_table, pair_table
+
+SHADES = " ░▒▓█"
+COLUMNS = 60
+
+
+def _rich_table(title: str, table: RowsTable) -> Table:
+    headers, rows = table
+    out = Table(title=title, title_justify="left")
+    for h in headers:
+        out.add_column(h, overflow="fold")
+    for row in rows:
+        out.add_row(*row)
+    return out
+
+
+def _columns(table: RowsTable, names: Sequence[str]) -> RowsTable:
+    """The named columns of a table (the terminal is narrower than a page)."""
+    headers, rows = table
+    keep = [i for i, h in enumerate(headers) if h in names]
+    return [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+
+def epoch_bins(n: int, columns: int = COLUMNS) -> list[np.ndarray]:
+    """Row indices 0..n-1 in at most ``columns`` consecutive bins: one per row up to 10, log-spaced beyond.
+
+    Runs part within a few epochs and then drift for hundreds, so a linear axis would
+    squeeze the part where things happen into one character.
+    """
+    if n <= columns:
+        return [np.array([i]) for i in range(n)]
+    head = min(10, columns // 3)
+    tail = np.unique(np.round(np.geomspace(head, n, columns - head + 1)).astype(np.int64))
+    edges = np.unique(np.concatenate([np.arange(head), tail]))
+    edges = edges[(edges >= 0) & (edges < n)]
+    edges = np.append(edges, n)
+    return [np.arange(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+
+
+def heatmap_lines(values: np.ndarray, rows: np.ndarray, layers: tuple[str, ...], lo: float, hi: float,
+                  columns: int = COLUMNS) -> list[Text]:
+    """Layer-by-epoch shading: each cell the largest value in its epoch bin, scaled from lo to hi.
+
+    NaN cells (bit-identical) are a green dot; larger values are darker.  The last line is
+    the epoch axis, with the epoch row at which 1, 10, 100, ... fall.
+    """
+    bins = epoch_bins(len(rows), columns)
+    width = max(len(layer) for layer in layers)
+    lines = []
+    for j, layer in enumerate(layers):
+        text = Text(f"{layer:>{width}} ")
+        for b in bins:
+            cell = values[b, j]
+            cell = cell[np.isfinite(cell)]
+            if not cell.size:
+                text.append("·", style="green")
+                continue
+            level = (float(cell.max()) - lo) / (hi - lo) if hi > lo else 1.0
+            k = 1 + int(np.clip(level, 0, 1) * (len(SHADES) - 2) + 0.5)
+            text.append(SHADES[min(k, len(SHADES) - 1)], style="magenta")
+        lines.append(text)
+    axis = [" "] * len(bins)
+    for mark in (0, 10, 100, 1000, 10000):
+        pos = next((i for i, b in enumerate(bins) if rows[b[0]] <= mark <= rows[b[-1]]), None)
+        label = str(mark)
+        if pos is not None and all(c == " " for c in axis[pos:pos + len(label) + 1]):
+            axis[pos:pos + len(label)] = list(label)
+    lines.append(Text(f"{'epoch':>{width}} " + "".join(axis)[:len(bins)], style="dim"))
+    return lines
+
+
+def _pair_heatmap(p: PairView) -> list[Text]:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where(p.max_abs > 0, np.log10(p.max_abs), np.nan)
+    finite = logs[np.isfinite(logs)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    head = Text(f"{p.title}\nlog10 max |Δ parameter|: ░ {lo:.1f} … █ {hi:.1f}, · identical", style="bold")
+    return [head, *heatmap_lines(logs, p.rows, p.layers, lo, hi)]
+
+
+def _reference_heatmap(label: str, ref: ReferenceView) -> list[Text]:
+    lost = ref.precision - ref.correct_bits  # darker = more bits lost
+    head = Text(f"{label} vs reference: bits lost of {ref.precision} (░ few, █ all)", style="bold")
+    return [head, *heatmap_lines(np.where(lost > 0, lost, np.nan), ref.rows, ref.layers, 0.0, float(ref.precision))]
+
+
+def render(report: Report, console: Console | None = None) -> None:
+    """Print the report's tables and one coarse heatmap (the first pair that differs, or the reference)."""
+    console = console or Console()
+    facts = ", ".join(f"{k} {v}" for k, v in (("experiment", f"{report.spec.name} ({report.spec.short_hash})"),
+                                              ("runs", str(len(report.runs))),
+                                              ("classes", str(len(report.classes)))))
+    console.print(Text(f"bnaudit report: {facts}", style="bold"))
+    headers = key_table(report)[0]
+    console.print(_rich_table("Runs", _columns(key_table(report), [h for h in headers if h != "configuration"])))
+    console.print(_rich_table("Classes of bit-identical runs", class_table(report)))
+    if report.pairs:
+        console.print(_rich_table("Pairs compared", _columns(pair_table(report), (
+            "pair", "verdict", "first difference", "final max |Δ parameter|", "growth / epoch"))))
+    differing = [p for p in report.pairs if not p.identical]
+    lines: list[Text] = []
+    if differing:
+        lines = _pair_heatmap(differing[0])
+    elif report.references:
+        label, ref = next(iter(report.references.items()))
+        lines = _reference_heatmap(label, ref)
+    for line in lines:
+        console.print(line, overflow="crop", no_wrap=True)
+    for finding in report.findings:
+        console.print(Text(f"matrix: {finding}"))
+    for note in report.notes:
+        console.print(Text(f"note: {note}", style="yellow"))

@@ -1,0 +1,292 @@
+"""bnaudit check and bnaudit baseline through the real CLI: one test per exit code and per policy.
+
+Two commands run the experiment themselves (a smoke baseline and a smoke check, 5 epochs
+each); the rest check records made once per session (``make_run``, shared with other
+test files).  Candidates shorter than the baseline compare its prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnaudit import check, record
+from bnaudit.cli.check import STEP_SUMMARY_VARIABLE
+
+EPOCHS = 3  # the records checked against the smoke baseline (a prefix of it)
+
+
+@pytest.fixture(scope="module")
+def smoke_baseline(tmp_path_factory) -> Path:
+    """A baseline made by `bnaudit baseline create --profile smoke` on this machine (a real run)."""
+    from bnaudit.cli import main
+
+    out = tmp_path_factory.mktemp("baselines") / "float32.json"
+    assert main(["baseline", "create", "--profile", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def t2_run(make_run, smoke_baseline) -> Path:
+    run = make_run(EPOCHS, threads=2)
+    base = check.truncate(check.load_baseline(smoke_baseline).fingerprint, EPOCHS)
+    if record.load(run).digest == base.digest:
+        pytest.skip("on this machine 2 threads give the same float32 bits as 1")
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _no_step_summary(monkeypatch):
+    monkeypatch.delenv(STEP_SUMMARY_VARIABLE, raising=False)
+
+
+def _max_ulps(baseline: Path, run: Path) -> int:
+    """Largest float32 ulp distance at the rows both carry parameters for (int32 sign-magnitude keys)."""
+    a, b = record.load(baseline), record.load(run)
+    rows = np.intersect1d(a.snapshot_rows, b.snapshot_rows)
+    va, vb = a.snapshots[np.isin(a.snapshot_rows, rows)], b.snapshots[np.isin(b.snapshot_rows, rows)]
+
+    def key(x):
+        i = x.view(np.int32).astype(np.int64)
+        return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+    return int(np.abs(key(va) - key(vb)).max())
+
+
+# --------------------------------------------------------------------------- exit 0 and 1, every policy
+
+def test_smoke_check_on_the_baseline_machine_passes_exact(cli, smoke_baseline, tmp_path):
+    junit = tmp_path / "junit.xml"
+    code, out, err = cli("check", "--baseline", str(smoke_baseline), "--profile", "smoke", "--junit", str(junit),
+                         "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["schema"] == check.CHECK_SCHEMA and result["passed"] and result["failed_policy"] is None
+    (case,) = result["cases"]
+    assert case["verdict"] == "identical" and case["epochs"] == check.SMOKE_EPOCHS
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None and suite.get("tests") == "1" and suite.get("failures") == "0"
+    assert [tc.get("name") for tc in suite.iter("testcase")] == ["float32_t1_native_nondet"]
+
+
+def test_thread_change_fails_exact_naming_the_first_divergence(cli, smoke_baseline, t2_run):
+    code, out, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(t2_run))
+    assert code == 1, err
+    first, last = out.strip().splitlines()
+    assert first.startswith("FAIL float32_t2_native_nondet: drift beyond exact")
+    assert "epoch 0, step 0, phase forward" in first and "config.controls.threads: 1 -> 2" in first
+    assert last == "bnaudit check: FAIL, 1 of 1 case beyond policy exact"
+
+
+def test_thread_change_passes_an_ulps_policy_that_covers_it(cli, smoke_baseline, t2_run):
+    """The loose policy is the next power of two above the measured drift (see test_check.py for why)."""
+    d = _max_ulps(smoke_baseline, t2_run)
+    loose = 1 << (d - 1).bit_length()
+    code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(t2_run),
+                       "--tolerance", f"ulps:{loose}")
+    assert code == 0 and f"within ulps:{loose}: max {d} ulps" in out
+    code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(t2_run),
+                       "--tolerance", f"ulps:{d - 1}")
+    assert code == 1 and f"drift beyond ulps:{d - 1}: max {d} ulps" in out
+
+
+def test_rel_policy(cli, smoke_baseline, t2_run):
+    code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(t2_run), "--tolerance", "rel:2")
+    assert code == 0 and "within rel:2: max relative error" in out  # |a-b|/max(|a|,|b|) <= 2 always
+    code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(t2_run), "--tolerance", "rel:0")
+    assert code == 1 and "drift beyond rel:0" in out
+
+
+def test_thread_change_passes_when_its_own_fingerprint_is_an_accepted_class(cli, smoke_baseline, t2_run, make_run):
+    other = make_run(EPOCHS, dtype="float64")
+    code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(t2_run),
+                       "--accept-class", str(other / "fingerprint.json"),
+                       "--accept-class", str(t2_run / "fingerprint.json"))
+    assert code == 0, out
+    assert f"bit-identical to accepted class {t2_run / 'fingerprint.json'}" in out
+    code, _, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(t2_run),
+                     "--accept-class", str(other / "fingerprint.json"))
+    assert code == 1
+
+
+def test_junit_has_one_case_per_dtype_and_the_failures(cli, smoke_baseline, t2_run, make_run, tmp_path):
+    f64_run = make_run(EPOCHS, dtype="float64")
+    f64_base = tmp_path / "float64.json"
+    assert cli("baseline", "create", "--record", str(f64_run), "--out", str(f64_base))[0] == 0
+    junit = tmp_path / "out" / "junit.xml"
+    code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--baseline", str(f64_base),
+                       "--record", str(t2_run), "--record", str(f64_run), "--junit", str(junit))
+    assert code == 1
+    root = ET.parse(junit).getroot()
+    assert root.tag == "testsuites" and root.get("tests") == "2" and root.get("failures") == "1"
+    cases = {tc.get("name"): tc for tc in root.iter("testcase")}
+    assert set(cases) == {"float32_t2_native_nondet", "float64_t1_native_nondet"}
+    failure = cases["float32_t2_native_nondet"].find("failure")
+    assert failure is not None and failure.get("message") == out.splitlines()[0]
+    assert "first divergence: epoch 0, step 0" in (failure.text or "")
+    assert cases["float64_t1_native_nondet"].find("failure") is None
+    assert [p.name for p in junit.parent.iterdir()] == ["junit.xml"]  # written atomically
+
+
+def test_one_configuration_from_several_machines_gets_one_named_case_each(cli, smoke_baseline, t2_run, tmp_path):
+    for machine in ("runner-a", "runner-b"):
+        (tmp_path / machine).mkdir()
+        (tmp_path / machine / "fingerprint.json").write_bytes((t2_run / "fingerprint.json").read_bytes())
+    junit = tmp_path / "junit.xml"
+    code, _, _ = cli("check", "--baseline", str(smoke_baseline), "--junit", str(junit),
+                     "--record", str(tmp_path / "runner-a" / "fingerprint.json"),
+                     "--record", str(tmp_path / "runner-b" / "fingerprint.json"))
+    assert code == 1
+    names = [tc.get("name") for tc in ET.parse(junit).getroot().iter("testcase")]
+    assert names == ["float32_t2_native_nondet [runner-a]", "float32_t2_native_nondet [runner-b]"]
+
+
+def test_step_summary_is_written_only_when_the_variable_is_set(cli, smoke_baseline, t2_run, tmp_path, monkeypatch):
+    summary = tmp_path / "step_summary.md"
+    assert cli("check", "--baseline", str(smoke_baseline), "--record", str(t2_run))[0] == 1
+    assert not summary.exists() and not list(tmp_path.iterdir())
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv(STEP_SUMMARY_VARIABLE, str(summary))
+    assert cli("check", "--baseline", str(smoke_baseline), "--record", str(t2_run))[0] == 1
+    text = summary.read_text()
+    assert text.startswith("earlier step\n## bnaudit check: FAIL (policy `exact`)")
+    assert "| `float32_t2_native_nondet` | ❌ drift |" in text and "config.controls.threads" in text
+
+
+# --------------------------------------------------------------------------- exit 2: usage
+
+@pytest.mark.parametrize("args, message", [
+    (["--tolerance", "ulps:-1"], "--tolerance 'ulps:-1'"),
+    (["--tolerance", "rel:nan"], "--tolerance 'rel:nan'"),
+    (["--tolerance", "bits:0"], "bits must be between 1 and 64"),
+    (["--tolerance", "loose"], "expected exact, ulps:N, rel:X or bits:N"),
+    (["--profile", "nightly"], "--profile 'nightly'"),
+    (["--profile", "smoke", "--epochs", "2"], "--profile or --epochs"),
+    (["--record", "RUN", "--threads", "2"], "--threads cannot be combined"),
+    (["--tolerance", "bits:8", "--accept-class", "X"], "no meaning with --tolerance bits:8"),
+    (["--threads", "0"], "--threads"),
+])
+def test_bad_options_exit_2(cli, smoke_baseline, args, message):
+    code, out, err = cli("check", "--baseline", str(smoke_baseline), *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out
+
+
+def test_missing_baseline_option_exits_2(cli):
+    code, _, err = cli("check")
+    assert code == 2 and "--baseline FILE is required" in err
+
+
+# --------------------------------------------------------------------------- exit 3: unusable input
+
+def _corrupt_variants(baseline: Path, tmp_path: Path) -> list[tuple[Path, str]]:
+    text = baseline.read_text()
+    raw = json.loads(text)
+    out = []
+    cut = tmp_path / "cut.json"
+    cut.write_text(text[: len(text) // 3])
+    out.append((cut, "not JSON"))
+    edited = json.loads(text)
+    edited["losses"]["test"][2] = "3ff0000000000000"
+    p = tmp_path / "edited.json"
+    p.write_text(json.dumps(edited))
+    out.append((p, "does not match its sha256"))
+    plain = dict(raw, extra={})
+    p = tmp_path / "plain.json"
+    p.write_text(json.dumps(plain))
+    out.append((p, "a fingerprint, not a baseline"))
+    out.append((tmp_path / "missing.json", "cannot read"))
+    return out
+
+
+def test_corrupted_baselines_exit_3_with_one_line_never_a_pass(cli, smoke_baseline, t2_run, tmp_path):
+    for path, message in _corrupt_variants(smoke_baseline, tmp_path):
+        for extra in ([], ["--record", str(t2_run)], ["--tolerance", "rel:2", "--record", str(t2_run)]):
+            code, out, err = cli("check", "--baseline", str(path), *extra)
+            assert code == 3, (path, extra, err)
+            assert message in err and len(err.strip().splitlines()) == 1 and not out
+
+
+def test_corrupt_record_or_accepted_class_exits_3(cli, smoke_baseline, t2_run, tmp_path):
+    bad = tmp_path / "fp.json"
+    bad.write_text((t2_run / "fingerprint.json").read_text().replace('"digest": "', '"digest": "0', 1)[:-10])
+    code, _, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(bad))
+    assert code == 3 and "not JSON" in err
+    code, _, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(t2_run), "--accept-class", str(bad))
+    assert code == 3 and "not JSON" in err
+
+
+# --------------------------------------------------------------------------- exit 4: refused comparison
+
+def test_other_dtype_longer_run_or_other_spec_exit_4(cli, smoke_baseline, make_run, tmp_path):
+    f64 = make_run(EPOCHS, dtype="float64")
+    code, out, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(f64))
+    assert code == 4 and "is a float32 baseline" in err and "a float64 run" in err and not out
+    code, _, err = cli("check", "--baseline", str(smoke_baseline), "--profile", "full")
+    assert code == 4 and f"covers {check.SMOKE_EPOCHS} epochs; cannot check 1000" in err
+    short = tmp_path / "short.json"
+    assert cli("baseline", "create", "--record", str(make_run(2)), "--out", str(short))[0] == 0
+    code, out, err = cli("check", "--baseline", str(short), "--record", str(make_run(EPOCHS)))
+    assert code == 4 and "covers 2 epochs, the run 3" in err and not out
+    spec = tmp_path / "other.toml"
+    from bnaudit import specs
+
+    text = (Path(specs.__file__).parent / "default.toml").read_text()
+    changed = re.sub(r"(?m)^lr = [0-9.]+", "lr = 0.0125", text)
+    assert changed != text
+    spec.write_text(changed)
+    code, _, err = cli("check", "--baseline", str(smoke_baseline), "--spec", str(spec))
+    assert code == 4 and "is not the experiment of" in err
+
+
+def test_baseline_update_refuses_another_experiment_unless_forced(cli, smoke_baseline, make_run, tmp_path):
+    target = tmp_path / "b.json"
+    target.write_bytes(smoke_baseline.read_bytes())
+    f64 = make_run(EPOCHS, dtype="float64")
+    code, _, err = cli("baseline", "update", "--out", str(target), "--record", str(f64))
+    assert code == 4 and "baseline of another experiment" in err
+    assert target.read_bytes() == smoke_baseline.read_bytes()
+    code, out, _ = cli("baseline", "update", "--out", str(target), "--record", str(f64), "--force")
+    assert code == 0 and "float64_t1_native_nondet" in out
+    assert check.load_baseline(target).dtype == "float64"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+# --------------------------------------------------------------------------- exit 5 and 8
+
+def test_baseline_create_refuses_to_overwrite_exit_5(cli, smoke_baseline, t2_run):
+    before = smoke_baseline.read_bytes()
+    code, _, err = cli("baseline", "create", "--out", str(smoke_baseline), "--record", str(t2_run))
+    assert code == 5 and "already exists" in err
+    assert smoke_baseline.read_bytes() == before
+
+
+def test_bits_policy_without_reference_exits_8_never_passes(cli, smoke_baseline, make_run):
+    same = make_run(EPOCHS)  # identical to the baseline's prefix, yet bits:N needs the reference
+    code, out, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(same), "--tolerance", "bits:4")
+    if record.load(same).extra.get("divergence") is not None:
+        pytest.skip("runs now carry a reference divergence; test_check.py covers bits:N on them")
+    assert code == 8 and "no divergence from the mpmath reference" in err and not out
+
+
+def test_bits_policy_through_the_cli(cli, smoke_baseline, t2_run, tmp_path):
+    """A fingerprint carrying a divergence block (bnaudit.divergence's format) is judged on its fewest bits."""
+    import base64
+
+    raw = json.loads((t2_run / "fingerprint.json").read_text())
+    correct = np.array([[24.0, 21.0, 18.5, 16.0]], dtype="<f2")
+    b64 = lambda a: base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()  # noqa: E731
+    zeros = np.zeros((1, 4), "<f4")
+    raw["extra"] = {"divergence": {
+        "schema": "bnaudit.divergence/1", "reference": {}, "storage": "float32", "precision_bits": 24,
+        "rows": [0, 1, 2, 3], "series": [{"layer": "bn3", "kind": "bn", "what": "activations"}],
+        "max_abs": b64(zeros), "max_rel": b64(zeros), "max_ulps": b64(zeros), "correct_bits": b64(correct)}}
+    fp = tmp_path / "with_reference.json"
+    fp.write_text(json.dumps(raw))  # extra is outside the digest: still a valid fingerprint
+    code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(fp), "--tolerance", "bits:16")
+    assert code == 0 and "fewest correct bits 16.0 (bn3 activations at epoch row 3)" in out
+    code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(fp), "--tolerance", "bits:17")
+    assert code == 1 and "fewer than 17 correct bits" in out

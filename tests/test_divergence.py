@@ -1,0 +1,182 @@
+"""Divergence of real runs from the mpmath reference: per layer, per row, per dtype."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnaudit import bits, controls, divergence, frozen, launch, record, runner
+from bnaudit.errors import InputError
+from bnaudit.reference import build, store
+from bnaudit.spec import default_spec
+
+EPOCHS = 2
+
+
+@pytest.fixture(autouse=True)
+def _restore_numeric_state():
+    prec, threads = mpmath.mp.prec, torch.get_num_threads()
+    yield
+    mpmath.mp.prec = prec
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The default experiment, a 2-epoch reference at 128/192 bits, and short runs in three dtypes."""
+    spec = default_spec()
+    fz = frozen.load(spec)
+    ref = build.build(spec, fz, tmp_path_factory.mktemp("ref") / "r", precision=128, check_precision=192,
+                      epochs=EPOCHS)
+    layout = record.TraceLayout.for_spec(spec)
+    torch.set_num_threads(1)
+    blocks = {}
+    for dtype in ("float64", "float32", "bfloat16"):
+        config = controls.RunConfig(controls.Controls(dtype=dtype), epochs=EPOCHS, audit_every=0)
+        result = runner.run(spec, fz, config)
+        blocks[dtype] = divergence.versus_reference(
+            spec, config.controls.storage, result.params, result.probe_rows, result.probe, layout,
+            losses=np.stack([result.train_loss, result.test_loss], axis=1), reference=ref)
+    return spec, ref, blocks
+
+
+def test_more_precision_gives_more_correct_bits_at_every_layer(setup):
+    spec, _, blocks = setup
+    b64, b32, b16 = (divergence.layer_bits(blocks[d]) for d in ("float64", "float32", "bfloat16"))
+    assert set(b64) == {f"{n} {w}" for n, _, _, _ in spec.layers() for w in ("weights", "activations")}
+    for series in b64:
+        for row, (x64, x32, x16) in enumerate(zip(b64[series], b32[series], b16[series])):
+            assert x64 > x32 > x16, f"{series} at row {row}: float64 {x64}, float32 {x32}, bfloat16 {x16}"
+            assert x64 > 35 and x32 > 8, f"{series} at row {row}: float64 {x64}, float32 {x32}"
+
+
+def test_caps_and_row_zero(setup):
+    _, _, blocks = setup
+    for dtype, cap in (("float64", 53), ("float32", 24), ("bfloat16", 8)):
+        d = divergence.decode_block(blocks[dtype])
+        assert d["precision_bits"] == cap and (d["correct_bits"] <= cap).all()
+        weights = [i for i, s in enumerate(d["series"]) if s["what"] == "weights"]
+        # row 0: the run holds the frozen init rounded to its dtype: within half an ulp, all bits kept
+        assert (d["max_ulps"][weights, 0] == 0).all(), f"{dtype}: initial weights are the rounded init"
+        assert (d["correct_bits"][weights, 0] >= cap - 1).all()
+    loss = blocks["float64"]["losses"]
+    assert loss["rows"] == [0, 1, 2] and min(loss["train_bits"]) > 35
+
+
+def test_block_is_json_and_names_the_reference(setup):
+    _, ref, blocks = setup
+    block = blocks["float32"]
+    assert json.loads(json.dumps(block)) == block
+    assert block["reference"]["digest"] == ref.digest and block["reference"]["precision"] == 128
+    assert block["rows"] == [0, 1, 2]
+    summary = divergence.half_bits_summary(block)
+    assert summary["linear1 weights"] is None  # 24-bit float32 keeps > 12 bits over two epochs
+
+
+def test_record_folder_from_a_launched_run(tmp_path, setup):
+    """The same measurement from a record written by `bnaudit run` (child process)."""
+    spec, ref, blocks = setup
+    config = controls.RunConfig(controls.Controls(dtype="float32"), epochs=EPOCHS, audit_every=0)
+    launch.run(spec, config, tmp_path / "rec")
+    block = divergence.from_record(record.load_record(tmp_path / "rec"), reference=ref)
+    assert block is not None and block["max_abs"] == blocks["float32"]["max_abs"]
+
+
+def test_no_reference_gives_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNAUDIT_CACHE", str(tmp_path))
+    from bnaudit.spec import from_dict
+
+    spec = from_dict({"model": {"hidden_units": 3}}, base=default_spec())
+    layout = record.TraceLayout.for_spec(spec)
+    assert divergence.versus_reference(spec, "float32", np.zeros((2, layout.n_params), "<f4"), [0, 1],
+                                       np.zeros((2, 1)), layout) is None
+
+
+def _synthetic_reference(spec, epochs: int, rng) -> store.StoredReference:
+    cols = store.Columns.for_spec(spec)
+    rows = record.snapshot_rows(epochs)
+    hi = rng.normal(size=(len(rows), cols.total))
+    lo = hi * 2.0**-60 * rng.uniform(-1, 1, size=hi.shape)
+    return store.StoredReference(path=store.folder_for(spec), spec=spec, frozen="0" * 64, precision=512,
+                                 check_precision=640, epochs=epochs, rows=np.array(rows), hi=hi, lo=lo,
+                                 columns=cols, agreement=np.full(len(rows), 100.0), min_digits=30.0,
+                                 digest="1" * 64, build={})
+
+
+def test_block_for_1000_epochs_is_under_100_kB():
+    spec = default_spec()
+    rng = np.random.default_rng(0)
+    ref = _synthetic_reference(spec, 1000, rng)
+    layout = record.TraceLayout.for_spec(spec)
+    p_hi, _ = ref.section("params")
+    a_hi, _ = ref.section("probe")
+    params = np.zeros((1001, layout.n_params), "<f4")
+    params[ref.rows] = (p_hi * (1 + rng.normal(size=p_hi.shape) * 1e-5)).astype("<f4")
+    block = divergence.versus_reference(spec, "float32", params, ref.rows, a_hi.astype("<f4"), layout,
+                                        losses=np.ones((1001, 2)), reference=ref)
+    size = len(json.dumps(block))
+    assert size < 100_000, f"{size} bytes"
+    assert len(block["rows"]) == len(record.snapshot_rows(1000))
+
+
+def test_exact_run_keeps_every_bit_and_one_bit_off_costs_bits():
+    spec = default_spec()
+    ref = _synthetic_reference(spec, 3, np.random.default_rng(1))
+    layout = record.TraceLayout.for_spec(spec)
+    p_hi, _ = ref.section("params")
+    a_hi, _ = ref.section("probe")
+    params = p_hi.copy()
+    params[3] = bits.step_ulps(params[3], 2**20, "float64")  # every parameter 2^20 ulps off at row 3
+    block = divergence.versus_reference(spec, "float64", params, ref.rows, a_hi.copy(), layout, reference=ref)
+    d = divergence.decode_block(block)
+    weights = [i for i, s in enumerate(d["series"]) if s["what"] == "weights"]
+    assert (d["correct_bits"][:, :3] == 53).all() and (d["max_ulps"][:, :3] == 0).all()
+    assert (d["max_ulps"][weights, 3] == 2**20).all()
+    assert ((d["correct_bits"][weights, 3] > 30) & (d["correct_bits"][weights, 3] < 34)).all()
+
+
+def test_half_bits_rows():
+    rows = [0, 1, 2, 3, 4]
+    # "fewer than half": 12 of 24 bits is not fewer
+    assert divergence.half_bits_rows(np.array([24, 20, 12, 11.5, 11]), rows, 24) == (3, 3)
+    assert divergence.half_bits_rows(np.array([24, 11, 13, 11, 10]), rows, 24) == (1, 3)
+    assert divergence.half_bits_rows(np.array([24, 11, 13, 11, 13]), rows, 24) == (1, None)
+    assert divergence.half_bits_rows(np.array([24, 23, 22, 21, 20]), rows, 24) == (None, None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(min_value=1e-300, max_value=1e300), st.floats(min_value=1e-300, max_value=1e300))
+def test_correct_bits_is_bounded_and_monotone(err, scale):
+    b = divergence.correct_bits(err, scale, 24)
+    assert 0 <= b <= 24
+    assert divergence.correct_bits(err / 2, scale, 24) >= b
+    assert math.isclose(divergence.correct_bits(0.0, scale, 53), 53)
+
+
+def test_rendering(setup):
+    from rich.console import Console
+
+    from bnaudit.report import reference_view
+
+    console = Console(record=True, width=160)
+    reference_view.render_divergence(setup[2]["bfloat16"], out=console)
+    reference_view.render_divergence(None, out=console)
+    text = console.export_text()
+    assert "correct bits vs the mpmath reference (bfloat16, cap 8)" in text
+    assert "linear6" in text and "activations" in text and "e2" in text
+    assert "reference: none for this spec" in text
+
+
+@pytest.mark.parametrize("damage", ["schema", "rows", "max_abs"])
+def test_malformed_blocks_are_rejected(setup, damage):
+    block = dict(setup[2]["float32"])
+    block[damage] = {"schema": "nope", "rows": [0], "max_abs": "!!"}[damage]
+    with pytest.raises(InputError):
+        divergence.decode_block(block)
