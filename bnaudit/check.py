@@ -527,11 +527,13 @@ class Verdict(enum.Enum):
     WITHIN = "within"
     """Different, but within the tolerance policy."""
     DRIFT = "drift"
-    """Beyond the policy: the check fails."""
+    """Beyond a drift policy (exact, ulps, rel): the check fails."""
+    INACCURATE = "inaccurate"
+    """Fewer correct bits than bits:N asks for: the check fails."""
 
     @property
     def passed(self) -> bool:
-        return self is not Verdict.DRIFT
+        return self not in (Verdict.DRIFT, Verdict.INACCURATE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -686,7 +688,7 @@ def check_case(baseline: Baseline, candidate: Fingerprint, tolerance: Tolerance 
             raise UsageError(f"--tolerance {tolerance}: a {candidate.storage} run has at most "
                              f"{st.mantissa_bits} bits; no run can pass")
         ok = measured.value >= float(tolerance.limit or 0)
-        verdict = Verdict.WITHIN if ok else Verdict.DRIFT
+        verdict = Verdict.WITHIN if ok else Verdict.INACCURATE
         if ok and pair.identical:
             verdict = Verdict.IDENTICAL
     elif pair.identical:

@@ -456,12 +456,19 @@ def layer_divergence(a: Fingerprint, b: Fingerprint, *, epochs: int | None = Non
         absd = np.where(same, 0.0, np.where(np.isnan(absd), np.inf, absd))
         rel = np.where(same, 0.0, np.where(np.isnan(rel), np.inf, rel))
         ulps = bits.ulp_distance(va, vb, a.storage)
+        # Parameters come layer by layer, so each layer is a contiguous block of columns.
         layer_of = np.concatenate([np.full(len(c[2]), layers.index(c[1])) for c in cols])
-        for j in range(len(layers)):
-            m = layer_of == j
-            max_abs[:, j] = absd[:, m].max(axis=1)
-            max_rel[:, j] = rel[:, m].max(axis=1)
-            max_ulps[:, j] = ulps[:, m].max(axis=1)
+        if np.all(np.diff(layer_of) >= 0):
+            starts = np.flatnonzero(np.r_[True, np.diff(layer_of) != 0])
+            max_abs[:] = np.maximum.reduceat(absd, starts, axis=1)
+            max_rel[:] = np.maximum.reduceat(rel, starts, axis=1)
+            max_ulps[:] = np.maximum.reduceat(ulps, starts, axis=1)
+        else:
+            for j in range(len(layers)):
+                m = layer_of == j
+                max_abs[:, j] = absd[:, m].max(axis=1)
+                max_rel[:, j] = rel[:, m].max(axis=1)
+                max_ulps[:, j] = ulps[:, m].max(axis=1)
     return LayerDivergence(rows=tuple(int(r) for r in rows), layers=tuple(layers), max_abs=max_abs,
                            max_rel=max_rel, max_ulps=max_ulps)
 

@@ -45,15 +45,16 @@ def series_for(spec: ExperimentSpec, layout: record.TraceLayout) -> list[dict[st
     """The measured series: (layer, kind, what) with their column ranges."""
     slices = layout.param_slices()
     width = spec.train.batch_size
-    probe_offsets, offset = {}, 0
-    for name, w in zip(layout.modules, layout.probe_width):
-        probe_offsets[name] = slice(offset, offset + w * width)
-        offset += w * width
+    probe_offsets: dict[str, slice] = {}
+    offset = 0
+    for name, units in zip(layout.modules, layout.probe_width):
+        probe_offsets[name] = slice(offset, offset + units * width)
+        offset += units * width
     out = []
     for name, kind, _, _ in spec.layers():
-        w, b = slices[f"{name}.weight"], slices[f"{name}.bias"]
+        ws, bs = slices[f"{name}.weight"], slices[f"{name}.bias"]
         out.append({"layer": name, "kind": kind, "what": "weights", "section": "params",
-                    "cols": np.r_[w.start:w.stop, b.start:b.stop]})
+                    "cols": np.r_[ws.start:ws.stop, bs.start:bs.stop]})
         p = probe_offsets[name]
         out.append({"layer": name, "kind": kind, "what": "activations", "section": "probe",
                     "cols": np.arange(p.start, p.stop)})

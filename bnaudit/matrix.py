@@ -741,12 +741,12 @@ class ControlVerdict:
 
 @dataclasses.dataclass(frozen=True)
 class IsaAgreement:
-    """Two ISA settings (``--isa`` value, emulated CPU) compared under every other combination."""
+    """Two ``--isa`` settings compared under every combination of the other controls."""
 
     variant: str
     """Experiment variant."""
     a: str
-    """First ISA setting, e.g. "avx2" or "default on Nehalem"."""
+    """First --isa value, e.g. "default"."""
     b: str
     """Second ISA setting."""
     compared: int
@@ -926,11 +926,6 @@ def _cpu(value: str | None) -> str:
     return "native" if value is None else value
 
 
-def isa_setting(c: dict[str, Any]) -> str:
-    """An ISA setting's name: the --isa value, and the emulated CPU if any."""
-    return c["isa"] if c.get("cpu_model") is None else f"{c['isa']} on {c['cpu_model']}"
-
-
 def summarise(plan: Plan, out: Path, execution: Execution | None = None) -> MatrixSummary:
     """Read every record of the matrix folder and answer: which controls change the bits, and how."""
     from bnaudit import compare
@@ -1021,19 +1016,18 @@ def summarise(plan: Plan, out: Path, execution: Execution | None = None) -> Matr
                 by_dtype=() if control == "dtype" else tuple((d, n, m) for d, (n, m) in per_dtype.items())))
 
         # Which combination of the other controls makes two ISA settings agree bit for bit.
-        if len({isa_setting(c) for c in all_controls}) > 1:
-            others = [f for f in CONTROL_FIELDS if f not in ("isa", "cpu_model")]
+        if len(plan.grid.isa) > 1:
+            others = [f for f in CONTROL_FIELDS if f != "isa"]
             table: dict[tuple[str, str], tuple[int, list[dict[str, Any]]]] = {}
             groups = {}
             for k, c in zip(keys, all_controls, strict=True):
                 groups.setdefault(tuple(c[f] for f in others), []).append(k)
             for combo, members in groups.items():
                 for a, b in itertools.combinations(members, 2):
-                    sa = isa_setting(dataclasses.asdict(by_key[a].config.controls))
-                    sb = isa_setting(dataclasses.asdict(by_key[b].config.controls))
+                    sa, sb = by_key[a].config.controls.isa, by_key[b].config.controls.isa
                     n, agree = table.get((sa, sb), (0, []))
-                    if fps[a].digest == fps[b].digest:
-                        agree.append(dict(zip(others, combo, strict=True)))
+                    if fps[a].digest == fps[b].digest:  # name the controls that vary in the grid
+                        agree.append({f: v for f, v in zip(others, combo, strict=True) if f in plan.grid.varying()})
                     table[(sa, sb)] = (n + 1, agree)
             for (sa, sb), (n, agree) in table.items():
                 agreements.append(IsaAgreement(variant=variant.name, a=sa, b=sb, compared=n, agree=tuple(agree)))
@@ -1121,6 +1115,15 @@ def _closer_text(m: MachinePair) -> str:
             f"{votes.get('b', 0)}, tied in {votes.get('tie', 0)}")
 
 
+def _shown(control: str, value: Any) -> str:
+    """A control's value for people: native CPU, inherited caps, on/off."""
+    if value is None:
+        return "native" if control == "cpu_model" else INHERIT
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 def findings(summary: MatrixSummary) -> tuple[str, ...]:
     """The matrix's answers in sentences (the same facts as the tables)."""
     out: list[str] = []
@@ -1129,8 +1132,7 @@ def findings(summary: MatrixSummary) -> tuple[str, ...]:
         where = f"[{v.variant}] " if nested else ""
         name = v.control.replace("_", " ")
         if not v.changes_bits:
-            shown = ", ".join(_cpu(x) if v.control == "cpu_model" else str(INHERIT if x is None else x)
-                              for x in v.values)
+            shown = ", ".join(_shown(v.control, x) for x in v.values)
             out.append(f"{where}{name} ({shown}) does not change the bits "
                        f"({v.pairs} pairs compared, all identical)")
             continue
@@ -1147,10 +1149,12 @@ def findings(summary: MatrixSummary) -> tuple[str, ...]:
     for a in summary.isa_agreement:
         where = f"[{a.variant}] " if nested else ""
         if a.agree:
-            combos = "; ".join(", ".join(f"{k}={val}" for k, val in c.items()) for c in a.agree)
-            out.append(f"{where}ISA settings {a.a} and {a.b} agree bit for bit with: {combos}")
+            combos = "; ".join(", ".join(f"{k}={_shown(k, val)}" for k, val in c.items()) or "the grid's settings"
+                               for c in a.agree)
+            out.append(f"{where}--isa {a.a} and --isa {a.b} agree bit for bit in {len(a.agree)} of {a.compared} "
+                       f"combinations: {combos}")
         else:
-            out.append(f"{where}ISA settings {a.a} and {a.b} never agree bit for bit "
+            out.append(f"{where}--isa {a.a} and --isa {a.b} never agree bit for bit "
                        f"({a.compared} combinations of the other controls tried)")
     for m in summary.machines:
         where = f"[{m.variant}] " if nested else ""

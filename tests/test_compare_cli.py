@@ -60,7 +60,8 @@ def test_threads_1_vs_2_exit_1_and_name_the_first_step(cli, runs):
 
 def test_json_and_b_a_agree(cli, runs):
     outs = []
-    for x, y in ((runs["t1"], runs["perturb"] / "fingerprint.json"), (runs["perturb"] / "fingerprint.json", runs["t1"])):
+    fp = runs["perturb"] / "fingerprint.json"
+    for x, y in ((runs["t1"], fp), (fp, runs["t1"])):
         code, out, _ = cli("compare", str(x), str(y), "--json")
         assert code == 1
         outs.append(json.loads(out))

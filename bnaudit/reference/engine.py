@@ -216,8 +216,7 @@ class Network:
     the frozen batch order; ``probe`` and ``eval_losses`` only read the state.
     """
 
-    def __init__(self, spec: ExperimentSpec, ctx: mpmath.MPContext, init: Sequence[float],
-                 inputs: Any, targets: Any) -> None:
+    def __init__(self, spec: ExperimentSpec, ctx: mpmath.MPContext, init: Any, inputs: Any, targets: Any) -> None:
         self.spec, self.ctx = spec, ctx
         mpf = ctx.mpf
         self.eps = mpf(spec.model.bn_eps)
@@ -227,7 +226,7 @@ class Network:
         self.targets: Vector = [mpf(float(v)) for v in targets]
         self.layers: list[Layer] = []
         shapes = {name: (fan_in, fan_out) for name, _, fan_in, fan_out in spec.layers()}
-        flat = [mpf(float(v)) for v in init]
+        flat = [mpf(float(v)) for v in init]  # init: the frozen float64 array (or any sequence of floats)
         offset = 0
 
         def take(count: int) -> Vector:

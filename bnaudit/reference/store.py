@@ -220,7 +220,7 @@ def read(folder: Path, spec: ExperimentSpec | None = None) -> StoredReference:
                              f"found {arr.dtype.str} {arr.shape}")
         arrays[name] = arr
     min_digits = field("min_digits", (int, float))
-    build = raw.get("build") if isinstance(raw.get("build"), dict) else {}
+    build: dict[str, Any] = raw["build"] if isinstance(raw.get("build"), dict) else {}
     return StoredReference(
         path=folder, spec=stored_spec, frozen=field("frozen", str), precision=precision, check_precision=check,
         epochs=epochs, rows=np.array(rows, dtype=np.int64), hi=arrays["values_hi.npy"], lo=arrays["values_lo.npy"],

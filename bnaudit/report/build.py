@@ -517,9 +517,19 @@ def compare_runs(a: RunEntry, b: RunEntry, kind: str) -> PairView:
                     saturation_epoch=pc.saturation_epoch, environment_diff=tuple(pc.environment_diff))
 
 
+DEFAULT_CONTROLS = {"threads": 1, "isa": "native", "deterministic": False, "onednn_isa": None, "mkl_cbwr": None,
+                    "cpu_model": None}
+
+
+def _departures(run: RunEntry) -> int:
+    """How many controls differ from `bnaudit run`'s defaults (the baseline of pairs departs least)."""
+    return sum(run.controls.get(k) != v for k, v in DEFAULT_CONTROLS.items())
+
+
 def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry, str]], list[RunEntry], list[str]]:
-    """Which runs to compare: per (storage, epochs) group, each class's first run against the baseline's,
-    and each --perturb run against its unperturbed twin (the 1-ulp sensitivity baseline).
+    """Which runs to compare: per (storage, epochs) group, each class's first run against the baseline (the
+    run closest to the default controls), and each --perturb run against its unperturbed twin (the 1-ulp
+    sensitivity baseline).
 
     Returns (pairs, perturbed runs without a twin among the inputs, notes).
     """
@@ -532,7 +542,7 @@ def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry,
     for members in groups.values():
         plain = [r for r in members if not r.perturb]
         if plain:
-            base = plain[0]
+            base = min(plain, key=_departures)  # the most default configuration; input order breaks ties
             reps: dict[str, RunEntry] = {}
             for r in plain:
                 reps.setdefault(r.class_name, r)

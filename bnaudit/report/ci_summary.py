@@ -108,7 +108,7 @@ def _cell(text: str) -> str:
 
 
 _MARK = {Verdict.IDENTICAL: "✅ identical", Verdict.ACCEPTED: "✅ accepted class", Verdict.WITHIN: "✅ within policy",
-         Verdict.DRIFT: "❌ drift"}
+         Verdict.DRIFT: "❌ drift", Verdict.INACCURATE: "❌ too few correct bits"}
 
 
 def markdown(result: CheckResult) -> str:

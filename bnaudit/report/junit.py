@@ -53,7 +53,7 @@ def to_xml(result: CheckResult, *, timestamp: str | None = None) -> str:
                            time=f"{case.seconds:.3f}")
         line = ci_summary.case_line(case)
         if not case.passed:
-            failure = ET.SubElement(tc, "failure", message=line, type=f"drift beyond {case.tolerance}")
+            failure = ET.SubElement(tc, "failure", message=line, type=f"{case.verdict.value} ({case.tolerance})")
             failure.text = _details(case)
         ET.SubElement(tc, "system-out").text = line + "\n" + _details(case)
     ET.indent(root, space=" ")

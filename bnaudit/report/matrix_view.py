@@ -146,7 +146,8 @@ ISA_HEAD = ["variant", "ISA settings", "combinations tried", "agree bit for bit 
 
 def isa_rows(summary: MatrixSummary) -> list[list[str]]:
     return [[a.variant, f"{a.a} vs {a.b}", str(a.compared),
-             "; ".join(_controls_text(c, tuple(c)) for c in a.agree) or "none"] for a in summary.isa_agreement]
+             "; ".join(_controls_text(c, tuple(c)) if c else "the grid's settings" for c in a.agree) or "none"]
+            for a in summary.isa_agreement]
 
 
 def _header(summary: MatrixSummary) -> list[str]:
