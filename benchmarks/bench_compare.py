@@ -1,9 +1,10 @@
 """`bnaudit compare` of two full 1000-epoch records: target under 2 s, against simply loading them.
 
-Makes two real records once (``bnaudit run --epochs 1000``, threads 1 and 2, so that they
-differ and the whole comparison runs: first difference, per-layer divergence over all
-1001 rows, growth, environment diff), in a temporary folder unless ``--keep DIR`` names
-one (reused if it already holds them).  Then, in this one process and alternating:
+Makes two real records once (``bnaudit run --epochs 1000``: one plain, one with an initial
+weight moved by one ulp, so that they differ from row 0 and the whole comparison runs:
+first difference, per-layer divergence over all 1001 rows, growth, environment diff; both
+single-threaded, so a busy machine does not stretch the set-up), in a temporary folder
+unless ``--keep DIR`` names one (reused if it already holds them).  Then, in this one process and alternating:
 
 - load: ``record.load`` of both record folders (sha256 of every array, validation);
 - compare: what ``bnaudit compare A B --json`` does, load included, through the real CLI
@@ -29,12 +30,12 @@ from pathlib import Path
 TARGET_SECONDS = 2.0
 
 
-def make(folder: Path, epochs: int, threads: int) -> Path:
-    out = folder / f"t{threads}-{epochs}"
+def make(folder: Path, epochs: int, name: str, *extra: str) -> Path:
+    out = folder / f"{name}-{epochs}"
     if not (out / "record.json").exists():
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "bnaudit", "run", "--epochs", str(epochs), "--threads", str(threads),
-                        "--out", str(out), "--force", "--json"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "bnaudit", "run", "--epochs", str(epochs), "--threads", "1",
+                        "--out", str(out), "--force", "--json", *extra], check=True, stdout=subprocess.DEVNULL)
         print(f"made {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return out
 
@@ -52,7 +53,8 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         folder = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnaudit-bench-")))
         folder.mkdir(parents=True, exist_ok=True)
-        a, b = make(folder, args.epochs, 1), make(folder, args.epochs, 2)
+        a = make(folder, args.epochs, "t1")
+        b = make(folder, args.epochs, "perturbed", "--perturb", "linear1.weight[0,0]:1")
 
         def load() -> None:
             record.load(a)

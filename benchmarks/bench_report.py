@@ -48,9 +48,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="matrix -j while making the runs")
-    parser.add_argument("--cache", type=Path, default=None, help="matrix folder (default: reports/tmp/bench-report-E)")
+    parser.add_argument("--cache", type=Path, default=None, help="matrix folder (default: reports/tmp/matrix-E)")
     args = parser.parse_args()
-    folder = args.cache or Path("reports") / "tmp" / f"bench-report-{args.epochs}"
+    folder = args.cache or Path("reports") / "tmp" / f"matrix-{args.epochs}"
     make_matrix(folder, args.epochs, args.jobs)  # resumes: finished runs are not redone
 
     from bnaudit import record

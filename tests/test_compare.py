@@ -21,7 +21,7 @@ EPOCHS = 3
 @pytest.fixture(scope="module")
 def runs(make_run, tmp_path_factory):
     """Record folders of real runs (shared with test_run where the request is the same)."""
-    nobn = tmp_path_factory.mktemp("spec") / "nobn.toml"
+    nobn = tmp_path_factory.getbasetemp() / "compare-nobn.toml"  # one path: the session cache shares the run
     nobn.write_text("[model]\nbatchnorm = false\n")
     return {
         "t1": make_run(EPOCHS, threads=1),
@@ -343,4 +343,6 @@ def test_divergence_cells_are_log10_with_identical_marked():
     assert compare_view.selected_rows(list(range(4))) == [0, 1, 2, 3]
     picked = compare_view.selected_rows(list(range(1001)))
     assert picked[0] == 0 and picked[-1] == 1000 and len(picked) <= compare_view.MAX_COLUMNS
-    assert picked == sorted(set(picked))
+    # A full record and a fingerprint of the same 1000-epoch run show the same round columns.
+    light = record.fingerprint_rows(1000)
+    assert picked == [light[i] for i in compare_view.selected_rows(light)] == [0, 1, 3, 10, 30, 100, 300, 1000]

@@ -18,7 +18,7 @@ EPOCHS = 3
 @pytest.fixture(scope="module")
 def runs(make_run, tmp_path_factory):
     """The same real runs as test_compare (the session cache makes them once)."""
-    nobn = tmp_path_factory.mktemp("spec") / "nobn.toml"
+    nobn = tmp_path_factory.getbasetemp() / "compare-nobn.toml"  # one path: the session cache shares the run
     nobn.write_text("[model]\nbatchnorm = false\n")
     return {
         "t1": make_run(EPOCHS, threads=1),

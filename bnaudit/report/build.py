@@ -527,7 +527,7 @@ def _departures(run: RunEntry) -> int:
 
 
 def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry, str]], list[RunEntry], list[str]]:
-    """Which runs to compare: per (storage, epochs) group, each class's first run against the baseline (the
+    """Which runs to compare: per (dtype, epochs) group, each class's first run against the baseline (the
     run closest to the default controls), and each --perturb run against its unperturbed twin (the 1-ulp
     sensitivity baseline).
 
@@ -537,8 +537,8 @@ def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry,
     orphans: list[RunEntry] = []
     notes: list[str] = []
     groups: dict[tuple[str, int], list[RunEntry]] = {}
-    for r in runs:
-        groups.setdefault((r.storage, r.epochs), []).append(r)
+    for r in runs:  # one group per dtype (bf16-mixed stores float32 but computes otherwise) and length
+        groups.setdefault((str(r.controls.get("dtype", r.storage)), r.epochs), []).append(r)
     for members in groups.values():
         plain = [r for r in members if not r.perturb]
         if plain:
@@ -557,9 +557,9 @@ def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry,
                     orphans.append(r)
                 else:
                     pairs.append((twin, r, "perturb"))
-    if len({(r.storage, r.epochs) for r in runs}) > 1:
-        notes.append("runs of different storage dtypes or lengths are compared only within their own group; "
-                     "across dtypes, the divergence from the mpmath reference is the common yardstick")
+    if len(groups) > 1:
+        notes.append("runs are paired within their dtype and length only; across dtypes, the divergence from "
+                     "the mpmath reference is the common yardstick")
     return pairs, orphans, notes
 
 

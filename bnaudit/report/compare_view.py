@@ -34,7 +34,7 @@ from bnaudit.compare import (
 from bnaudit.errors import InputError
 
 SCHEMA = "bnaudit.compare/1"
-MAX_COLUMNS = 9
+MAX_COLUMNS = 10
 MAX_ENV_ROWS = 12
 MAX_VALUE_CHARS = 48
 
@@ -43,18 +43,31 @@ Result = PairComparison | ManyComparison
 
 # --------------------------------------------------------------------------- shared text
 
+def _series(steps: Sequence[int], last: int) -> list[int]:
+    out, scale = [0], 1
+    while scale <= last:
+        out += [m * scale for m in steps if m * scale <= last]
+        scale *= 10
+    return out
+
+
 def selected_rows(rows: Sequence[int], max_columns: int = MAX_COLUMNS) -> list[int]:
-    """Indexes into ``rows`` of the columns to show: roughly log-spaced, first and last always."""
+    """Indexes into ``rows`` of the columns to show: all if they fit, else round, roughly log-spaced rows.
+
+    Round rows (1-2-5, then 1-3, then powers of ten) are rows every fingerprint carries too
+    (``record.fingerprint_rows``), so a record and a fingerprint show the same columns.
+    The first and the last row are always shown.
+    """
     n = len(rows)
     if n <= max_columns:
         return list(range(n))
-    last = rows[-1]
-    marks = sorted({0, n - 1} | {int(np.searchsorted(rows, v)) for v in
-                                 np.unique(np.round(np.geomspace(1, max(last, 1), max_columns - 1)))})
-    picked = sorted({min(m, n - 1) for m in marks})
-    while len(picked) > max_columns:  # drop from the crowded middle, keep the ends
-        picked.pop(len(picked) // 2)
-    return picked
+    where = {int(r): i for i, r in enumerate(rows)}
+    for steps in ((1, 2, 5), (1, 3), (1,)):
+        picked = sorted({0, n - 1} | {where[m] for m in _series(steps, int(rows[-1])) if m in where})
+        if len(picked) <= max_columns:
+            return picked
+    marks = np.unique(np.linspace(0, n - 1, max_columns).round().astype(int))
+    return [int(i) for i in marks]
 
 
 def log_cell(value: float) -> str:

@@ -131,8 +131,12 @@ def _function_panel(ax: plt.Axes, report: Report, runs: Sequence[tuple[RunEntry,
                label="test samples", zorder=3)
     for run, colour, legend in runs:
         lf = report.learned[run.label]
-        ax.plot(lf.grid_x, lf.grid_y, color=colour, linewidth=1.8, label=f"{legend} (noise feature 0)")
+        ax.plot(lf.grid_x, lf.grid_y, color=colour, linewidth=1.8,
+                label=f"{legend} (noise feature 0)" if len(runs) == 1 else None)
         ax.scatter(report.x, lf.sample_y, s=7, color=colour, alpha=0.6, marker="x", zorder=2)
+    if len(runs) > 1:  # the classes' colours are named once, in the error panel's legend
+        ax.plot([], [], color="0.3", linewidth=1.8, label="learned function, noise feature 0 (class colours: right)")
+    ax.scatter([], [], s=7, color="0.3", marker="x", label="output at each sample")
     ax.set_xlabel("input x (dimensionless)")
     ax.set_ylabel("target y / network output (dimensionless)")
     ax.set_title("learned function at the final parameters", fontsize=10)
@@ -161,7 +165,7 @@ def _error_panel(ax: plt.Axes, report: Report, runs: Sequence[tuple[RunEntry, st
     ax.set_xlabel("epoch (0 = initial state)")
     ax.set_ylabel("eval-mode MSE (target units²)")
     ax.set_title("train (solid) and test (dashed) error", fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7 if len(runs) <= 8 else 6, loc="upper right", ncols=1 if len(runs) <= 8 else 2)
     ax.grid(alpha=0.3, which="major")
 
 
@@ -480,12 +484,12 @@ def grid_axes(report: Report) -> tuple[list[str], list[str]]:
     return rows, cols
 
 
-def _key_of(run: RunEntry, keys: Sequence[str]) -> str:
+def _key_of(run: RunEntry, keys: Sequence[str], sep: str = " ") -> str:
     parts = []
     for k in keys:
-        value = (run.perturb_text or "none") if k == "perturb" else run.controls.get(k)
+        value = (run.perturb_text or "no perturb") if k == "perturb" else run.controls.get(k)
         parts.append(_value_text(k, value))
-    return " ".join(parts) if parts else "all"
+    return sep.join(parts) if parts else "all"
 
 
 def matrix_figures(report: Report, folder: Path) -> list[FigureInfo]:
@@ -493,12 +497,13 @@ def matrix_figures(report: Report, folder: Path) -> list[FigureInfo]:
         return []
     row_keys, col_keys = grid_axes(report)
     row_vals = list(dict.fromkeys(_key_of(r, row_keys) for r in report.runs))
-    col_vals = list(dict.fromkeys(_key_of(r, col_keys) for r in report.runs))
+    col_vals = list(dict.fromkeys(_key_of(r, col_keys, "\n") for r in report.runs))  # one line per control
     cells: dict[tuple[int, int], list[RunEntry]] = {}
     for r in report.runs:
-        cells.setdefault((row_vals.index(_key_of(r, row_keys)), col_vals.index(_key_of(r, col_keys))), []).append(r)
+        cells.setdefault((row_vals.index(_key_of(r, row_keys)), col_vals.index(_key_of(r, col_keys, "\n"))),
+                         []).append(r)
     fig, axes = _new(min(14, 4.5 + 1.6 * len(col_vals)), 1.8 + 0.7 * len(row_vals), left=1.1, right=2.4,
-                     top=0.55, bottom=0.75 if len(col_vals) <= 5 else 1.1)
+                     top=0.55, bottom=0.45 + 0.16 * max(1, len(col_keys)))
     ax = axes[0, 0]
     for (i, j), runs in cells.items():
         names = list(dict.fromkeys(r.class_name for r in runs))
@@ -512,7 +517,7 @@ def matrix_figures(report: Report, folder: Path) -> list[FigureInfo]:
                 ax.text(j, i, "not run", ha="center", va="center", fontsize=8, color="0.5")
     ax.set_xlim(-0.5, len(col_vals) - 0.5)
     ax.set_ylim(len(row_vals) - 0.5, -0.5)
-    ax.set_xticks(range(len(col_vals)), col_vals, rotation=20 if len(col_vals) > 5 else 0, fontsize=8)
+    ax.set_xticks(range(len(col_vals)), col_vals, fontsize=8)
     ax.set_yticks(range(len(row_vals)), row_vals, fontsize=8)
     ax.set_xlabel(" × ".join(col_keys) if col_keys else "(one configuration per row)")
     ax.set_ylabel(" × ".join(row_keys))
