@@ -789,9 +789,14 @@ class MachinePair:
     """layer -> "a" | "b" | "tie", when both records carry a reference divergence."""
     final_train_loss: tuple[float, float]
     """Eval-mode training MSE at the last epoch on a and on b."""
+    float64_distance: tuple[tuple[int, float, float], ...] = ()
+    """(epoch row, max |a - a64|, max |b - b64|): each run's parameter distance from the float64 run of the
+    same configuration on its own CPU, when the grid has one (a proxy for exact arithmetic while the
+    trajectory stays well-conditioned; empty for float64 pairs or without float64 runs)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["float64_distance"] = [[r, _num(x), _num(y)] for r, x, y in self.float64_distance]
         d["first"] = None if self.first is None else self.first.to_dict()
         d["growth_rate"] = _num(self.growth_rate)
         d["series"] = [[r, _num(v)] for r, v in self.series]
@@ -881,6 +886,33 @@ def _largest(pc: Any, fa: record.Fingerprint, fb: record.Fingerprint, a: str, b:
     i, k = np.unravel_index(int(np.argmax(d)), d.shape)
     layer_of = [name.split(".")[0] for name, shape in fa.params for _ in range(int(np.prod(shape)))]
     return Largest(max_abs=float(d[i, k]), max_ulps=None, row=int(rows[i]), layer=layer_of[k], a=a, b=b)
+
+
+def _distance_rows(fa: record.Fingerprint, fb: record.Fingerprint) -> dict[int, float]:
+    """Epoch row -> largest |a - b| over all parameters, as float64 (exact for every storage dtype)."""
+    rows, ia, ib = np.intersect1d(fa.snapshot_rows, fb.snapshot_rows, return_indices=True)
+    if not len(rows) or [n for n, _ in fa.params] != [n for n, _ in fb.params]:
+        return {}
+    with np.errstate(invalid="ignore"):
+        d = np.abs(bits.to_float64(fa.snapshots[ia], fa.storage) - bits.to_float64(fb.snapshots[ib], fb.storage))
+    d = np.where(np.isnan(d), np.inf, d).max(axis=1)
+    return {int(r): float(v) for r, v in zip(rows, d, strict=True)}
+
+
+def _float64_distance(plan: Plan, variant: str, a: PlannedRun, b: PlannedRun,
+                      fps: dict[str, record.Fingerprint]) -> tuple[tuple[int, float, float], ...]:
+    """Each run's distance from the float64 run of its configuration on its own CPU (see MachinePair)."""
+    if a.config.controls.dtype == "float64":
+        return ()
+    twins = []
+    for run in (a, b):
+        want = dataclasses.replace(run.config.controls, dtype="float64")
+        twin = next((r for r in plan.runs if r.variant == variant and r.config.controls == want), None)
+        if twin is None or twin.key not in fps:
+            return ()
+        twins.append(_distance_rows(fps[run.key], fps[twin.key]))
+    marks = set(record.fingerprint_rows(plan.epochs))
+    return tuple((r, twins[0][r], twins[1][r]) for r in sorted(set(twins[0]) & set(twins[1]) & marks))
 
 
 def _series(pc: Any) -> tuple[tuple[int, float], ...]:
@@ -991,8 +1023,8 @@ def summarise(plan: Plan, out: Path, execution: Execution | None = None) -> Matr
             first: Change | None = None
             firsts: Counter[str] = Counter()
             per_dtype: dict[str, list[int]] = {}
-            for members in groups.values():
-                for a, b in itertools.combinations(members, 2):
+            for group in groups.values():
+                for a, b in itertools.combinations(group, 2):
                     n_pairs += 1
                     fa, fb = fps[a], fps[b]
                     tally = per_dtype.setdefault(by_key[a].config.controls.dtype, [0, 0])
@@ -1022,8 +1054,8 @@ def summarise(plan: Plan, out: Path, execution: Execution | None = None) -> Matr
             groups = {}
             for k, c in zip(keys, all_controls, strict=True):
                 groups.setdefault(tuple(c[f] for f in others), []).append(k)
-            for combo, members in groups.items():
-                for a, b in itertools.combinations(members, 2):
+            for combo, group in groups.items():
+                for a, b in itertools.combinations(group, 2):
                     sa, sb = by_key[a].config.controls.isa, by_key[b].config.controls.isa
                     n, agree = table.get((sa, sb), (0, []))
                     if fps[a].digest == fps[b].digest:  # name the controls that vary in the grid
@@ -1037,8 +1069,8 @@ def summarise(plan: Plan, out: Path, execution: Execution | None = None) -> Matr
             groups = {}
             for k, c in zip(keys, all_controls, strict=True):
                 groups.setdefault(tuple(c[f] for f in CONTROL_FIELDS if f != "cpu_model"), []).append(k)
-            for members in groups.values():
-                for a, b in itertools.combinations(members, 2):
+            for group in groups.values():
+                for a, b in itertools.combinations(group, 2):
                     ca, cb = by_key[a].config.controls, by_key[b].config.controls
                     pc = pair(a, b)
                     common = {f: v for f, v in dataclasses.asdict(ca).items() if f != "cpu_model"}
@@ -1048,7 +1080,8 @@ def summarise(plan: Plan, out: Path, execution: Execution | None = None) -> Matr
                         first=None if pc.first is None else _change(pc.first, a, b),
                         growth_rate=pc.growth_rate, saturation_epoch=pc.saturation_epoch, series=_series(pc),
                         closer_to_reference=pc.closer_to_reference or closer(fps[a], fps[b]),
-                        final_train_loss=(float(pc.final_train_loss[0]), float(pc.final_train_loss[1]))))
+                        final_train_loss=(float(pc.final_train_loss[0]), float(pc.final_train_loss[1])),
+                        float64_distance=_float64_distance(plan, variant.name, by_key[a], by_key[b], fps)))
 
     # Runs, with the slowdown of emulation against the native twin of the same configuration.
     rows: list[RunRow] = []
@@ -1171,30 +1204,47 @@ def findings(summary: MatrixSummary) -> tuple[str, ...]:
 
 
 def _seed_findings(summary: MatrixSummary) -> list[str]:
-    """With and without BatchNorm: do the seed's two machines part the same way?"""
+    """The seed's question: where its two machines part, how the gap grows, and whether BN matters."""
     pairs = {(m.variant, m.controls["dtype"]): m for m in summary.machines
-             if {m.cpu_a, m.cpu_b} == {"seed-i7", "seed-i5"}}
+             if (m.cpu_a, m.cpu_b) == ("seed-i7", "seed-i5")}
     out = []
     for dtype in summary.grid.get("dtype", []):
         bn, plain = pairs.get(("bn", dtype)), pairs.get(("no-bn", dtype))
         if bn is None or plain is None:
             continue
+
         def state(m: MachinePair) -> str:
             if m.identical:
                 return "are bit-identical"
             assert m.first is not None
             return f"part at {m.first.where}, and the gap {_growth_text(m)}"
-        same = bn.identical == plain.identical and (
-            bn.identical or (bn.first is not None and plain.first is not None
-                             and (bn.first.epoch, bn.first.step, bn.first.phase)
-                             == (plain.first.epoch, plain.first.step, plain.first.phase)))
-        verdict = "the same way" if same else "differently"
-        losses = (f"final train MSE with BN {bn.final_train_loss[0]:.4g} (i7) vs {bn.final_train_loss[1]:.4g} (i5), "
-                  f"without BN {plain.final_train_loss[0]:.4g} vs {plain.final_train_loss[1]:.4g}")
-        if bn.cpu_a != "seed-i7":
-            losses = losses.replace("(i7)", "(first)").replace("(i5)", "(second)")
-        out.append(f"seed machines, {dtype}: with BN the i7 (Haswell) and i5 (IvyBridge) {state(bn)}; without BN "
-                   f"they {state(plain)}; so the network without BN parts {verdict}; {losses}")
+
+        text = (f"seed machines, {dtype}: with BN the i7 (Haswell) and the i5 (IvyBridge) {state(bn)}; "
+                f"without BN they {state(plain)}")
+        if bn.first is not None and plain.first is not None:
+            same_place = (bn.first.epoch, bn.first.step, bn.first.phase, bn.first.tensor) == \
+                (plain.first.epoch, plain.first.step, plain.first.phase, plain.first.tensor)
+            text += "; so without BN they part " + ("at the same place" if same_place else "elsewhere")
+            if bn.growth_rate and plain.growth_rate:
+                text += (f", but the gap grows {bn.growth_rate / plain.growth_rate:.3g} times faster (in ln units "
+                         f"per epoch) with BN" if bn.growth_rate >= plain.growth_rate else
+                         f", and the gap grows {plain.growth_rate / bn.growth_rate:.3g} times faster without BN")
+        elif bn.identical != plain.identical:
+            text += "; so BN decides whether they part at all"
+        text += (f"; final train MSE with BN {bn.final_train_loss[0]:.4g} (i7) vs {bn.final_train_loss[1]:.4g} (i5), "
+                 f"without BN {plain.final_train_loss[0]:.4g} vs {plain.final_train_loss[1]:.4g}")
+        out.append(text)
+        for name, m in (("with BN", bn), ("without BN", plain)):
+            if m.closer_to_reference:
+                out.append(f"seed machines, {dtype}, {name}: {_closer_text(m)}")
+            elif m.float64_distance:
+                at = [(r, x, y) for r, x, y in m.float64_distance if r > 0]
+                if at:
+                    wins = sum(x < y for _, x, y in at), sum(y < x for _, x, y in at)
+                    shown = "; ".join(f"{r}: {x:.3g} vs {y:.3g}" for r, x, y in at)
+                    out.append(f"seed machines, {dtype}, {name}: no mpmath reference divergence in the records; "
+                               f"distance from the float64 run on the same CPU (i7 vs i5) by epoch row: {shown}: "
+                               f"the i7 is closer at {wins[0]} of {len(at)} rows, the i5 at {wins[1]}")
     return out
 
 

@@ -289,8 +289,8 @@ class Fingerprint:
 
     @property
     def label(self) -> str:
-        c = self.config.get("controls", {})
-        return "_".join(str(c.get(k)) for k in ("dtype", "threads", "isa")) if c else self.source
+        c = self.config.get("controls") if isinstance(self.config, dict) else None
+        return "_".join(str(c.get(k)) for k in ("dtype", "threads", "isa")) if isinstance(c, dict) and c else self.source
 
 
 def _combine(row: np.ndarray) -> int:
@@ -324,6 +324,21 @@ def overall_digest(spec_hash: str, storage: str, epoch_rows: np.ndarray, step_ro
     return h.hexdigest()
 
 
+def content_sha256(doc: dict[str, Any]) -> str:
+    """sha256 of a fingerprint document: every field but this checksum and ``extra.baseline``.
+
+    The ``digest`` covers the digests only; this covers the rest (snapshots, losses,
+    group digests, later steps, ``extra``), so no part of a fingerprint can be edited
+    unnoticed.  A baseline's own block carries its own sha256 over everything else.
+    """
+    body = {k: v for k, v in doc.items() if k != "content_sha256"}
+    extra = body.get("extra")
+    if isinstance(extra, dict) and "baseline" in extra:
+        body["extra"] = {k: v for k, v in extra.items() if k != "baseline"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
@@ -336,7 +351,7 @@ def fingerprint_dict(meta: dict[str, Any], arrays: dict[str, np.ndarray], layout
     groups = layout.groups()
     gd = group_digests(layout.epoch_tensors, arrays["epoch_digests"], groups)
     rd = row_digests(arrays["epoch_digests"])
-    return {
+    doc = {
         "schema": FINGERPRINT_SCHEMA,
         "kind": "fingerprint",
         "bnaudit": meta["bnaudit"],
@@ -366,6 +381,8 @@ def fingerprint_dict(meta: dict[str, Any], arrays: dict[str, np.ndarray], layout
         "snapshots": {"rows": rows, "params": _b64(arrays["params"][rows])},
         "extra": meta.get("extra", {}),
     }
+    doc["content_sha256"] = content_sha256(doc)
+    return doc
 
 
 # --------------------------------------------------------------------------- writing
@@ -586,10 +603,16 @@ def read_fingerprint(path: Path) -> Fingerprint:
         if schema == RECORD_SCHEMA:
             return read_record(path.parent)
         raise InputError(f"{where}: schema {schema[:40]!r} is not {FINGERPRINT_SCHEMA}")
+    if f.get("content_sha256", str) != content_sha256(raw):
+        raise InputError(f"{where}: content_sha256 does not match the content (edited or corrupt)")
     c = _common(f, where)
     epochs = c["epochs"]
     step_tensors = _tensor_keys(f.get("step_tensors", list), where)
     step_rows, step_digests = _steps_from_fingerprint(f.get("steps", list), len(step_tensors), where)
+    keys = [(int(e), int(s)) for e, s in step_rows]
+    if (keys != sorted(set(keys)) or any(not 0 <= e < epochs or not 0 <= s < c["spec"].steps_per_epoch
+                                         for e, s in keys)):
+        raise InputError(f"{where}: traced steps are out of range, repeated or out of order")
     groups_raw = f.get("epoch_groups", list)
     if not all(isinstance(g, list) and len(g) == 2 and all(isinstance(s, str) for s in g) for g in groups_raw):
         raise InputError(f"{where}: malformed epoch_groups")

@@ -285,7 +285,8 @@ def test_bits_policy_through_the_cli(cli, smoke_baseline, t2_run, tmp_path):
         "rows": [0, 1, 2, 3], "series": [{"layer": "bn3", "kind": "bn", "what": "activations"}],
         "max_abs": b64(zeros), "max_rel": b64(zeros), "max_ulps": b64(zeros), "correct_bits": b64(correct)}}
     fp = tmp_path / "with_reference.json"
-    fp.write_text(json.dumps(raw))  # extra is outside the digest: still a valid fingerprint
+    raw["content_sha256"] = record.content_sha256(raw)  # sealed as a run that measured this would be
+    fp.write_text(json.dumps(raw))
     code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(fp), "--tolerance", "bits:16")
     assert code == 0 and "fewest correct bits 16.0 (bn3 activations at epoch row 3)" in out
     code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(fp), "--tolerance", "bits:17")

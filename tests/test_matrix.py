@@ -270,3 +270,17 @@ def test_failed_matrix_exits_6_after_writing_its_summary(cli, tmp_path, monkeypa
     assert code == ExitCode.RUN_FAILED
     assert "1 of 1 configurations did not complete" in stderr and stderr.count("\n") == 1
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["complete"] is False
+
+
+def test_interrupt_exits_130_and_says_how_to_resume(cli, tmp_path, monkeypatch):
+    from bnaudit import launch
+
+    def interrupted(spec, config, out, **kw):
+        raise KeyboardInterrupt  # what Ctrl-C delivers while a run is in flight
+
+    monkeypatch.setattr(launch, "run", interrupted)
+    code, _, stderr = cli("matrix", "--epochs", "1", "--out", str(tmp_path / "m"))
+    assert code == ExitCode.INTERRUPTED == 130
+    assert "interrupted with 0 of 1 configurations finished; re-run the same command to resume" in stderr
+    assert stderr.count("\n") == 1
+    assert not (tmp_path / "m" / ".matrix.lock").exists() and not (tmp_path / "m" / "summary.json").exists()

@@ -277,6 +277,15 @@ def test_different_specs_are_refused_with_exit_4(runs: dict[str, Path], make_run
     assert err.count("\n") == 1, err
     assert str(other) in err and "spec" in err
     assert not out.exists()
+    # A matrix of two experiment variants is refused with the way out; one variant's folder is reported.
+    matrix = tmp_path / "m"
+    shutil.copytree(runs["t1"], matrix / "runs" / "bn" / "float32_t1_native_nondet")
+    shutil.copytree(other, matrix / "runs" / "eps" / "float32_t1_native_nondet")
+    code, _, err = cli("report", str(matrix), "--out", str(out))
+    assert code == 4 and "MATRIX/runs/bn" in err and err.count("\n") == 1, err
+    code, _, err = cli("report", str(matrix / "runs" / "bn"), "--out", str(out))
+    assert code == 0, err
+    assert (out / "index.html").is_file()
 
 
 def test_missing_run_is_named_with_exit_3(tmp_path: Path, cli, runs: dict[str, Path]) -> None:

@@ -45,8 +45,13 @@ _register_commands()
 
 
 def fail(message: str, code: int) -> int:
-    """Print one error line on stderr and return the exit code."""
-    sys.stderr.write(f"bnaudit: error: {message}\n")
+    """Print one error line on stderr and return the exit code.
+
+    Messages quote untrusted text (keys of a hostile spec, file contents): anything
+    unprintable is escaped, so the error stays one line.
+    """
+    one_line = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+    sys.stderr.write(f"bnaudit: error: {one_line}\n")
     sys.stderr.flush()
     return int(code)
 
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{where}{exc.format_message()}", ExitCode.USAGE)
     except click_exceptions.ClickException as exc:
         return fail(exc.format_message(), ExitCode.USAGE)
-    except (click_exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         return fail("interrupted", ExitCode.INTERRUPTED)
     except Exception as exc:  # a bug in bnaudit: still one line, the traceback on request
         if os.environ.get("BNAUDIT_DEBUG"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -53,7 +53,7 @@ def matrix(
     from bnaudit.spec import load_spec
 
     experiment = load_spec(spec)
-    given = {
+    given: dict[str, Any] = {
         "dtype": None if dtype is None else tuple(mx.split_list(dtype, "--dtype")),
         "threads": None if threads is None else mx.parse_threads(threads),
         "isa": None if isa is None else tuple(mx.split_list(isa, "--isa")),

@@ -256,7 +256,7 @@ def _complete(folder: Path) -> bool:
     return (folder / "record.json").is_file()
 
 
-def _runs_under(folder: Path, what: str) -> list[Path]:
+def _runs_under(folder: Path, what: str, depth: int = 0) -> list[Path]:
     """Record folders directly under ``folder`` (or one level deeper, for a matrix's variants)."""
     out: list[Path] = []
     for child in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -265,8 +265,8 @@ def _runs_under(folder: Path, what: str) -> list[Path]:
                              "rerun the command that made it)")
         if _complete(child):
             out.append(child)
-        elif any(_complete(g) or _partial(g) for g in child.iterdir() if g.is_dir()):
-            out.extend(_runs_under(child, what))
+        elif depth == 0 and any(_complete(g) or _partial(g) for g in child.iterdir() if g.is_dir()):
+            out.extend(_runs_under(child, what, depth + 1))
         else:
             raise InputError(f"{child}: incomplete run folder in {what} (no record.json)")
     return out
@@ -366,13 +366,17 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[tuple[str, Path, record.Recor
     for label, folder in items:
         rec = record.load_record(folder)
         loaded.append((label or "", folder, rec))
+    if not loaded:
+        raise InputError("report: no runs given")
     first_path, first = loaded[0][1], loaded[0][2]
+    nested = any("/" in label for label, _, _ in loaded)
     for _, path, rec in loaded[1:]:
         if rec.spec.hash != first.spec.hash:
+            hint = (" (of a matrix with several experiment variants, give one variant's folder, e.g. "
+                    "MATRIX/runs/bn)") if nested else ""
             raise MismatchError(
                 f"report refused: {path} is of spec {rec.spec.short_hash} ({rec.spec.name!r}) but {first_path} "
-                f"is of spec {first.spec.short_hash} ({first.spec.name!r}); report runs of one experiment (of a "
-                f"matrix with several experiment variants, give one variant's folder, e.g. MATRIX/runs/bn)")
+                f"is of spec {first.spec.short_hash} ({first.spec.name!r}); report runs of one experiment{hint}")
         if rec.fingerprint.frozen != first.fingerprint.frozen:
             raise MismatchError(f"report refused: {path} and {first_path} started from different frozen inputs")
     # Labels: the matrix's folder name, else the configuration, made unique with the folder name.

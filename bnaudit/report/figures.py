@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from bnaudit.report.build import PairView, Report, RunEntry
 
 DPI = 100
-MAX_PANELS = 8
+MAX_PANELS = 12
 SECTIONS = {
     "seed": "1. The seed's figures: learned function and error over epochs",
     "heatmap": "2. Divergence heatmaps: layer by epoch",
@@ -212,7 +212,7 @@ def seed_figures(report: Report, folder: Path) -> list[FigureInfo]:
 
 
 def _heat_axes(n: int, width: float = 13.0) -> tuple[Figure, list[plt.Axes]]:
-    fig, axes = _new(width, 1.3 + 2.1 * n, n, 1, left=1.0, right=0.2, bottom=0.65, hspace=0.35)
+    fig, axes = _new(width, 1.5 + 1.9 * n, n, 1, left=1.0, right=0.2, top=0.95, bottom=0.65, hspace=0.35)
     return fig, list(axes[:, 0])
 
 
@@ -313,7 +313,9 @@ def growth_figures(report: Report, folder: Path) -> list[FigureInfo]:
     if not pairs and not perturb and not floors and not refs:
         return []
     ncols = 1 + (1 if refs else 0)
-    fig, axes = _new(13 if ncols == 2 else 11, 4.8, 1, ncols, wspace=0.2)
+    n_lines = len(pairs) + len(perturb) + len(floors) + 1
+    below = 0.2 * n_lines if n_lines > 5 else 0.0  # a long legend goes under the axes, not over the curves
+    fig, axes = _new(13 if ncols == 2 else 11, 4.8 + below, 1, ncols, wspace=0.2, bottom=0.6 + below)
     ax = axes[0, 0]
     drawn = False
     epochs = max(r.epochs for r in report.runs)
@@ -352,7 +354,10 @@ def growth_figures(report: Report, folder: Path) -> list[FigureInfo]:
     ax.set_ylabel("max |Δ parameter| over all layers (parameter units)")
     ax.set_title("between runs", fontsize=10)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower right")
+        if below:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.5 / (4.8 - 1.35)), frameon=False)
+        else:
+            ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, which="major")
     if refs:
         ax2 = axes[0, 1]
