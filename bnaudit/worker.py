@@ -61,7 +61,9 @@ def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:
 
     import torch  # first import of torch in this process: the environment is already set
 
-    from bnaudit import runner
+    import numpy as np
+
+    from bnaudit import audit, divergence, runner
 
     controls.apply(config.controls, torch)
     effective = controls.readback(torch)
@@ -84,10 +86,18 @@ def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:
         # The chaos floor: the same run without the perturbation, in this same process.
         twin = runner.run(spec, inputs, dataclasses.replace(config, perturb=None), progress=progress)
         done = config.epochs
-    result = runner.run(spec, inputs, config, progress=progress)
+    observers = audit.observers_for(spec, config)
+    result = runner.run(spec, inputs, config, progress=progress, observers=observers)
+    for observer in observers:
+        meta["extra"][observer.name] = observer.result()
     if twin is not None:
         meta["extra"]["perturbation"] = chaos_floor(twin, result, config.controls.storage)
     layout = record.TraceLayout.for_spec(spec)
+    block = divergence.versus_reference(
+        spec, config.controls.storage, result.params, result.probe_rows, result.probe, layout,
+        losses=np.stack([result.train_loss, result.test_loss], axis=1))
+    if block is not None:
+        meta["extra"]["divergence"] = block
     out = Path(request["out"])
     fp = record.write_record(out, meta, result, layout, force=bool(request.get("force")))
     return {

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bnaudit.report import reference_view
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -66,6 +68,13 @@ def render(summary: dict[str, Any]) -> None:
     table.add_row("time", f"{summary['train_seconds']:.1f} s training, {summary['process_seconds']:.1f} s in all")
     table.add_row("record", summary["out"])
     console.print(table)
+    extra = summary.get("extra", {})
+    if extra.get("divergence") is None:
+        console.print("no stored mpmath reference for this spec and length: `bnaudit reference build` makes one")
+    else:
+        reference_view.render_divergence(extra["divergence"], out=console)
+    if extra.get("operator_audit") is not None:
+        reference_view.render_audit(extra["operator_audit"], out=console)
 
 
 def render_env(snap: dict[str, Any]) -> None:
