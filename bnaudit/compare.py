@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import bits
+from bnaudit import bits, divergence
 from bnaudit.errors import InputError, MismatchError
 from bnaudit.record import Fingerprint, TensorKey
 
@@ -570,33 +570,23 @@ def _number(value: Any) -> float | None:
 
 
 def reference_table(fp: Fingerprint) -> tuple[tuple[int, ...], tuple[str, ...], np.ndarray] | None:
-    """(rows, layers, closeness) from ``extra["divergence"]``: larger closeness = closer to exact arithmetic.
+    """(rows, layers, correct bits of each layer's weights) from ``extra["divergence"]``.
 
-    The reference stage's block: ``{"rows": [...], "layers": [...], "correct_bits": [[per layer] per row]}``
-    (``correct_bits`` may also be ``{layer: [per row]}``, and the table may sit under "params").
-    Closeness is the correct bits.  Absent, or in no form read here: None (never an error: the
-    block is optional and only feeds ``closer_to_reference``).
+    The block is ``bnaudit.divergence``'s (schema ``bnaudit.divergence/1``).  Absent or
+    unreadable: None (the block is optional and only feeds ``closer_to_reference``).
     """
     block = fp.extra.get("divergence") if isinstance(fp.extra, Mapping) else None
     if not isinstance(block, Mapping):
         return None
-    for cand in (block, block.get("params"), block.get("parameters")):
-        if not isinstance(cand, Mapping) or "correct_bits" not in cand:
-            continue
-        rows, table = cand.get("rows", block.get("rows")), cand["correct_bits"]
-        layers: Any = cand.get("layers", block.get("layers"))
-        if isinstance(table, Mapping):
-            layers, table = list(table), [list(col) if isinstance(col, list) else [] for col in table.values()]
-            table = [list(r) for r in zip(*table, strict=False)] if table else []
-        if (not isinstance(rows, list) or not isinstance(layers, list) or not isinstance(table, list)
-                or len(table) != len(rows) or not rows or not layers
-                or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
-                or not all(isinstance(name, str) for name in layers)
-                or not all(isinstance(r, list) and len(r) == len(layers) for r in table)):
-            continue
-        values = np.array([[_number(v) if _number(v) is not None else np.nan for v in r] for r in table])
-        return tuple(rows), tuple(layers), values
-    return None
+    try:
+        decoded = divergence.decode_block(dict(block))
+    except InputError:
+        return None
+    picks = [i for i, s in enumerate(decoded["series"]) if isinstance(s, Mapping) and s.get("what") == "weights"]
+    if not picks or not len(decoded["rows"]):
+        return None
+    layers = tuple(str(decoded["series"][i].get("layer")) for i in picks)
+    return tuple(int(r) for r in decoded["rows"]), layers, decoded["correct_bits"][picks].T
 
 
 def closer_to_reference(a: Fingerprint, b: Fingerprint) -> dict[str, str] | None:

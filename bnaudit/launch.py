@@ -78,7 +78,9 @@ def run(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool = Fal
         cls = _ERRORS.get(str(failure.get("kind")), RunFailed)
         raise cls(str(failure.get("message")))
     if code != 0 or result is None:
-        tail = [ln for ln in stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        lines = [ln for ln in stderr.strip().splitlines()
+                 if ln.strip() and not ln.startswith("qemu-x86_64: warning:")]  # qemu's harmless CPUID notes
+        tail = lines[-1:] or ["no output"]
         raise RunFailed(f"the run process exited with code {code}: {tail[0][:300]}")
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 
@@ -274,10 +275,19 @@ def test_environment_diff_lists_likely_causes_first(runs):
 def test_closer_to_reference_when_both_carry_a_reference_block(runs):
     a = load(runs, "t1", "fingerprint")
     b = load(runs, "t2", "fingerprint")
+    a, b = dataclasses.replace(a, extra={}), dataclasses.replace(b, extra={})
     assert compare.compare_pair(a, b).closer_to_reference is None  # absent: no opinion
-    block_a = {"rows": [0, 3], "layers": ["linear1", "bn1", "linear6"], "correct_bits": [[24, 24, 24], [20, 18, 9]]}
-    block_b = {"rows": [0, 1, 3], "layers": ["linear1", "bn1", "linear6"],
-               "correct_bits": [[24, 24, 24], [23, 23, 23], [19, 18, 11]]}
+    def block(rows, correct_bits):  # bnaudit.divergence/1: one weights series per layer, arrays base64
+        layers = ["linear1", "bn1", "linear6"]
+        table = np.array(correct_bits, dtype=float).T  # (series, rows)
+        enc = lambda a, dt: base64.b64encode(np.ascontiguousarray(a, dtype=dt).tobytes()).decode()  # noqa: E731
+        return {"schema": "bnaudit.divergence/1", "rows": rows, "storage": "float32", "precision_bits": 24,
+                "reference": {}, "series": [{"layer": name, "what": "weights"} for name in layers],
+                "max_abs": enc(np.zeros_like(table), "<f4"), "max_rel": enc(np.zeros_like(table), "<f4"),
+                "max_ulps": enc(np.zeros_like(table), "<f4"), "correct_bits": enc(table, "<f2")}
+
+    block_a = block([0, 3], [[24, 24, 24], [20, 18, 9]])
+    block_b = block([0, 1, 3], [[24, 24, 24], [23, 23, 23], [19, 18, 11]])
     ra = dataclasses.replace(a, extra={"divergence": block_a})
     rb = dataclasses.replace(b, extra={"divergence": block_b})
     assert compare.compare_pair(ra, rb).closer_to_reference == {"linear1": "a", "bn1": "tie", "linear6": "b"}
