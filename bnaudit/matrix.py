@@ -417,7 +417,24 @@ def finished(plan: Plan, run: PlannedRun, out: Path) -> record.Record | None:
         return None
     if rec.spec.hash != plan.spec_of(run.variant).hash or rec.fingerprint.config != run.config.to_dict():
         return None
-    return rec
+    return with_reference(rec)
+
+
+def with_reference(rec: record.Record) -> record.Record:
+    """The record, its divergence from the stored mpmath reference attached if it lacks one.
+
+    Records made before a reference was stored carry no ``extra["divergence"]``; the block
+    is a function of the record's exact arrays and the reference, so it is computed here.
+    """
+    from bnaudit import divergence
+
+    if rec.fingerprint.extra.get("divergence") is not None:
+        return rec
+    block = divergence.from_record(rec)
+    if block is None:
+        return rec
+    fp = dataclasses.replace(rec.fingerprint, extra={**rec.fingerprint.extra, "divergence": block})
+    return dataclasses.replace(rec, fingerprint=fp)
 
 
 def _clean_partials(out: Path) -> None:
