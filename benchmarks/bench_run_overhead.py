@@ -4,9 +4,10 @@ Both loops run in this one process, with the same controls applied (1 thread by
 default), alternating, so that machine noise hits both alike.  The bare loop is the
 plain recipe: nn.Sequential forward, mse_loss, backward, SGD step, MultiStepLR, and the
 per-epoch eval-mode train/test loss the experiment reports.  The recorded loop is
-``bnaudit.runner.run`` with full recording.  Prints the median ratio.
+``bnaudit.runner.run`` with full recording (digests, values, probe), without the operator
+audit; ``--audit`` also times it with the audit (every 10 epochs).  Prints median ratios.
 
-    python benchmarks/bench_run_overhead.py --epochs 1000 --repeats 3
+    python benchmarks/bench_run_overhead.py --epochs 1000 --repeats 3 --audit
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--audit", action="store_true", help="also time the run with the operator audit")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -71,18 +73,31 @@ def main() -> None:
         runner.run(spec, inputs, config)
         return time.perf_counter() - start
 
+    def audited() -> float:
+        from bnaudit import audit
+
+        start = time.perf_counter()
+        runner.run(spec, inputs, config, observers=audit.observers_for(spec, config))
+        return time.perf_counter() - start
+
     bare()  # warm-up
-    ratios, bares, recs = [], [], []
+    ratios, bares, recs, auds, audit_ratios = [], [], [], [], []
     for _ in range(args.repeats):
         b = bare()
         r = recorded()
+        a = audited() if args.audit else float("nan")
         bares.append(b)
         recs.append(r)
+        auds.append(a)
         ratios.append(r / b)
+        audit_ratios.append(a / b)
     print(f"epochs={args.epochs} dtype={args.dtype} threads={args.threads} repeats={args.repeats}")
     print(f"bare loop     median {statistics.median(bares):.3f} s")
     print(f"bnaudit run   median {statistics.median(recs):.3f} s")
     print(f"ratio         median {statistics.median(ratios):.3f}  (all: {', '.join(f'{r:.3f}' for r in ratios)})")
+    if args.audit:
+        print(f"with operator audit every 10 epochs: median {statistics.median(auds):.3f} s, "
+              f"ratio {statistics.median(audit_ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -136,11 +136,15 @@ class Recorder:
                 return
 
 
-def forward_layers(model: nn.Sequential, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """The model's forward, module by module, keeping each output (same ops as model(x))."""
+def forward_layers(modules: Sequence[tuple[str, nn.Module]], x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The model's forward, module by module, keeping each output (same ops as model(x)).
+
+    ``modules`` is ``list(model.named_children())``, listed once per run: walking the
+    module tree on every step costs more than the step's small matrix products.
+    """
     outs = []
     h = x
-    for name, module in model.named_children():
+    for name, module in modules:
         h = module(h)
         outs.append((name, h))
     return outs
@@ -190,7 +194,8 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
     load_initial_state(model, spec, frozen, config)
     params = [p for _, p in model.named_parameters()]
     bn_modules = [m for m in model.children() if isinstance(m, nn.BatchNorm1d)]
-    bn_index = [i for i, (_, m) in enumerate(model.named_children()) if isinstance(m, nn.BatchNorm1d)]
+    modules = list(model.named_children())
+    bn_index = [i for i, (_, m) in enumerate(modules) if isinstance(m, nn.BatchNorm1d)]
 
     inputs = torch.from_numpy(bits.to_float64(bits.from_float64(frozen.inputs, config.controls.storage),
                                               config.controls.storage)).to(dtype)
@@ -216,9 +221,9 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
         with torch.no_grad():
             if autocast is not None:
                 with autocast():
-                    outs = forward_layers(model, inputs)
+                    outs = forward_layers(modules, inputs)
             else:
-                outs = forward_layers(model, inputs)
+                outs = forward_layers(modules, inputs)
             pred = outs[-1][1].to(dtype)
             train_loss = F.mse_loss(pred[:n_train], y_train)
             test_loss = F.mse_loss(pred[n_train:], y_test)
@@ -273,9 +278,9 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
             optimizer.zero_grad(set_to_none=True)
             if autocast is not None:
                 with autocast():
-                    outs = forward_layers(model, xb)
+                    outs = forward_layers(modules, xb)
             else:
-                outs = forward_layers(model, xb)
+                outs = forward_layers(modules, xb)
             loss = F.mse_loss(outs[-1][1].to(dtype), yb)
             loss.backward()
             optimizer.step()

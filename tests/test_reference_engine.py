@@ -167,7 +167,7 @@ def _torch_first_step(spec, fz):
     x = torch.from_numpy(fz.inputs[: spec.data.train])[idx]
     y = torch.from_numpy(fz.targets[: spec.data.train])[idx].unsqueeze(1)
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr_at(0), momentum=spec.train.momentum, foreach=False)
-    outs = runner.forward_layers(model, x)
+    outs = runner.forward_layers(list(model.named_children()), x)
     loss = F.mse_loss(outs[-1][1], y)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
