@@ -10,11 +10,13 @@ Numpy only: comparison and reporting use this module, and must not need torch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 NAN_DISTANCE = np.iinfo(np.int64).max
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,17 @@ def is_nan_bits(bits: np.ndarray, dtype: str) -> np.ndarray:
 def ulp_distance(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
     """Number of representable ``dtype`` values between a and b (int64; NaN -> NAN_DISTANCE).
 
+    A float64 distance above 2^63 - 2 (values of opposite sign far from zero) saturates there.
+
     a and b are stored values (floats, or bfloat16 bit patterns).  Two NaNs are at
     distance 0 only if their bits are identical.
     """
     ba, bb = as_bits(a, dtype), as_bits(b, dtype)
-    dist = np.abs(ordered(ba, dtype) - ordered(bb, dtype))
+    ka, kb = ordered(ba, dtype), ordered(bb, dtype)
+    # Across zero a float64 distance can exceed 2^63: subtract in uint64 (exact, since the
+    # true difference is below 2^64) and saturate just below the NaN marker.
+    d = np.maximum(ka, kb).astype(np.uint64) - np.minimum(ka, kb).astype(np.uint64)
+    dist = np.minimum(d, np.uint64(NAN_DISTANCE - 1)).astype(np.int64)
     nan_a, nan_b = is_nan_bits(ba, dtype), is_nan_bits(bb, dtype)
     either = nan_a | nan_b
     dist = np.where(either, np.where(nan_a & nan_b & (ba == bb), 0, NAN_DISTANCE), dist)
@@ -140,7 +148,7 @@ def from_hex(items: list[str], dtype: str) -> np.ndarray:
     """Inverse of ``to_hex``; raises ValueError on anything malformed."""
     st = storage(dtype)
     width = np.dtype(st.bits_dtype).itemsize * 2
-    if any(not isinstance(s, str) or len(s) != width for s in items):
+    if any(not isinstance(s, str) or len(s) != width or not _HEX.fullmatch(s) for s in items):
         raise ValueError(f"expected {width}-digit hex strings")
     ints = [int(s, 16) for s in items]
     return np.array(ints, dtype=st.bits_dtype).view(st.numpy_dtype)

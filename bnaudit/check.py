@@ -701,6 +701,12 @@ def check_case(baseline: Baseline, candidate: Fingerprint, tolerance: Tolerance 
             verdict = Verdict.DRIFT
         else:
             measured = (measure_ulps if tolerance.policy is Policy.ULPS else measure_rel)(base, candidate)
+            if candidate.epochs not in measured.rows:
+                # The digests differ but the parameters of the run's last epochs were never
+                # compared: a drift there would pass unseen.  Refuse rather than guess.
+                raise UsageError(f"--tolerance {tolerance} compares parameters at epoch rows "
+                                 f"{', '.join(map(str, measured.rows))}; a {candidate.epochs}-epoch run ends between "
+                                 "them: check a length among those rows (e.g. --profile smoke)")
             verdict = Verdict.WITHIN if measured.value <= float(tolerance.limit or 0) else Verdict.DRIFT
     return CaseResult(
         name=case_name(candidate), dtype=run_dtype(candidate), baseline=baseline.path, candidate=candidate.source,

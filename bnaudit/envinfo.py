@@ -36,6 +36,21 @@ def environ() -> dict[str, str]:
     return dict(os.environ)
 
 
+def reference_dir() -> str | None:
+    """``BNAUDIT_REFERENCE_DIR``: where the shipped ``reference/`` data lives, if moved."""
+    return os.environ.get("BNAUDIT_REFERENCE_DIR") or None
+
+
+def cache_dir() -> str | None:
+    """``BNAUDIT_CACHE``: where custom specs' frozen inputs and references are cached."""
+    return os.environ.get("BNAUDIT_CACHE") or None
+
+
+def debug() -> bool:
+    """``BNAUDIT_DEBUG``: show tracebacks of internal errors."""
+    return bool(os.environ.get("BNAUDIT_DEBUG"))
+
+
 def numerics_environment() -> dict[str, str]:
     """The environment variables that can change numerics or threading, sorted."""
     return {

@@ -24,13 +24,13 @@ import hashlib
 import io
 import json
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bnaudit import envinfo
 from bnaudit.errors import InputError, OutputError
 from bnaudit.spec import ExperimentSpec, default_spec
 
@@ -145,14 +145,14 @@ def write(spec: ExperimentSpec, folder: Path) -> Path:
 
 def shipped_root() -> Path:
     """The repository's ``reference/`` folder (data shipped beside the package)."""
-    override = os.environ.get("BNAUDIT_REFERENCE_DIR")
+    override = envinfo.reference_dir()
     if override:
         return Path(override)
     return Path(__file__).resolve().parent.parent / "reference"
 
 
 def cache_root() -> Path:
-    override = os.environ.get("BNAUDIT_CACHE")
+    override = envinfo.cache_dir()
     return Path(override) if override else Path.home() / ".cache" / "bnaudit"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,35 +46,44 @@ def run(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool = Fal
     env = controls.child_environment(config.controls, envinfo.environ() if base_env is None else base_env)
     argv = worker_command(config)
     request = json.dumps({"spec": spec.to_dict(), "config": config.to_dict(), "out": str(out), "force": force})
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, text=True)
-    except OSError as exc:
-        raise RunFailed(f"cannot start the run process ({exc.strerror or exc})") from None
-    result: dict[str, Any] | None = None
-    failure: dict[str, Any] | None = None
-    try:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(request)
-        proc.stdin.close()
-        for line in proc.stdout:
+    # stderr goes to a file, not a pipe: a child that writes much to stderr while the
+    # parent reads stdout would otherwise block both.
+    with tempfile.TemporaryFile(mode="w+") as err:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                    env=env, text=True)
+        except OSError as exc:
+            raise RunFailed(f"cannot start the run process ({exc.strerror or exc})") from None
+        result: dict[str, Any] | None = None
+        failure: dict[str, Any] | None = None
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
             try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            kind = event.get("event")
-            if kind == "progress" and on_progress is not None:
-                on_progress(event)
-            elif kind == "done":
-                result = event["summary"]
-            elif kind == "error":
-                failure = event
-        stderr = proc.stderr.read() if proc.stderr else ""
-        code = proc.wait()
-    except KeyboardInterrupt:
-        proc.kill()
-        proc.wait()
-        raise Interrupted("interrupted; no record was written") from None
+                proc.stdin.write(request)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the child died at start: its exit code and stderr say why, below
+            for line in proc.stdout:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # native libraries may print to fd 1
+                if not isinstance(event, dict):
+                    continue
+                kind = event.get("event")
+                if kind == "progress" and on_progress is not None:
+                    on_progress(event)
+                elif kind == "done" and isinstance(event.get("summary"), dict):
+                    result = event["summary"]
+                elif kind == "error":
+                    failure = event
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+            raise Interrupted("interrupted; no record was written") from None
+        err.seek(0)
+        stderr = err.read()
     if failure is not None:
         cls = _ERRORS.get(str(failure.get("kind")), RunFailed)
         raise cls(str(failure.get("message")))

@@ -42,6 +42,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -58,9 +59,9 @@ FINGERPRINT_SCHEMA = "bnaudit.fingerprint/1"
 MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_NPY_BYTES = 1024 * 1024 * 1024
 PHASES = ("init", "forward", "backward", "update", "eval")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_HEXS = re.compile(r"[0-9a-f]*")
 
-ARRAY_FILES = ("params", "buffers", "losses", "step_loss", "min_var", "epoch_digests", "step_digests",
-               "step_rows", "probe")
 
 
 # --------------------------------------------------------------------------- layout
@@ -290,7 +291,9 @@ class Fingerprint:
     @property
     def label(self) -> str:
         c = self.config.get("controls") if isinstance(self.config, dict) else None
-        return "_".join(str(c.get(k)) for k in ("dtype", "threads", "isa")) if isinstance(c, dict) and c else self.source
+        if not isinstance(c, dict) or not c:
+            return self.source
+        return "_".join(str(c.get(k)) for k in ("dtype", "threads", "isa"))
 
 
 def _combine(row: np.ndarray) -> int:
@@ -542,12 +545,9 @@ def _decode_b64(text: Any, dtype: str, shape: tuple[int, int], where: str, field
 
 
 def _hex64(items: Any, where: str, field: str) -> np.ndarray:
-    if not isinstance(items, list) or not all(isinstance(s, str) and len(s) == 16 for s in items):
-        raise InputError(f"{where}: field {field!r} must be a list of 16-digit hex digests")
-    try:
-        return np.array([int(s, 16) for s in items], dtype=np.uint64)
-    except ValueError:
-        raise InputError(f"{where}: field {field!r} holds a non-hex digest") from None
+    if not isinstance(items, list) or not all(isinstance(s, str) and _HEX16.fullmatch(s) for s in items):
+        raise InputError(f"{where}: field {field!r} must be a list of 16-digit lowercase hex digests")
+    return np.array([int(s, 16) for s in items], dtype=np.uint64)
 
 
 def _common(f: _Fields, where: str) -> dict[str, Any]:
@@ -583,10 +583,11 @@ def _steps_from_fingerprint(raw: Any, n_tensors: int, where: str) -> tuple[np.nd
         e, s, d = g.get("epoch", int), g.get("step", int), g.get("digests", str)
         if len(d) != 16 * n_tensors:
             raise InputError(f"{where}: a step row has {len(d) // 16} digests, expected {n_tensors}")
-        try:
-            digests.append([int(d[i:i + 16], 16) for i in range(0, len(d), 16)])
-        except ValueError:
-            raise InputError(f"{where}: a step row holds a non-hex digest") from None
+        if not _HEXS.fullmatch(d):
+            raise InputError(f"{where}: a step row holds a non-hex digest")
+        if not (0 <= e < 1 << 31 and 0 <= s < 1 << 31):
+            raise InputError(f"{where}: a step row's epoch or step is out of range")
+        digests.append([int(d[i:i + 16], 16) for i in range(0, len(d), 16)])
         rows.append((e, s))
     return (np.array(rows, dtype=np.int64).reshape(-1, 2),
             np.array(digests, dtype=np.uint64).reshape(-1, n_tensors))
@@ -617,6 +618,9 @@ def read_fingerprint(path: Path) -> Fingerprint:
     if not all(isinstance(g, list) and len(g) == 2 and all(isinstance(s, str) for s in g) for g in groups_raw):
         raise InputError(f"{where}: malformed epoch_groups")
     groups = tuple((g[0], g[1]) for g in groups_raw)
+    layout = TraceLayout.for_spec(c["spec"])
+    if step_tensors != layout.step_tensors or groups != tuple(layout.groups()):
+        raise InputError(f"{where}: tensor layout does not match its spec (edited, or another bnaudit version)")
     gd = _decode_b64(f.get("epoch_group_digests", str), "<u4", (epochs + 1, len(groups)), where,
                      "epoch_group_digests")
     rd = _hex64(f.get("epoch_digests", list), where, "epoch_digests")

@@ -199,7 +199,10 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
 
     inputs = torch.from_numpy(bits.to_float64(bits.from_float64(frozen.inputs, config.controls.storage),
                                               config.controls.storage)).to(dtype)
-    targets = torch.from_numpy(frozen.targets).to(dtype).unsqueeze(1)
+    # Rounded once, to nearest in the storage dtype (torch's float64 -> bfloat16 cast goes
+    # through float32 and can round twice).
+    targets = torch.from_numpy(bits.to_float64(bits.from_float64(frozen.targets, config.controls.storage),
+                                               config.controls.storage)).to(dtype).unsqueeze(1)
     n_train = spec.data.train
     x_train, y_train = inputs[:n_train], targets[:n_train]
     y_test = targets[n_train:]

@@ -59,9 +59,8 @@ def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:
     config = controls.RunConfig.from_dict(request["config"])
     controls.validate(config, spec, check_cpu=False)
 
-    import torch  # first import of torch in this process: the environment is already set
-
     import numpy as np
+    import torch  # first import of torch in this process: the environment is already set
 
     from bnaudit import audit, divergence, runner
 

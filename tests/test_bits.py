@@ -64,3 +64,23 @@ def test_hex_round_trip(dtype):
 def test_to_float64_is_exact_for_bfloat16():
     b = np.array([0x3F81, 0xC2F7, 0x0001], "<u2")
     assert bits.to_float64(b, "bfloat16").tolist() == [1.0078125, -123.5, 2.0**-133]
+
+
+@pytest.mark.parametrize("dtype, a, b, want", [
+    ("float64", 2.0, -2.0, bits.NAN_DISTANCE - 1),  # 2^63 apart: saturates, never wraps negative
+    ("float64", 5e-324, -5e-324, 2),
+    ("float64", 1.0, -1.0, 2 * 0x3FF0000000000000),
+    ("bfloat16", 1.0, -1.0, 2 * 0x3F80),
+])
+def test_opposite_signs_never_overflow(dtype, a, b, want):
+    x, y = bits.from_float64(np.array([a]), dtype), bits.from_float64(np.array([b]), dtype)
+    assert bits.ulp_distance(x, y, dtype)[0] == want
+    assert bits.ulp_distance(y, x, dtype)[0] == want
+
+
+@given(st.floats(allow_nan=False), st.floats(allow_nan=False))
+def test_float64_ulp_distance_is_symmetric_nonnegative_and_zero_only_for_equal(x, y):
+    a, b = np.array([x]), np.array([y])
+    d = bits.ulp_distance(a, b, "float64")[0]
+    assert d >= 0 and d == bits.ulp_distance(b, a, "float64")[0]
+    assert (d == 0) == (x == y)

@@ -398,3 +398,14 @@ def test_check_and_its_reports_import_neither_torch_nor_mpmath():
             "heavy = sorted(m for m in ('torch', 'mpmath') if m in sys.modules); print(heavy); sys.exit(bool(heavy))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ulps_policy_refuses_a_run_ending_between_compared_rows(make_run, tmp_path):
+    """A 4-epoch run against a 5-epoch baseline: parameters are compared at rows 0, 1, 2, 3 only,
+    so a drift in epoch 3 would go unseen; the check refuses instead of passing."""
+    base = check.write_baseline(tmp_path / "b5.json", make_run(5), update=False)
+    run4 = record.load(make_run(4, threads=2))
+    if run4.digest == check.truncate(base.fingerprint, 4).digest:
+        pytest.skip("this machine gives identical bits for 1 and 2 threads")
+    with pytest.raises(UsageError, match="ends between them"):
+        check.check_case(base, run4, check.parse_tolerance("ulps:1000000000"))

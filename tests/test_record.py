@@ -46,6 +46,8 @@ def test_layout_orders_tensors_as_they_are_computed(run_dir):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(spec_hash="0" * 64), "spec_hash does not match"),
     (lambda d: d["steps"].append(dict(d["steps"][0])), "repeated or out of order"),
+    (lambda d: d.update(epoch_groups=[]), "tensor layout does not match"),
+    (lambda d: d["epoch_digests"].__setitem__(0, "-" + "0" * 15), "16-digit lowercase hex"),
     (lambda d: d.update(digest="f" * 64), "digest does not match"),
     (lambda d: d["epoch_digests"].__setitem__(1, "0" * 16), "digest does not match"),
     (lambda d: d.update(epochs_run=2), r"epoch_group_digests' has \d+ bytes, expected \d+"),
@@ -60,7 +62,7 @@ def test_edited_fingerprints_are_refused(run_dir, tmp_path, edit, message):
     edit(data)
     path = tmp_path / "fp.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(InputError, match="content_sha256 does not match|is not bnaudit.fingerprint/1"):
+    with pytest.raises(InputError, match=r"content_sha256 does not match|is not bnaudit\.fingerprint/1"):
         record.load(path)
     # Re-sealed with a matching checksum, the field-by-field checks still catch the edit.
     data["content_sha256"] = record.content_sha256(data)

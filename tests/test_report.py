@@ -245,8 +245,7 @@ def test_perturbed_run_alone_draws_its_own_chaos_floor(runs: dict[str, Path], tm
     from bnaudit.report import build
 
     fp = record.load(runs["perturb"])
-    if "perturbation" not in fp.extra:
-        pytest.skip("this bnaudit's worker does not record the chaos floor in the perturbed record")
+    assert "perturbation" in fp.extra, "the worker records the chaos floor in every perturbed record"
     out = build.write_report([runs["perturb"]], tmp_path / "rep")
     (label,) = out.report.floors
     floor = out.report.floors[label]

@@ -9,7 +9,6 @@ and the documented exit code (httpie's split); no command handles errors itself.
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 import sys
 
@@ -20,6 +19,7 @@ try:  # typer >= 0.20 vendors click; older releases use click itself
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
+from bnaudit import envinfo
 from bnaudit.errors import BnauditError, ExitCode
 
 app = typer.Typer(
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         return fail("interrupted", ExitCode.INTERRUPTED)
     except Exception as exc:  # a bug in bnaudit: still one line, the traceback on request
-        if os.environ.get("BNAUDIT_DEBUG"):
+        if envinfo.debug():
             raise
         return fail(f"internal error: {type(exc).__name__}: {exc} (set BNAUDIT_DEBUG=1 for the traceback)",
                     ExitCode.RUN_FAILED)
