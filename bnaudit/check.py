@@ -43,9 +43,7 @@ import enum
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -331,28 +329,8 @@ def write_baseline(out: Path, source: Path, *, update: bool, force: bool = False
         raise OutputError(f"{out} already exists; use bnaudit baseline update, or --force")
     raw = baseline_dict(Path(source), created=created, updated=updated)
     text = json.dumps(raw, sort_keys=True, indent=1, allow_nan=False) + "\n"
-    atomic_write_text(out, text)
+    record.write_text_atomic(out, text)
     return load_baseline(out)
-
-
-def atomic_write_text(out: Path, text: str) -> None:
-    """Write a file under a temporary name in its folder, then rename it into place."""
-    out = Path(out)
-    if out.is_dir():
-        raise OutputError(f"{out} is a folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
 def _experiment_differences(a: Fingerprint, b: Fingerprint) -> list[str]:
@@ -504,8 +482,7 @@ def with_reference(fp: Fingerprint) -> Fingerprint:
     folder = Path(fp.source)
     if not (folder / "record.json").is_file():
         return fp
-    block = divergence.from_record(record.load_record(folder))
-    return fp if block is None else dataclasses.replace(fp, extra={**fp.extra, "divergence": block})
+    return divergence.attach(record.load_record(folder)).fingerprint
 
 
 def measure_bits(candidate: Fingerprint) -> Measure:

@@ -566,12 +566,6 @@ def environment_diff(a: Fingerprint, b: Fingerprint) -> tuple[tuple[str, Any, An
 
 # --------------------------------------------------------------------------- reference
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        return None
-    return float(value)
-
-
 def reference_table(fp: Fingerprint) -> tuple[tuple[int, ...], tuple[str, ...], np.ndarray] | None:
     """(rows, layers, correct bits of each layer's weights) from ``extra["divergence"]``.
 

@@ -27,6 +27,7 @@ fingerprint's ``extra``: about 80 kB for a 1000-epoch run of the default spec.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 from typing import Any
 
@@ -156,6 +157,22 @@ def from_record(rec: record.Record, *, reference: Any = None) -> dict[str, Any] 
     """``versus_reference`` for a loaded record folder."""
     return versus_reference(rec.spec, rec.storage, rec.arrays["params"], rec.meta["probe_rows"],
                             rec.arrays["probe"], rec.layout, losses=rec.arrays["losses"], reference=reference)
+
+
+def attach(rec: record.Record) -> record.Record:
+    """The record, its divergence from the stored reference in its fingerprint's ``extra`` if it lacks one.
+
+    Records made before a reference was stored (or by a process that did not measure it)
+    carry no ``extra["divergence"]``; the block is a function of the record's exact arrays
+    and the reference, so it can be computed afterwards.  Unchanged without a reference.
+    """
+    if rec.fingerprint.extra.get("divergence") is not None:
+        return rec
+    block = from_record(rec)
+    if block is None:
+        return rec
+    fp = dataclasses.replace(rec.fingerprint, extra={**rec.fingerprint.extra, "divergence": block})
+    return dataclasses.replace(rec, fingerprint=fp)
 
 
 def _loss_bits(run: float, hi: float, lo: float) -> float:

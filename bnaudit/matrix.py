@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import bits, controls, emulate, frozen, record
+from bnaudit import bits, controls, divergence, emulate, frozen, record
 from bnaudit.controls import Controls, RunConfig
 from bnaudit.errors import BnauditError, InputError, Interrupted, OutputError, RunFailed, UsageError
 from bnaudit.spec import ExperimentSpec
@@ -317,16 +316,6 @@ def spec_toml(spec: ExperimentSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 class FolderLock:
     """One bnaudit matrix per folder at a time (a pid file; a dead owner's lock is taken over)."""
 
@@ -402,8 +391,8 @@ def prepare_folder(plan: Plan, out: Path, *, force: bool) -> None:
     except OSError as exc:
         raise OutputError(f"cannot create {out}: {exc.strerror or exc}") from None
     for v in plan.variants:
-        _write_atomic(out / "specs" / f"{v.name}.toml", spec_toml(v.spec))
-    _write_atomic(manifest_path, json.dumps(plan.manifest(), sort_keys=True, indent=1) + "\n")
+        record.write_text_atomic(out / "specs" / f"{v.name}.toml", spec_toml(v.spec))
+    record.write_text_atomic(manifest_path, json.dumps(plan.manifest(), sort_keys=True, indent=1) + "\n")
 
 
 def finished(plan: Plan, run: PlannedRun, out: Path) -> record.Record | None:
@@ -417,24 +406,7 @@ def finished(plan: Plan, run: PlannedRun, out: Path) -> record.Record | None:
         return None
     if rec.spec.hash != plan.spec_of(run.variant).hash or rec.fingerprint.config != run.config.to_dict():
         return None
-    return with_reference(rec)
-
-
-def with_reference(rec: record.Record) -> record.Record:
-    """The record, its divergence from the stored mpmath reference attached if it lacks one.
-
-    Records made before a reference was stored carry no ``extra["divergence"]``; the block
-    is a function of the record's exact arrays and the reference, so it is computed here.
-    """
-    from bnaudit import divergence
-
-    if rec.fingerprint.extra.get("divergence") is not None:
-        return rec
-    block = divergence.from_record(rec)
-    if block is None:
-        return rec
-    fp = dataclasses.replace(rec.fingerprint, extra={**rec.fingerprint.extra, "divergence": block})
-    return dataclasses.replace(rec, fingerprint=fp)
+    return divergence.attach(rec)
 
 
 def _clean_partials(out: Path) -> None:
@@ -1267,8 +1239,8 @@ def _seed_findings(summary: MatrixSummary) -> list[str]:
 
 def write_summary(summary: MatrixSummary, out: Path, markdown: str) -> None:
     """summary.json and summary.md, each written under a temporary name and renamed."""
-    _write_atomic(Path(out) / "summary.json", json.dumps(summary.to_dict(), sort_keys=True, indent=1) + "\n")
-    _write_atomic(Path(out) / "summary.md", markdown)
+    record.write_text_atomic(Path(out) / "summary.json", json.dumps(summary.to_dict(), sort_keys=True, indent=1) + "\n")
+    record.write_text_atomic(Path(out) / "summary.md", markdown)
 
 
 def run_matrix(plan: Plan, out: Path, *, render_markdown: Callable[[MatrixSummary], str], jobs: int = 1,

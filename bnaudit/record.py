@@ -42,6 +42,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -455,6 +456,26 @@ def write_record(out: Path, meta: dict[str, Any], result: RunResult, layout: Tra
     except OSError as exc:
         raise OutputError(f"cannot write record to {out}: {exc.strerror or exc}") from None
     return fp
+
+
+def write_text_atomic(out: Path, text: str) -> None:
+    """Write a file under a temporary name in its folder, then rename it into place."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"{out} is a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
 def layout_dict(layout: TraceLayout) -> dict[str, Any]:

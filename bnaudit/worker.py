@@ -27,7 +27,7 @@ def chaos_floor(twin: Any, perturbed: Any, storage: str) -> dict[str, Any]:
     """How a perturbation grows: max parameter divergence from the unperturbed twin per epoch row."""
     import numpy as np
 
-    from bnaudit import bits, compare
+    from bnaudit import bits, compare, record
 
     a, b = twin.params, perturbed.params
     max_abs = np.abs(bits.to_float64(a, storage) - bits.to_float64(b, storage)).max(axis=1)
@@ -35,18 +35,12 @@ def chaos_floor(twin: Any, perturbed: Any, storage: str) -> dict[str, Any]:
     rows = np.arange(len(max_abs))
     rate, saturation = compare.growth(rows, max_abs)
     return {
-        "twin_digest_rows": [format(int(d), "016x") for d in record_row_digests(twin)],
+        "twin_digest_rows": [format(int(d), "016x") for d in record.row_digests(twin.epoch_digests)],
         "max_abs": bits.to_hex(max_abs, "float64"),
         "max_ulps": [int(u) for u in max_ulps],
         "growth_rate": rate,
         "saturation_row": saturation,
     }
-
-
-def record_row_digests(result: Any) -> Any:
-    from bnaudit import record
-
-    return record.row_digests(result.epoch_digests)
 
 
 def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:

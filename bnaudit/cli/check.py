@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from bnaudit.cli._options import SpecOption
 from bnaudit.controls import DTYPES, ISAS
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ DeterministicOption = Annotated[bool | None, typer.Option(
 EpochsOption = Annotated[int | None, typer.Option(min=1, help="Epochs to run (instead of --profile).")]
 ProfileOption = Annotated[str | None, typer.Option(
     metavar="smoke|full", help="smoke: a few epochs, for every commit; full: the spec's epochs, for nightly jobs.")]
-SpecOption = Annotated[Path | None, typer.Option("--spec", help="TOML file of the experiment.")]
 
 
 def _run_options_given(**options: object) -> list[str]:

@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
+from bnaudit.cli._options import SpecOption
+
 reference_app = typer.Typer(help="The mpmath high-precision reference trajectory.", no_args_is_help=True)
 
-SpecOption = Annotated[Path | None, typer.Option("--spec", help="TOML file overriding the embedded default spec.")]
 
 
 @reference_app.command("build")

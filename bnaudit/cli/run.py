@@ -9,9 +9,8 @@ from typing import Annotated
 
 import typer
 
+from bnaudit.cli._options import SpecOption
 from bnaudit.controls import DTYPES, ISAS
-
-SpecOption = Annotated[Path | None, typer.Option("--spec", help="TOML file overriding the embedded default spec.")]
 
 
 def _epoch_list(text: str | None) -> tuple[int, ...]:

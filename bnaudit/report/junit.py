@@ -11,7 +11,8 @@ import datetime
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from bnaudit.check import CaseResult, CheckResult, atomic_write_text
+from bnaudit.check import CaseResult, CheckResult
+from bnaudit.record import write_text_atomic
 from bnaudit.report import ci_summary
 
 SUITE = "bnaudit check"
@@ -62,4 +63,4 @@ def to_xml(result: CheckResult, *, timestamp: str | None = None) -> str:
 
 def write(path: Path, result: CheckResult) -> None:
     """Write the JUnit file atomically."""
-    atomic_write_text(Path(path), to_xml(result))
+    write_text_atomic(Path(path), to_xml(result))
