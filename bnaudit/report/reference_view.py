@@ -73,7 +73,7 @@ def divergence_table(block: dict[str, Any], *, max_columns: int = 12) -> Table:
     d = decode_block(block)
     rows = d["rows"]
     cap = d["precision_bits"]
-    pick = _sample_columns(len(rows), max_columns)
+    pick = _sample_columns([int(r) for r in rows], max_columns)
     table = Table(title=f"correct bits vs the mpmath reference ({d['storage']}, cap {cap})", title_justify="left")
     table.add_column("layer")
     table.add_column("what")
@@ -87,11 +87,18 @@ def divergence_table(block: dict[str, Any], *, max_columns: int = 12) -> Table:
     return table
 
 
-def _sample_columns(n: int, limit: int) -> list[int]:
-    if n <= limit:
-        return list(range(n))
-    step = (n - 1) / (limit - 1)
-    return sorted({round(i * step) for i in range(limit)})
+def _sample_columns(rows: list[int], limit: int) -> list[int]:
+    """Indices of roughly log-spaced rows (0, 1, 2, 3, 5, 10, 20, ...) and the last one.
+
+    Runs lose their bits within a few epochs in float32 and within tens to hundreds in
+    float64, so evenly spaced columns would hide the transition.
+    """
+    if len(rows) <= limit:
+        return list(range(len(rows)))
+    marks = [0, 1, 2, 3, 5, 7, 10, 20, 30, 50, 70, 100, 200, 300, 500, 700, 1000, 2000, 5000, 10000]
+    index = {r: i for i, r in enumerate(rows)}
+    pick = [index[m] for m in marks if m in index][: limit - 1]
+    return sorted(set(pick) | {len(rows) - 1})
 
 
 def render_divergence(block: dict[str, Any] | None, *, out: Console | None = None) -> None:
