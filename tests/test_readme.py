@@ -12,8 +12,20 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-def _blocks(text: str) -> list[str]:
-    return re.findall(r"```(?:sh|console|bash)?\n(.*?)```", text, flags=re.S)
+def _blocks(text: str, languages: tuple[str, ...] = ("sh", "bash", "console", "")) -> list[str]:
+    """The bodies of fenced code blocks in these languages (fences paired line by line)."""
+    blocks, body, lang = [], None, ""
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if body is None:
+                body, lang = [], line[3:].strip()
+            else:
+                if lang in languages:
+                    blocks.append("\n".join(body) + "\n")
+                body = None
+        elif body is not None:
+            body.append(line)
+    return blocks
 
 
 def test_ci_runs_the_readme_test_command():
