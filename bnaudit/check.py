@@ -65,7 +65,6 @@ from bnaudit.spec import ExperimentSpec
 
 BASELINE_SCHEMA = "bnaudit.baseline/1"
 CHECK_SCHEMA = "bnaudit.check/1"
-MAX_BASELINE_BYTES = record.MAX_JSON_BYTES
 
 SMOKE_EPOCHS = 5
 """Epochs of the smoke profile: fingerprint rows 0, 1, 2, 3 and 5 carry exact parameters, and a
@@ -210,33 +209,11 @@ def _canonical_sha256(raw: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def _read_json_file(path: Path, what: str) -> dict[str, Any]:
-    try:
-        if path.is_dir():
-            raise InputError(f"{path}: is a folder, not a {what} file")
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if size > MAX_BASELINE_BYTES:
-        raise InputError(f"{path}: {size} bytes is larger than any {what} ({MAX_BASELINE_BYTES} bytes)")
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InputError(f"{path}: not a valid {what} (not JSON: {str(exc)[:80]})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: not a valid {what} (top level is not an object)")
-    return raw
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard constant {name}")
-
-
 def load_baseline(path: Path | str) -> Baseline:
     """Load a baseline file: its baseline block, its sha256, then the fingerprint field by field."""
     path = Path(path)
     where = str(path)
-    raw = _read_json_file(path, "baseline")
+    raw = record.read_json(path, "baseline")
     extra = raw.get("extra")
     block = extra.get("baseline") if isinstance(extra, dict) else None
     if block is None:
@@ -284,7 +261,7 @@ def baseline_dict(source: Path, *, created: str | None = None, updated: str | No
         full = record.load(source)
         if record.read_fingerprint(fp_file).digest != full.digest:
             raise InputError(f"{fp_file}: does not match its record (edited or corrupt)")
-    raw = _read_json_file(fp_file, "fingerprint")
+    raw = record.read_json(fp_file, "fingerprint")
     if raw.get("schema") != record.FINGERPRINT_SCHEMA:
         raise InputError(f"{fp_file}: schema {str(raw.get('schema'))[:40]!r} is not {record.FINGERPRINT_SCHEMA}")
     record.read_fingerprint(fp_file)  # field by field, digest recomputed

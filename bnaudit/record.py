@@ -492,8 +492,11 @@ def layout_dict(layout: TraceLayout) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- loading
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from an untrusted file: size-limited, strict (no NaN), one clear error."""
     try:
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder, not a {what} file")
         size = path.stat().st_size
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -617,7 +620,7 @@ def _steps_from_fingerprint(raw: Any, n_tensors: int, where: str) -> tuple[np.nd
 def read_fingerprint(path: Path) -> Fingerprint:
     """Load and validate a fingerprint JSON file."""
     path = Path(path)
-    raw = _read_json(path, "fingerprint")
+    raw = read_json(path, "fingerprint")
     where = str(path)
     f = _Fields(raw, where)
     schema = f.get("schema", str)
@@ -716,7 +719,7 @@ def load_record(folder: Path) -> Record:
         partial = folder.name.startswith(".") and ".partial-" in folder.name
         hint = " (an interrupted run's leftovers)" if partial else ""
         raise InputError(f"{where}: not a complete bnaudit record (no record.json){hint}")
-    meta = _read_json(folder / "record.json", "record")
+    meta = read_json(folder / "record.json", "record")
     f = _Fields(meta, where)
     schema = f.get("schema", str)
     if schema != RECORD_SCHEMA:

@@ -165,7 +165,7 @@ def test_unreadable_baselines_are_refused(baseline, tmp_path):
         check.load_baseline(tmp_path / "cut.json")
     big = tmp_path / "big.json"
     with open(big, "wb") as fh:
-        fh.truncate(check.MAX_BASELINE_BYTES + 1)
+        fh.truncate(record.MAX_JSON_BYTES + 1)
     with pytest.raises(InputError, match="larger than any baseline"):
         check.load_baseline(big)
     with pytest.raises(InputError, match="cannot read"):

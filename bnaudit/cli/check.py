@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -199,46 +200,35 @@ ForceOption = Annotated[bool, typer.Option(help="create: replace an existing fil
 JsonOption = Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")]
 
 
-@baseline_app.command("create")
-def baseline_create(
-    out: OutOption,
-    run_record: RecordOption = None,
-    dtype: DtypeOption = None,
-    threads: ThreadsOption = None,
-    isa: IsaOption = None,
-    deterministic: DeterministicOption = None,
-    epochs: EpochsOption = None,
-    profile: ProfileOption = None,
-    spec: SpecOption = None,
-    force: ForceOption = False,
-    as_json: JsonOption = False,
-) -> int:
-    """Write a new baseline: run the experiment here (defaults as bnaudit run), or take --record."""
-    b = _make_baseline(out, run_record, update=False, force=force, dtype=dtype, threads=threads, isa=isa,
-                       deterministic=deterministic, epochs=epochs, profile=profile, spec=spec)
-    _render_baseline(b, "wrote", as_json)
-    return 0
+def _baseline_command(update: bool, doc: str) -> Callable[..., int]:
+    """``baseline create`` and ``baseline update``: one body, two verbs."""
+
+    def command(
+        out: OutOption,
+        run_record: RecordOption = None,
+        dtype: DtypeOption = None,
+        threads: ThreadsOption = None,
+        isa: IsaOption = None,
+        deterministic: DeterministicOption = None,
+        epochs: EpochsOption = None,
+        profile: ProfileOption = None,
+        spec: SpecOption = None,
+        force: ForceOption = False,
+        as_json: JsonOption = False,
+    ) -> int:
+        b = _make_baseline(out, run_record, update=update, force=force, dtype=dtype, threads=threads, isa=isa,
+                           deterministic=deterministic, epochs=epochs, profile=profile, spec=spec)
+        _render_baseline(b, "updated" if update else "wrote", as_json)
+        return 0
+
+    command.__doc__ = doc
+    return command
 
 
-@baseline_app.command("update")
-def baseline_update(
-    out: OutOption,
-    run_record: RecordOption = None,
-    dtype: DtypeOption = None,
-    threads: ThreadsOption = None,
-    isa: IsaOption = None,
-    deterministic: DeterministicOption = None,
-    epochs: EpochsOption = None,
-    profile: ProfileOption = None,
-    spec: SpecOption = None,
-    force: ForceOption = False,
-    as_json: JsonOption = False,
-) -> int:
-    """Replace a baseline with a new run of its configuration (options override it), or with --record."""
-    b = _make_baseline(out, run_record, update=True, force=force, dtype=dtype, threads=threads, isa=isa,
-                       deterministic=deterministic, epochs=epochs, profile=profile, spec=spec)
-    _render_baseline(b, "updated", as_json)
-    return 0
+baseline_app.command("create")(_baseline_command(
+    False, "Write a new baseline: run the experiment here (defaults as bnaudit run), or take --record."))
+baseline_app.command("update")(_baseline_command(
+    True, "Replace a baseline with a new run of its configuration (options override it), or with --record."))
 
 
 def register(app: typer.Typer) -> None:
