@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnaudit import envinfo
+from bnaudit import envinfo, record
 from bnaudit.errors import InputError, OutputError
 from bnaudit.spec import ExperimentSpec, default_spec
 
@@ -188,19 +188,9 @@ def read(folder: Path, spec: ExperimentSpec) -> FrozenInputs:
         raise InputError(f"frozen inputs {folder}: manifest does not list {', '.join(FILES)}")
     arrays = {}
     for name in FILES:
-        path = folder / name
-        try:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                raise InputError(f"frozen input {path}: too large")
-            blob = path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"frozen input {path}: cannot read ({exc.strerror or exc})") from None
-        if hashlib.sha256(blob).hexdigest() != files[name]:
-            raise InputError(f"frozen input {path}: sha256 does not match the manifest (tampered or corrupt)")
-        try:
-            arrays[name] = np.load(io.BytesIO(blob), allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"frozen input {path}: not a plain .npy array ({exc})") from None
+        if not isinstance(files[name], str):
+            raise InputError(f"frozen inputs {folder}: manifest entry for {name} is not a sha256")
+        arrays[name] = record.read_npy(folder / name, files[name], against="the manifest", max_bytes=MAX_FILE_BYTES)
     expected = {
         "inputs.npy": ((spec.data.samples, spec.n_inputs), "<f8"),
         "targets.npy": ((spec.data.samples,), "<f8"),

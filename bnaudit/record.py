@@ -492,6 +492,26 @@ def layout_dict(layout: TraceLayout) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- loading
 
+def read_npy(path: Path, sha256: str, *, against: str, max_bytes: int = MAX_NPY_BYTES) -> np.ndarray:
+    """A plain .npy array from an untrusted file, refused unless its bytes have this sha256.
+
+    The bytes are hashed and parsed from one read (no window for the file to change in
+    between), with pickling off.  ``against`` names where the hash came from.
+    """
+    try:
+        if path.stat().st_size > max_bytes:
+            raise InputError(f"{path}: larger than {max_bytes} bytes")
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: missing or unreadable ({exc.strerror or exc})") from None
+    if hashlib.sha256(blob).hexdigest() != sha256:
+        raise InputError(f"{path}: sha256 does not match {against} (tampered or corrupt)")
+    try:
+        return np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path}: not a plain .npy array ({str(exc)[:60]})") from None
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from an untrusted file: size-limited, strict (no NaN), one clear error."""
     try:
@@ -751,21 +771,9 @@ def load_record(folder: Path) -> Record:
     }
     arrays = {}
     for name, (shape, dtype) in expected.items():
-        entry = _Fields(files.get(f"{name}.npy"), where)
-        sha = entry.get("sha256", str)
+        sha = _Fields(files.get(f"{name}.npy"), where).get("sha256", str)
         path = folder / f"{name}.npy"
-        try:
-            if path.stat().st_size > MAX_NPY_BYTES:
-                raise InputError(f"{path}: too large")
-            blob = path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"{where}: missing or unreadable {name}.npy ({exc.strerror or exc})") from None
-        if hashlib.sha256(blob).hexdigest() != sha:
-            raise InputError(f"{path}: sha256 does not match record.json (corrupt or edited)")
-        try:
-            arr = np.load(io.BytesIO(blob), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise InputError(f"{path}: not a plain .npy array ({str(exc)[:60]})") from None
+        arr = read_npy(path, sha, against="record.json")
         if arr.dtype != np.dtype(dtype) or (shape is not None and arr.shape != shape):
             raise InputError(f"{path}: expected {dtype} {shape}, found {arr.dtype.str} {arr.shape}")
         arrays[name] = arr

@@ -202,19 +202,7 @@ def read(folder: Path, spec: ExperimentSpec | None = None) -> StoredReference:
         raise InputError(f"{where}: manifest does not list {', '.join(ARRAY_FILES)}")
     arrays = {}
     for name in ARRAY_FILES:
-        p = folder / name
-        try:
-            if p.stat().st_size > MAX_ARRAY_BYTES:
-                raise InputError(f"{where}: {name} too large")
-            blob = p.read_bytes()
-        except OSError as exc:
-            raise InputError(f"{where}: cannot read {name} ({exc.strerror or exc})") from None
-        if _sha(blob) != files[name]:
-            raise InputError(f"{where}: {name} sha256 does not match the manifest (tampered or corrupt)")
-        try:
-            arr = np.load(io.BytesIO(blob), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise InputError(f"{where}: {name} is not a plain .npy array ({str(exc)[:60]})") from None
+        arr = record.read_npy(folder / name, files[name], against="the manifest", max_bytes=MAX_ARRAY_BYTES)
         if arr.dtype != np.dtype("<f8") or arr.shape != (len(rows), columns.total):
             raise InputError(f"{where}: {name} expected <f8 {(len(rows), columns.total)}, "
                              f"found {arr.dtype.str} {arr.shape}")
