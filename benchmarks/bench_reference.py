@@ -8,15 +8,20 @@ inflate them; on an idle core they equal wall time.
 1. scalar mpf multiply and add per second at 128, 512 and 640 bits, gmpy2 backend and
    pure-Python backend (MPMATH_NOGMPY=1);
 2. a 17-term dot product (a Linear row with its bias): a Python loop of mpf
-   multiply-adds, ``ctx.fdot``, and the engine's ``_dot`` (exact products, one rounding);
+   multiply-adds, ``ctx.fdot``, mpmath's ``mpf_sum`` of exact ``mpf_mul`` products, and the
+   engine's ``_dot`` (the vectors as integers at a common exponent: products and sum
+   in Python integers, one rounding), with and without converting the vectors (the
+   engine converts each weight row once per step and reuses it for the whole batch);
 3. one training epoch and one stored row (probe + eval losses) of the default spec at
    the build's two precisions;
-4. the full build: measured, if ``--full`` (a 1000-epoch build takes tens of minutes),
-   else EXTRAPOLATED from (3) and printed as such:
+4. the full build: measured, if ``--full`` (a 1000-epoch build takes about 13 minutes
+   on one core), else EXTRAPOLATED from (3) and printed as such:
        1000 epochs x (train at p1 + train at p2) + 191 rows x (row at p1 + row at p2 + compare).
+   ``--jobs 2`` builds with the check precision in a second process (wall time and the
+   CPU time of both processes are printed).
 
-    python benchmarks/bench_reference.py            # about a minute
-    python benchmarks/bench_reference.py --full     # the real full build, into a temp folder
+    python benchmarks/bench_reference.py                    # about a minute
+    python benchmarks/bench_reference.py --full --jobs 2    # the real full build, into a temp folder
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ def scalar_ops(gmpy: bool) -> dict:
 def dot_products(prec: int) -> dict:
     import random
 
+    from mpmath.libmp import mpf_mul, mpf_sum
+
     from bnaudit.reference import engine
 
     ctx = engine.new_context(prec)
@@ -79,8 +86,17 @@ def dot_products(prec: int) -> dict:
     out["fdot_terms_per_s"] = 17 * n / (time.process_time() - t)
     t = time.process_time()
     for _ in range(n):
+        ctx.make_mpf(mpf_sum([mpf_mul(x._mpf_, y._mpf_) for x, y in zip(a, b)], *ctx._prec_rounding))
+    out["mpf_sum_terms_per_s"] = 17 * n / (time.process_time() - t)
+    t = time.process_time()
+    for _ in range(n):
         engine._dot(ctx, a, b)
     out["engine_dot_terms_per_s"] = 17 * n / (time.process_time() - t)
+    fa, fb = engine._fixed(a), engine._fixed(b)
+    t = time.process_time()
+    for _ in range(n):
+        engine._dot_fixed(ctx, fa, fb)
+    out["engine_dot_converted_terms_per_s"] = 17 * n / (time.process_time() - t)
     return out
 
 
@@ -115,6 +131,7 @@ def main() -> None:
     parser.add_argument("--precision", type=int, default=512)
     parser.add_argument("--check-precision", type=int, default=640)
     parser.add_argument("--full", action="store_true", help="run the real 1000-epoch build (long)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes for --full (2: one per precision)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -128,8 +145,10 @@ def main() -> None:
     for prec in (args.precision, args.check_precision):
         d = dot_products(prec)
         print(f"  {prec} bits: python loop {d['loop_terms_per_s'] / 1e6:.2f} M/s, ctx.fdot "
-              f"{d['fdot_terms_per_s'] / 1e6:.2f} M/s, engine._dot {d['engine_dot_terms_per_s'] / 1e6:.2f} M/s "
-              f"({d['engine_dot_terms_per_s'] / d['loop_terms_per_s']:.1f}x the loop)")
+              f"{d['fdot_terms_per_s'] / 1e6:.2f} M/s, mpf_sum of mpf_mul {d['mpf_sum_terms_per_s'] / 1e6:.2f} M/s, "
+              f"engine._dot {d['engine_dot_terms_per_s'] / 1e6:.2f} M/s "
+              f"({d['engine_dot_terms_per_s'] / d['loop_terms_per_s']:.1f}x the loop), "
+              f"on converted vectors {d['engine_dot_converted_terms_per_s'] / 1e6:.2f} M/s")
     print(f"== default spec, {args.epochs} epochs per precision")
     precisions = (args.precision, args.check_precision)
     c = epoch_costs(precisions, args.epochs)
@@ -150,11 +169,13 @@ def main() -> None:
 
         spec = default_spec()
         with tempfile.TemporaryDirectory() as tmp:
-            t = time.process_time()
+            t = time.perf_counter()
             ref = build.build(spec, frozen.load(spec), Path(tmp) / "ref", precision=args.precision,
-                              check_precision=args.check_precision)
-            print(f"== MEASURED full build: {(time.process_time() - t) / 60:.1f} min of CPU, "
-                  f"agreement >= {ref.agreement.min():.1f} digits")
+                              check_precision=args.check_precision, jobs=args.jobs)
+            wall = time.perf_counter() - t
+            cpu = json.loads((ref.path / "manifest.json").read_text())["build"]["cpu_seconds"]
+            print(f"== MEASURED full build, {args.jobs} process(es): {wall / 60:.1f} min wall, "
+                  f"{cpu / 60:.1f} min of CPU in all, agreement >= {ref.agreement.min():.1f} digits")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ A **record** is a folder written by one run:
     buffers.npy     (epochs+1, n_buffers) BatchNorm running statistics, same rows
     losses.npy      (epochs+1, 2) float64 eval-mode train and test MSE, same rows
     step_loss.npy   (epochs, steps) float64 training loss of every step
-    min_var.npy     (epochs+1, n_bn) float64 smallest per-unit batch variance / eps
+    min_var.npy     (epochs+1, n_bn) float64 smallest per-unit batch variance (computed in float64) / eps
     epoch_digests.npy (epochs+1, n_epoch_tensors) uint64 digests at each epoch end
     step_digests.npy  (n_step_rows, n_step_tensors) uint64 digests after each traced step
     step_rows.npy   (n_step_rows, 2) int64 (epoch, step) of each traced step
@@ -217,7 +217,8 @@ class RunResult:
     step_loss: np.ndarray
     """(epochs, steps) training loss of each step."""
     min_var_over_eps: np.ndarray
-    """(epochs+1, n_bn) smallest per-unit batch variance seen in the epoch, over eps (row 0 NaN)."""
+    """(epochs+1, n_bn) smallest per-unit batch variance seen in the epoch (biased, computed in float64
+    from the BN inputs), over eps (row 0 NaN)."""
     epoch_digests: np.ndarray
     """(epochs+1, n_epoch_tensors) uint64."""
     step_rows: np.ndarray

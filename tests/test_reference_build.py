@@ -13,7 +13,7 @@ import pytest
 
 from bnaudit import frozen, record
 from bnaudit.cli import main
-from bnaudit.errors import ExitCode, InputError, ReferenceFailure
+from bnaudit.errors import ExitCode, InputError, Interrupted, ReferenceFailure
 from bnaudit.reference import build, engine, store
 from bnaudit.spec import default_spec, from_dict
 
@@ -52,6 +52,14 @@ def _file_hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.npy"))}
 
 
+def _stop_after_row(row):
+    """A progress callback that interrupts the build (as Ctrl-C would) once ``row`` is stored."""
+    def progress(done, total, info):
+        if info.get("agreement") is not None and info["row"] == row:
+            raise KeyboardInterrupt
+    return progress
+
+
 def test_built_reference_loads_with_its_layout(built, spec_and_inputs):
     ref, events = built
     spec, fz = spec_and_inputs
@@ -88,13 +96,8 @@ def test_interrupted_build_resumes_without_redoing_rows(tmp_path, built, spec_an
     spec, fz = spec_and_inputs
     ref, _ = built
     out = tmp_path / "resumed"
-
-    def stop_after_row_1(done, total, info):
-        if info.get("agreement") is not None and info["row"] == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build.build(spec, fz, out, precision=PREC, check_precision=CHECK, epochs=2, progress=stop_after_row_1)
+    with pytest.raises(Interrupted, match="rerun the same command to resume"):
+        build.build(spec, fz, out, precision=PREC, check_precision=CHECK, epochs=2, progress=_stop_after_row(1))
     assert not (out / "manifest.json").exists(), "an interrupted build must not leave a loadable reference"
     assert (build.work_folder(out) / "state.json").exists()
     seen = []
@@ -107,17 +110,48 @@ def test_interrupted_build_resumes_without_redoing_rows(tmp_path, built, spec_an
     assert resumed.agreement.tolist() == ref.agreement.tolist()
 
 
+def test_two_processes_build_the_same_reference_and_resume(tmp_path, built, spec_and_inputs):
+    """--jobs 2 (check precision in a child process): interrupted, resumed, bit-identical to one process."""
+    spec, fz = spec_and_inputs
+    ref, _ = built
+    out = tmp_path / "two"
+    with pytest.raises(Interrupted, match="rerun the same command to resume"):
+        build.build(spec, fz, out, precision=PREC, check_precision=CHECK, epochs=2, progress=_stop_after_row(1),
+                    jobs=2)
+    seen = []
+    build.build(spec, fz, out, precision=PREC, check_precision=CHECK, epochs=2, jobs=2,
+                progress=lambda d, t, info: seen.append(info.get("agreement")))
+    computed = [a for a in seen if a is not None]
+    assert len(computed) == 1 and round(computed[0], 2) == ref.agreement[2], "only row 2 was computed after resuming"
+    assert _file_hashes(out) == _file_hashes(ref.path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["build"]["jobs"] == 2 and manifest["build"]["cpu_seconds"] > 0
+
+
+def test_a_failing_check_process_is_one_reference_error(tmp_path, spec_and_inputs, monkeypatch):
+    """The child cannot start (here: an interpreter that exits 1 at once): one line, exit 8, nothing written."""
+    spec, fz = spec_and_inputs
+    monkeypatch.setattr(build.sys, "executable", shutil.which("false"))
+    with pytest.raises(ReferenceFailure) as info:
+        build.build(spec, fz, tmp_path / "r", precision=PREC, check_precision=CHECK, epochs=1, jobs=2)
+    assert "check process stopped without a result (exit code 1)" in info.value.message
+    assert "\n" not in info.value.message and info.value.exit_code == ExitCode.REFERENCE
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_disagreeing_precisions_stop_either_way(tmp_path, spec_and_inputs, jobs):
+    spec, fz = spec_and_inputs
+    with pytest.raises(ReferenceFailure, match="epoch row 0"):
+        build.build(spec, fz, tmp_path / "low", precision=64, check_precision=96, epochs=1, jobs=jobs)
+
+
 def test_finished_rows_of_an_interrupted_build_give_a_prefix_reference(tmp_path, built, spec_and_inputs):
     spec, fz = spec_and_inputs
     ref, _ = built
     out = tmp_path / "prefix"
-
-    def stop_after_row_2(done, total, info):
-        if info.get("agreement") is not None and info["row"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build.build(spec, fz, out, precision=PREC, check_precision=CHECK, epochs=2, progress=stop_after_row_2)
+    with pytest.raises(Interrupted, match="rerun the same command to resume"):
+        build.build(spec, fz, out, precision=PREC, check_precision=CHECK, epochs=2, progress=_stop_after_row(2))
     computed = []
     one = build.build(spec, fz, out, precision=PREC, check_precision=CHECK, epochs=1,
                       progress=lambda d, t, info: computed.append(info.get("agreement")))
@@ -154,7 +188,7 @@ def test_cli_build_failure_exits_8(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args", [["--precision", "128", "--check-precision", "128"], ["--precision", "32"],
-                                  ["--epochs", "0"], ["--min-digits", "0"]])
+                                  ["--epochs", "0"], ["--min-digits", "0"], ["--jobs", "3"], ["--jobs", "0"]])
 def test_cli_build_bad_options_exit_2(tmp_path, capsys, args):
     code = main(["reference", "build", "--spec", _spec_file(tmp_path), *args, "--out", str(tmp_path / "x")])
     assert code == ExitCode.USAGE
@@ -177,6 +211,32 @@ def test_cli_build_and_verify(tmp_path, capsys, built):
     capsys.readouterr()
     assert main(["reference", "verify", "--spec", spec_file, "--reference", str(out), "--epochs", "1"]) == 0
     assert "match bit for bit" in capsys.readouterr().out
+
+
+def test_cli_interrupt_is_one_line_exit_130_and_the_rerun_resumes(tmp_path, capsys, monkeypatch, built):
+    """Ctrl-C inside the arithmetic (here: raised by the second training epoch) during a --jobs 2 build."""
+    ref, _ = built
+    out, spec_file = tmp_path / "cli", _spec_file(tmp_path)
+    args = ["reference", "build", "--spec", spec_file, "--epochs", "2", "--precision", str(PREC),
+            "--check-precision", str(CHECK), "--out", str(out), "--jobs", "2"]
+    real = engine.Network.train_epoch
+
+    def interrupted(self, epoch, order):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch, order)
+
+    monkeypatch.setattr(engine.Network, "train_epoch", interrupted)
+    assert main(args) == ExitCode.INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bnaudit: error: interrupted with 2 of 3 stored rows done; "
+                                                    "rerun the same command to resume")
+    # Outside the build loop, typer would swallow the interrupt into a silent 130: still one line.
+    assert main(["reference", "verify", "--spec", spec_file, "--reference", str(ref.path)]) == 130
+    assert capsys.readouterr().err == "bnaudit: error: interrupted\n"
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert _file_hashes(out) == _file_hashes(ref.path)
 
 
 def test_verify_detects_tampering(tmp_path, capsys, built):

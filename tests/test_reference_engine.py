@@ -297,3 +297,34 @@ def test_double_double_and_exact_text(x, shift):
     assert hi == float(value)
     if value != 0 and math.isfinite(hi) and abs(hi) > 1e-290:
         assert abs(value - (ctx.mpf(hi) + lo)) <= abs(value) * ctx.mpf(2) ** -104
+
+
+_finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_finite, _finite, st.integers(-80, 80)), min_size=1, max_size=20),
+       st.sampled_from([64, 128, 512]))
+def test_dot_and_sum_are_the_exact_value_rounded_once(terms, prec):
+    """``_dot``/``_sum`` (integer form) equal the exact rational result rounded once to nearest.
+
+    The oracle is independent of the engine: Fractions for the exact value, mpmath's
+    ``from_rational`` for the one rounding.  Values mix signs, zeros, subnormals and
+    exponents far apart (times 3^k for mantissas wider than a float's).
+    """
+    from mpmath.libmp import from_rational
+
+    ctx = engine.new_context(prec)
+    three = ctx.mpf(3)
+    a = [ctx.mpf(x) * three ** k for x, _, k in terms]
+    b = [ctx.mpf(y) / three ** k for _, y, k in terms]
+
+    def fraction(v):  # the exact value of an mpf: +-man * 2^exp
+        sign, man, exp, _ = v._mpf_
+        return (-1) ** sign * Fraction(int(man)) * Fraction(2) ** exp
+
+    exact_dot = sum(fraction(x) * fraction(y) for x, y in zip(a, b))
+    exact_sum = sum(fraction(x) for x in a)
+    for got, exact in ((engine._dot(ctx, a, b), exact_dot), (engine._sum(ctx, a), exact_sum)):
+        want = from_rational(exact.numerator, exact.denominator, prec, "n")
+        assert got._mpf_ == want

@@ -89,6 +89,28 @@ def test_record_holds_what_later_stages_need(make_run):
     assert (folder / "fingerprint.json").stat().st_size < 1_000_000
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_epoch_digests_are_sha256_of_the_stored_values(make_run, dtype):
+    """Recomputed here from params.npy / buffers.npy / losses.npy: the digests name exactly those bytes."""
+    rec = record.load_record(make_run(3, dtype=dtype))
+    keys = [t.key for t in rec.layout.epoch_tensors]
+    digests = rec.arrays["epoch_digests"]
+    storage = rec.arrays["params"].dtype
+    for values, names in ((rec.arrays["params"], rec.layout.params), (rec.arrays["buffers"], rec.layout.buffers)):
+        for row in range(4):
+            offset = 0
+            for name, shape in names:
+                size = int(np.prod(shape))
+                want = record.digest(values[row, offset:offset + size].tobytes())
+                assert digests[row, keys.index(name)] == want, (row, name)
+                offset += size
+    if dtype == "float32":  # the eval losses, computed in float32, are stored exactly as float64
+        for row in range(4):
+            losses = rec.arrays["losses"][row].astype(storage)
+            assert digests[row, keys.index("eval.loss")] == record.digest(losses.tobytes())
+    assert digests[0, keys.index("loss.steps")] == 0, "no steps before epoch 0: no tensor"
+
+
 def test_bf16_runs_are_labelled_pure_or_mixed(make_run):
     pure = record.load_record(make_run(2, dtype="bfloat16"))
     mixed = record.load_record(make_run(2, dtype="bf16-mixed"))

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, map every failure to one line and an exit code."""
     try:
         code = app(args=argv, prog_name="bnaudit", standalone_mode=False)
+        if code == ExitCode.INTERRUPTED:  # typer turns a Ctrl-C it catches into a silent 130
+            return fail("interrupted", ExitCode.INTERRUPTED)
     except BnauditError as exc:
         return fail(exc.message, exc.exit_code)
     except click_exceptions.UsageError as exc:

@@ -12,7 +12,6 @@ from bnaudit.cli._options import SpecOption
 reference_app = typer.Typer(help="The mpmath high-precision reference trajectory.", no_args_is_help=True)
 
 
-
 @reference_app.command("build")
 def reference_build(
     spec: SpecOption = None,
@@ -26,6 +25,9 @@ def reference_build(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing reference.")] = False,
     min_digits: Annotated[float, typer.Option(
         help="Decimal digits both precisions must agree on at every stored row.")] = 30.0,
+    jobs: Annotated[int | None, typer.Option(
+        help="Processes: 2 computes the two precisions side by side (same values); "
+             "default 2 where two CPUs are available, else 1.")] = None,
 ) -> int:
     """Compute the reference at two precisions (resumes an interrupted build) and store it."""
     from bnaudit import frozen
@@ -40,7 +42,8 @@ def reference_build(
     n = experiment.train.epochs if epochs is None else epochs
     with reference_view.build_progress(n, f"reference {experiment.short_hash}") as advance:
         ref = build.build(experiment, inputs, target, precision=precision, check_precision=check_precision,
-                          epochs=epochs, min_digits=min_digits, progress=advance, force=force)
+                          epochs=epochs, min_digits=min_digits, progress=advance, force=force,
+                          jobs=build.default_jobs() if jobs is None else jobs)
     reference_view.render_reference(ref)
     return 0
 

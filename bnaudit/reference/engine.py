@@ -23,7 +23,12 @@ textbook says:
 
 Error argument.  Every operation below rounds once to ``prec`` bits (relative error at
 most 2^-prec); dot products and sums go through ``_dot``/``_sum``, which add the exact
-products and round once.  One training step is a few hundred operations deep, so one
+products and round once.  (They do so in Python integers: a vector of mpf is written
+exactly as integers at its smallest exponent (``_fixed``), so that a dot product is one
+C-level sum of integer products and one rounding.  On converted vectors that is 4.5
+times as fast as mpmath's ``mpf_sum`` of exact ``mpf_mul`` products, with the same bits;
+a Linear layer converts each weight row once per step and each input row once, and
+reuses them for the whole batch.)  One training step is a few hundred operations deep, so one
 step loses at most ~10 bits to rounding; what costs precision is the chaos of training,
 which amplifies any perturbation by about e^0.16 per epoch (0.23 bits per epoch) in the
 first hundred epochs.  That growth is not estimated here but measured: the build
@@ -36,11 +41,12 @@ arrays (converted element by element to exact ``mpf``).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import mpmath
-from mpmath.libmp import from_man_exp, mpf_mul, mpf_sum
+from mpmath.libmp import from_man_exp
 
 from bnaudit.spec import ExperimentSpec
 
@@ -59,16 +65,37 @@ def new_context(prec: int) -> mpmath.MPContext:
 
 # --------------------------------------------------------------------------- exact sums
 
-def _dot(ctx: mpmath.MPContext, a: Sequence[Any], b: Sequence[Any]) -> Any:
-    """sum a_k b_k, products exact, rounded once to ctx.prec (``ctx.fdot`` without its type checks)."""
+Fixed = tuple[list[Any], int]
+"""A vector as integers at one common exponent: v[k] = ints[k] * 2^exp, exactly."""
+
+
+def _fixed(v: Sequence[Any]) -> Fixed:
+    """The exact integer form of a vector of finite mpf (the smallest exponent of its non-zeros)."""
+    parts = [x._mpf_ for x in v]
+    exp = min((p[2] for p in parts if p[1]), default=0)
+    return [(-man if sign else man) << (e - exp) if man else 0 for sign, man, e, _ in parts], exp
+
+
+def _dot_fixed(ctx: mpmath.MPContext, a: Fixed, b: Fixed) -> Any:
+    """sum a_k b_k over two exact integer vectors: products and sum exact, rounded once to ctx.prec."""
     prec, rnd = ctx._prec_rounding
-    return ctx.make_mpf(mpf_sum([mpf_mul(x._mpf_, y._mpf_) for x, y in zip(a, b)], prec, rnd))
+    return ctx.make_mpf(from_man_exp(sum(map(operator.mul, a[0], b[0])), a[1] + b[1], prec, rnd))
+
+
+def _sum_fixed(ctx: mpmath.MPContext, a: Fixed) -> Any:
+    """sum a_k, exact, rounded once to ctx.prec."""
+    prec, rnd = ctx._prec_rounding
+    return ctx.make_mpf(from_man_exp(sum(a[0]), a[1], prec, rnd))
+
+
+def _dot(ctx: mpmath.MPContext, a: Sequence[Any], b: Sequence[Any]) -> Any:
+    """sum a_k b_k, products exact, rounded once to ctx.prec (what ``ctx.fdot`` computes, faster)."""
+    return _dot_fixed(ctx, _fixed(a), _fixed(b))
 
 
 def _sum(ctx: mpmath.MPContext, a: Sequence[Any]) -> Any:
     """sum a_k exactly, rounded once (``ctx.fsum`` for mpf inputs)."""
-    prec, rnd = ctx._prec_rounding
-    return ctx.make_mpf(mpf_sum([x._mpf_ for x in a], prec, rnd))
+    return _sum_fixed(ctx, _fixed(a))
 
 
 # --------------------------------------------------------------------------- the layers
@@ -84,24 +111,24 @@ class Linear:
     def forward(self, ctx: mpmath.MPContext, x: Matrix) -> tuple[Matrix, Any]:
         one = ctx.one
         # bias folded into the dot product: one rounding per output, not two.
-        rows = [[*w, b] for w, b in zip(self.weight, self.bias)]
+        rows = [_fixed([*w, b]) for w, b in zip(self.weight, self.bias)]
         out = []
         for xn in x:
-            xe = [*xn, one]
-            out.append([_dot(ctx, w, xe) for w in rows])
+            xe = _fixed([*xn, one])
+            out.append([_dot_fixed(ctx, w, xe) for w in rows])
         return out, x
 
     def backward(self, ctx: mpmath.MPContext, x: Matrix, grad_out: Matrix,
                  need_input_grad: bool) -> tuple[Matrix | None, dict[str, Any]]:
         n_out, n_in = len(self.weight), len(self.weight[0])
-        g_cols = [[g[o] for g in grad_out] for o in range(n_out)]      # dL/dout, per output unit
-        x_cols = [[xn[i] for xn in x] for i in range(n_in)]
-        grad_weight = [[_dot(ctx, g_cols[o], x_cols[i]) for i in range(n_in)] for o in range(n_out)]
-        grad_bias = [_sum(ctx, g_cols[o]) for o in range(n_out)]
+        g_cols = [_fixed([g[o] for g in grad_out]) for o in range(n_out)]      # dL/dout, per output unit
+        x_cols = [_fixed([xn[i] for xn in x]) for i in range(n_in)]
+        grad_weight = [[_dot_fixed(ctx, g_cols[o], x_cols[i]) for i in range(n_in)] for o in range(n_out)]
+        grad_bias = [_sum_fixed(ctx, g_cols[o]) for o in range(n_out)]
         grad_in = None
         if need_input_grad:
-            w_cols = [[self.weight[o][i] for o in range(n_out)] for i in range(n_in)]
-            grad_in = [[_dot(ctx, g, w_cols[i]) for i in range(n_in)] for g in grad_out]
+            w_cols = [_fixed([self.weight[o][i] for o in range(n_out)]) for i in range(n_in)]
+            grad_in = [[_dot_fixed(ctx, g, w_col) for w_col in w_cols] for g in map(_fixed, grad_out)]
         return grad_in, {"weight": grad_weight, "bias": grad_bias}
 
     def eval(self, ctx: mpmath.MPContext, x: Matrix) -> Matrix:
@@ -132,7 +159,8 @@ class BatchNorm1d:
             xj = [xn[j] for xn in x]
             mean = _sum(ctx, xj) / n
             centred = [v - mean for v in xj]
-            var = _dot(ctx, centred, centred) / n              # biased: normalisation uses it
+            c = _fixed(centred)
+            var = _dot_fixed(ctx, c, c) / n                    # biased: normalisation uses it
             invstd = 1 / ctx.sqrt(var + self.eps)
             xhat = [c * invstd for c in centred]
             w, b = self.weight[j], self.bias[j]
@@ -151,8 +179,9 @@ class BatchNorm1d:
         grad_weight, grad_bias, grad_cols = [], [], []
         for j, (xhat, invstd) in enumerate(cache):
             g = [gn[j] for gn in grad_out]
-            sum_g = _sum(ctx, g)
-            sum_g_xhat = _dot(ctx, g, xhat)
+            gf = _fixed(g)
+            sum_g = _sum_fixed(ctx, gf)
+            sum_g_xhat = _dot_fixed(ctx, gf, _fixed(xhat))
             grad_weight.append(sum_g_xhat)                       # d out / d weight = xhat
             grad_bias.append(sum_g)                              # d out / d bias = 1
             # d xhat: dx_i = weight * invstd / n * (n g_i - sum g - xhat_i sum g xhat)
@@ -204,7 +233,8 @@ def mse(ctx: mpmath.MPContext, pred: Vector, y: Vector) -> tuple[Any, Vector]:
     """MSE (mean over the batch) and its gradient 2 (pred - y) / n."""
     n = len(pred)
     diff = [p - t for p, t in zip(pred, y)]
-    loss = _dot(ctx, diff, diff) / n
+    d = _fixed(diff)
+    loss = _dot_fixed(ctx, d, d) / n
     return loss, [2 * d / n for d in diff]
 
 

@@ -50,8 +50,9 @@ def render_reference(ref: Any) -> None:
                                f"required {ref.min_digits:g}")
     seconds = ref.build.get("seconds")
     if seconds is not None:
-        cpu = ref.build.get("cpu_seconds")
-        table.add_row("build", f"{seconds:.0f} s wall{'' if cpu is None else f', {cpu:.0f} s CPU'}, "
+        cpu, jobs = ref.build.get("cpu_seconds"), ref.build.get("jobs")
+        table.add_row("build", f"{seconds:.0f} s wall{'' if cpu is None else f', {cpu:.0f} s CPU'}"
+                               f"{f' in {jobs} processes' if isinstance(jobs, int) and jobs > 1 else ''}, "
                                f"mpmath {ref.build.get('mpmath')} ({ref.build.get('backend')})")
     console.print(table)
 
