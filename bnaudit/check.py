@@ -410,19 +410,7 @@ def measure_rel(baseline: Fingerprint, candidate: Fingerprint) -> Measure:
     return Measure(value=value, row=row, layer=layer, rows=div.rows)
 
 
-@dataclasses.dataclass(frozen=True)
-class ReferenceBits:
-    """Correct bits per layer series and epoch row, from a run's reference divergence block."""
-
-    rows: tuple[int, ...]
-    """Epoch rows measured."""
-    series: tuple[str, ...]
-    """Series names: "<layer> weights" (weight and bias) and "<layer> activations" (probe batch)."""
-    bits: np.ndarray
-    """(len(series), len(rows)) float64 correct bits, capped at the dtype's precision."""
-
-
-def reference_bits(fp: Fingerprint) -> ReferenceBits:
+def reference_bits(fp: Fingerprint) -> divergence.BitsTable:
     """The correct bits of ``extra["divergence"]`` (``bnaudit.divergence``); ReferenceFailure if absent."""
     block = fp.extra.get("divergence")
     if block is None:
@@ -430,20 +418,12 @@ def reference_bits(fp: Fingerprint) -> ReferenceBits:
                                "(is a reference stored for its spec? bnaudit reference build), so bits:N "
                                "cannot be judged")
     try:
-        decoded = divergence.decode_block(block)
+        table = divergence.bits_table(block)
     except InputError as exc:
         raise InputError(f"{fp.source}: {exc.message}") from None
-    table = decoded["correct_bits"]
-    names = []
-    for s in decoded["series"]:
-        if not isinstance(s, dict) or not isinstance(s.get("layer"), str) or not isinstance(s.get("what"), str):
-            raise InputError(f"{fp.source}: divergence block: malformed series")
-        names.append(f"{s['layer']} {s['what']}")
-    if table.size == 0:
+    if table.bits.size == 0:
         raise ReferenceFailure(f"{fp.source}: the divergence from the reference measured no epoch row")
-    if np.isnan(table).any() or (table < 0).any():
-        raise InputError(f"{fp.source}: divergence block: correct bits hold NaN or negative values")
-    return ReferenceBits(rows=tuple(int(r) for r in decoded["rows"]), series=tuple(names), bits=table)
+    return table
 
 
 def with_reference(fp: Fingerprint) -> Fingerprint:

@@ -566,43 +566,21 @@ def environment_diff(a: Fingerprint, b: Fingerprint) -> tuple[tuple[str, Any, An
 
 # --------------------------------------------------------------------------- reference
 
-def reference_table(fp: Fingerprint) -> tuple[tuple[int, ...], tuple[str, ...], np.ndarray] | None:
-    """(rows, layers, correct bits of each layer's weights) from ``extra["divergence"]``.
-
-    The block is ``bnaudit.divergence``'s (schema ``bnaudit.divergence/1``).  Absent or
-    unreadable: None (the block is optional and only feeds ``closer_to_reference``).
-    """
-    block = fp.extra.get("divergence") if isinstance(fp.extra, Mapping) else None
-    if not isinstance(block, Mapping):
-        return None
-    try:
-        decoded = divergence.decode_block(dict(block))
-    except InputError:
-        return None
-    picks = [i for i, s in enumerate(decoded["series"]) if isinstance(s, Mapping) and s.get("what") == "weights"]
-    if not picks or not len(decoded["rows"]):
-        return None
-    layers = tuple(str(decoded["series"][i].get("layer")) for i in picks)
-    return tuple(int(r) for r in decoded["rows"]), layers, decoded["correct_bits"][picks].T
-
-
 def closer_to_reference(a: Fingerprint, b: Fingerprint) -> dict[str, str] | None:
-    """layer -> "a" | "b" | "tie": which run has more correct bits at the last epoch row both blocks hold."""
-    ta, tb = reference_table(a), reference_table(b)
-    if ta is None or tb is None:
-        return None
-    common_rows = sorted(set(ta[0]) & set(tb[0]))
-    if not common_rows:
-        return None
-    ra, rb = ta[0].index(common_rows[-1]), tb[0].index(common_rows[-1])
-    out = {}
-    for j, layer in enumerate(ta[1]):
-        if layer in tb[1]:
-            x, y = ta[2][ra, j], tb[2][rb, tb[1].index(layer)]
-            if np.isnan(x) or np.isnan(y):
-                continue
-            out[layer] = "tie" if x == y else ("a" if x > y else "b")
-    return out or None
+    """layer -> "a" | "b" | "tie" (``divergence.closer``), when both runs carry a readable reference block.
+
+    The block is optional, so an absent or unreadable one gives None rather than an error.
+    """
+    tables = []
+    for fp in (a, b):
+        block = fp.extra.get("divergence") if isinstance(fp.extra, Mapping) else None
+        if not isinstance(block, Mapping):
+            return None
+        try:
+            tables.append(divergence.bits_table(dict(block)))
+        except InputError:
+            return None
+    return divergence.closer(*tables)
 
 
 # --------------------------------------------------------------------------- the comparisons

@@ -218,6 +218,58 @@ def decode_block(block: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class BitsTable:
+    """Correct bits per series and epoch row of a divergence block (what check, compare and matrix read)."""
+
+    rows: tuple[int, ...]
+    """Epoch rows measured."""
+    series: tuple[str, ...]
+    """Series names "<layer> <what>": what is "weights" (weight and bias) or "activations" (probe batch)."""
+    layers: tuple[str, ...]
+    """The layer of each series."""
+    what: tuple[str, ...]
+    """"weights" or "activations", per series."""
+    bits: np.ndarray
+    """(len(series), len(rows)) float64 correct bits, in [0, the dtype's precision]."""
+
+
+def bits_table(block: Any) -> BitsTable:
+    """The correct bits of a divergence block, validated (InputError: malformed, NaN or negative bits)."""
+    decoded = decode_block(block)
+    layers, what = [], []
+    for s in decoded["series"]:
+        if not isinstance(s, dict) or not isinstance(s.get("layer"), str) or not isinstance(s.get("what"), str):
+            raise InputError("divergence block: malformed series")
+        layers.append(s["layer"])
+        what.append(s["what"])
+    table = decoded["correct_bits"]
+    if np.isnan(table).any() or (table < 0).any():
+        raise InputError("divergence block: correct bits hold NaN or negative values")
+    return BitsTable(rows=tuple(int(r) for r in decoded["rows"]),
+                     series=tuple(f"{layer} {w}" for layer, w in zip(layers, what)),
+                     layers=tuple(layers), what=tuple(what), bits=table)
+
+
+def closer(a: BitsTable, b: BitsTable) -> dict[str, str] | None:
+    """layer -> "a" | "b" | "tie": whose weights keep more correct bits at the last epoch row both measured.
+
+    The one definition of "closer to exact arithmetic" that compare, matrix and the
+    reports use; None when the two tables share no row or no layer.
+    """
+    common = sorted(set(a.rows) & set(b.rows))
+    if not common:
+        return None
+    ia, ib = a.rows.index(common[-1]), b.rows.index(common[-1])
+    weights_b = {layer: k for k, (layer, w) in enumerate(zip(b.layers, b.what)) if w == "weights"}
+    out = {}
+    for k, (layer, w) in enumerate(zip(a.layers, a.what)):
+        if w == "weights" and layer in weights_b:
+            x, y = a.bits[k, ia], b.bits[weights_b[layer], ib]
+            out[layer] = "tie" if x == y else ("a" if x > y else "b")
+    return out or None
+
+
 def half_bits_summary(block: dict[str, Any]) -> dict[str, int | None]:
     """Per series ("linear1 weights", ...): the first row with fewer than half its bits."""
     return {f"{s['layer']} {s['what']}": s["half_bits_row"] for s in block["series"]}

@@ -24,14 +24,13 @@ import hashlib
 import io
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bnaudit import envinfo, record
-from bnaudit.errors import InputError, OutputError
+from bnaudit.errors import InputError
 from bnaudit.spec import ExperimentSpec, default_spec
 
 GENERATOR_VERSION = 1
@@ -127,19 +126,10 @@ def write(spec: ExperimentSpec, folder: Path) -> Path:
         "spec": spec.to_dict(),
         "files": {name: hashlib.sha256(b).hexdigest() for name, b in sorted(blobs.items())},
     }
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".frozen-", dir=folder.parent))
+    with record.atomic_folder(folder, "frozen inputs") as tmp:
         for name, blob in blobs.items():
             (tmp / name).write_bytes(blob)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if folder.exists():
-            for name in [*FILES, "manifest.json"]:
-                (folder / name).unlink(missing_ok=True)
-            folder.rmdir()
-        tmp.rename(folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write frozen inputs to {folder}: {exc.strerror or exc}") from None
     return folder
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -317,43 +318,45 @@ def spec_toml(spec: ExperimentSpec) -> str:
 
 
 class FolderLock:
-    """One bnaudit matrix per folder at a time (a pid file; a dead owner's lock is taken over)."""
+    """One bnaudit matrix per folder at a time: an flock on ``.matrix.lock`` (which holds the owner's pid).
+
+    The kernel drops the lock when its owner dies, however it dies, so a stale file is
+    simply taken over; a live owner makes the second matrix stop with one line.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / ".matrix.lock"
+        self.fd: int | None = None
 
     def __enter__(self) -> FolderLock:
-        for _ in range(2):
+        while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise OutputError(f"{self.path.parent} is in use by another bnaudit matrix (pid {pid})") from None
-                self.path.unlink(missing_ok=True)
-                continue
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             except OSError as exc:
                 raise OutputError(f"cannot write to {self.path.parent}: {exc.strerror or exc}") from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(f"{self.path.parent} is in use by another bnaudit matrix (pid {owner})") from None
+            try:  # the previous owner may have removed the file between our open and our lock
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = -1
+            if current != os.fstat(fd).st_ino:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self.fd = fd
             return self
-        raise OutputError(f"cannot lock {self.path.parent}")
 
     def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        self.path.unlink(missing_ok=True)  # while still locked: the next owner then locks a new file
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def prepare_folder(plan: Plan, out: Path, *, force: bool) -> None:
@@ -913,34 +916,20 @@ def _series(pc: Any) -> tuple[tuple[int, float], ...]:
     return tuple((int(r), float(v)) for r, v in zip(div.rows, overall, strict=True) if r in marks)
 
 
-def reference_bits(fp: record.Fingerprint, row: int | None = None) -> tuple[int, dict[str, float]] | None:
-    """(row, correct bits per layer series) from the run's divergence block at ``row`` (default: its last)."""
+def reference_bits(fp: record.Fingerprint) -> tuple[int, dict[str, float]] | None:
+    """(last row, correct bits per series there) from the run's divergence block; None if absent or unreadable."""
     from bnaudit import divergence
 
     block = fp.extra.get("divergence")
     if not isinstance(block, dict):
         return None
     try:
-        rows = [int(r) for r in divergence.decode_block(block)["rows"]]
-        if not rows or (row is not None and row not in rows):
-            return None
-        at = rows[-1] if row is None else row
-        return at, {k: v[0] for k, v in divergence.layer_bits(block, [at]).items()}
+        table = divergence.bits_table(block)
     except InputError:
         return None
-
-
-def closer(fa: record.Fingerprint, fb: record.Fingerprint) -> dict[str, str] | None:
-    """series -> "a" | "b" | "tie": more correct bits at the last row both divergence blocks hold."""
-    ra, rb = reference_bits(fa), reference_bits(fb)
-    if ra is None or rb is None:
+    if not table.rows:
         return None
-    row = min(ra[0], rb[0])
-    ra, rb = reference_bits(fa, row), reference_bits(fb, row)
-    if ra is None or rb is None:
-        return None
-    return {k: "tie" if ra[1][k] == rb[1][k] else ("a" if ra[1][k] > rb[1][k] else "b")
-            for k in ra[1] if k in rb[1]} or None
+    return table.rows[-1], {name: float(b) for name, b in zip(table.series, table.bits[:, -1])}
 
 
 def _cpu(value: str | None) -> str:
@@ -1068,7 +1057,7 @@ def summarise(plan: Plan, out: Path, execution: Execution | None = None) -> Matr
                         controls=common, identical=pc.identical,
                         first=None if pc.first is None else _change(pc.first, a, b),
                         growth_rate=pc.growth_rate, saturation_epoch=pc.saturation_epoch, series=_series(pc),
-                        closer_to_reference=pc.closer_to_reference or closer(fps[a], fps[b]),
+                        closer_to_reference=pc.closer_to_reference,
                         final_train_loss=(float(pc.final_train_loss[0]), float(pc.final_train_loss[1])),
                         float64_distance=_float64_distance(plan, variant.name, by_key[a], by_key[b], fps)))
 

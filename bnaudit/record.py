@@ -37,6 +37,7 @@ before the first step).  This module is numpy-only.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -46,6 +47,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -443,20 +445,47 @@ def write_record(out: Path, meta: dict[str, Any], result: RunResult, layout: Tra
     }
     fp = fingerprint_dict(meta, arrays, layout)
     prepare_output(out, force=force)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        tmp.chmod(0o755)
+    with atomic_folder(out, "record") as tmp:
         for name, blob in blobs.items():
             (tmp / name).write_bytes(blob)
         (tmp / "fingerprint.json").write_text(json.dumps(fp, sort_keys=True, indent=1) + "\n")
         # record.json last: its presence with matching hashes is what makes a record complete.
         (tmp / "record.json").write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except OSError as exc:
-        raise OutputError(f"cannot write record to {out}: {exc.strerror or exc}") from None
     return fp
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, what: str) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` when the block succeeds.
+
+    The block writes everything into the yielded folder (the file that marks the folder
+    complete last).  On success an existing ``out`` is first renamed aside, the new
+    folder renamed into place, and the old one removed, so no moment leaves a mix of
+    old and new files, and an interruption loses neither.  On any failure the temporary
+    folder is removed; an OSError becomes one OutputError line naming ``what``.
+    """
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp.chmod(0o755)
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} to {out}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write {what} to {out}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(out: Path, text: str) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from bnaudit import compare, record
+from bnaudit import check, compare, record
 from bnaudit.errors import InputError, MismatchError
 from bnaudit.report import compare_view
 
@@ -294,6 +294,17 @@ def test_closer_to_reference_when_both_carry_a_reference_block(runs):
     assert compare.compare_pair(rb, ra).closer_to_reference == {"linear1": "b", "bn1": "tie", "linear6": "a"}
     broken = dataclasses.replace(b, extra={"divergence": {"rows": "x", "correct_bits": 3}})
     assert compare.compare_pair(ra, broken).closer_to_reference is None
+    # Only weights series vote (the one definition, divergence.closer, that matrix and reports share) ...
+    activations = block([0, 3], [[24, 24, 24], [1, 1, 1]])
+    for series in activations["series"]:
+        series["what"] = "activations"
+    only_activations = dataclasses.replace(a, extra={"divergence": activations})
+    assert compare.compare_pair(only_activations, rb).closer_to_reference is None
+    # ... and a block with NaN bits is unreadable: no opinion here, an input error for check's bits:N.
+    nan = dataclasses.replace(a, extra={"divergence": block([0, 3], [[24, 24, 24], [float("nan"), 18, 9]])})
+    assert compare.compare_pair(nan, rb).closer_to_reference is None
+    with pytest.raises(InputError, match="NaN"):
+        check.reference_bits(nan)
 
 
 # --------------------------------------------------------------------------- many inputs

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from bnaudit import envinfo, matrix
 from bnaudit.controls import MKL_CBWR_BRANCHES
-from bnaudit.errors import ExitCode, RunFailed, UsageError
+from bnaudit.errors import ExitCode, OutputError, RunFailed, UsageError
 from bnaudit.spec import default_spec, load_spec
 
 # --------------------------------------------------------------------------- parsing
@@ -284,3 +284,22 @@ def test_interrupt_exits_130_and_says_how_to_resume(cli, tmp_path, monkeypatch):
     assert "interrupted with 0 of 1 configurations finished; re-run the same command to resume" in stderr
     assert stderr.count("\n") == 1
     assert not (tmp_path / "m" / ".matrix.lock").exists() and not (tmp_path / "m" / "summary.json").exists()
+
+
+def test_one_matrix_per_folder_and_a_dead_owners_lock_is_taken_over(cli, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    # A lock file left by a process that died (its pid, no flock held): taken over.
+    (folder / ".matrix.lock").write_text("999999999")
+    with matrix.FolderLock(folder):
+        assert (folder / ".matrix.lock").read_text() == str(os.getpid())
+        with pytest.raises(OutputError, match=rf"in use by another bnaudit matrix \(pid {os.getpid()}\)"), \
+                matrix.FolderLock(folder):
+            pass
+        # the CLI says so in one line, and runs nothing
+        code, _, stderr = cli("matrix", "--epochs", "1", "--out", str(folder))
+        assert code == ExitCode.OUTPUT and stderr.count("\n") == 1 and "in use by another bnaudit matrix" in stderr
+        assert not (folder / "runs").exists()
+    assert not (folder / ".matrix.lock").exists()
+    with matrix.FolderLock(folder):  # free again once released
+        pass

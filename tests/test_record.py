@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bnaudit import record
-from bnaudit.errors import InputError
+from bnaudit.errors import InputError, OutputError
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +112,28 @@ def test_output_folder_is_never_overwritten_by_default(run_dir):
 
     with pytest.raises(OutputError, match="already holds files"):
         record.prepare_output(run_dir, force=False)
+
+
+def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
+    """Shared by records, frozen inputs, the reference and reports: old or new, never a mix, no litter."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with record.atomic_folder(out, "test") as tmp:
+        assert tmp.parent == tmp_path and not out.joinpath("new.txt").exists()
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"], "the old folder's files are gone"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "no temporary folder left"
+
+    with pytest.raises(KeyboardInterrupt), record.atomic_folder(out, "test") as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"], "an interrupted write leaves the old folder"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    with pytest.raises(OutputError, match=r"^cannot write test to .*out: ") as info, \
+            record.atomic_folder(out, "test") as tmp:
+        (tmp / "missing" / "x").write_text("no such folder")
+    assert "\n" not in info.value.message
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -53,9 +53,9 @@ from typing import Any
 import mpmath
 import numpy as np
 
+from bnaudit import record
 from bnaudit.errors import Interrupted, OutputError, ReferenceFailure, UsageError
 from bnaudit.frozen import FrozenInputs
-from bnaudit.record import probe_indices
 from bnaudit.reference import engine, store
 from bnaudit.spec import ExperimentSpec
 
@@ -98,7 +98,7 @@ class Trajectory:
         self.spec = spec
         self.ctx = engine.new_context(prec)
         self.net = engine.Network(spec, self.ctx, frozen.init, frozen.inputs, frozen.targets)
-        self.probe_x = [self.net.inputs[int(i)] for i in probe_indices(spec)]
+        self.probe_x = [self.net.inputs[int(i)] for i in record.probe_indices(spec)]
 
     def row_values(self) -> list[Any]:
         """Parameters, buffers, probe activations (blocks per module, sample-major), losses."""
@@ -443,18 +443,10 @@ def write(out: Path, spec: ExperimentSpec, frozen: FrozenInputs, results: list[R
         },
         "files": files,
     }
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
-        tmp.chmod(0o755)
+    with record.atomic_folder(out, "the reference") as tmp:
         for name, blob in blobs.items():
             (tmp / name).write_bytes(blob)
         (tmp / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except OSError as exc:
-        raise OutputError(f"cannot write the reference to {out}: {exc.strerror or exc}") from None
 
 
 def _columns_dict(spec: ExperimentSpec) -> dict[str, int]:

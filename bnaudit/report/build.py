@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -733,21 +731,10 @@ def write_report(paths: Sequence[Path], out: Path, *, force: bool = False) -> Wr
         if target == folder or target in folder.parents or folder in target.parents:
             raise OutputError(f"--out {out} overlaps the input {r.path}; write the report elsewhere")
     record.prepare_output(out, force=force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)
+    with record.atomic_folder(out, "report") as tmp:
         figs = figures.render_all(report, tmp / "figures")
         (tmp / "report.md").write_text(markdown.render(report, figs), encoding="utf-8")
         # index.html last: a report folder is complete when it is there.
         (tmp / "index.html").write_text(html.render(report, figs, tmp), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write report to {out}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = tuple(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()))
     return WrittenReport(out=out, files=files, seconds=time.perf_counter() - started, report=report)
