@@ -28,10 +28,10 @@ exactly as integers at its smallest exponent (``_fixed``), so that a dot product
 C-level sum of integer products and one rounding.  On converted vectors that is 4.5
 times as fast as mpmath's ``mpf_sum`` of exact ``mpf_mul`` products, with the same bits;
 a Linear layer converts each weight row once per step and each input row once, and
-reuses them for the whole batch.)  One training step is a few hundred operations deep, so one
-step loses at most ~10 bits to rounding; what costs precision is the chaos of training,
-which amplifies any perturbation by about e^0.16 per epoch (0.23 bits per epoch) in the
-first hundred epochs.  That growth is not estimated here but measured: the build
+reuses them for the whole batch.)  One training step is a few hundred operations deep,
+so one step loses at most ~10 bits to rounding; what costs precision is the chaos of
+training, which amplifies any perturbation by about e^0.16 per epoch (0.23 bits per
+epoch) in the first hundred epochs.  That growth is not estimated here but measured: the build
 (``build.py``) runs the trajectory at two precisions and stores only what they agree on.
 
 No torch and no numpy in the arithmetic: numpy is only touched to read the frozen
@@ -159,8 +159,8 @@ class BatchNorm1d:
             xj = [xn[j] for xn in x]
             mean = _sum(ctx, xj) / n
             centred = [v - mean for v in xj]
-            c = _fixed(centred)
-            var = _dot_fixed(ctx, c, c) / n                    # biased: normalisation uses it
+            exact_centred = _fixed(centred)
+            var = _dot_fixed(ctx, exact_centred, exact_centred) / n     # biased: normalisation uses it
             invstd = 1 / ctx.sqrt(var + self.eps)
             xhat = [c * invstd for c in centred]
             w, b = self.weight[j], self.bias[j]
@@ -179,9 +179,9 @@ class BatchNorm1d:
         grad_weight, grad_bias, grad_cols = [], [], []
         for j, (xhat, invstd) in enumerate(cache):
             g = [gn[j] for gn in grad_out]
-            gf = _fixed(g)
-            sum_g = _sum_fixed(ctx, gf)
-            sum_g_xhat = _dot_fixed(ctx, gf, _fixed(xhat))
+            exact_g = _fixed(g)
+            sum_g = _sum_fixed(ctx, exact_g)
+            sum_g_xhat = _dot_fixed(ctx, exact_g, _fixed(xhat))
             grad_weight.append(sum_g_xhat)                       # d out / d weight = xhat
             grad_bias.append(sum_g)                              # d out / d bias = 1
             # d xhat: dx_i = weight * invstd / n * (n g_i - sum g - xhat_i sum g xhat)
@@ -233,8 +233,8 @@ def mse(ctx: mpmath.MPContext, pred: Vector, y: Vector) -> tuple[Any, Vector]:
     """MSE (mean over the batch) and its gradient 2 (pred - y) / n."""
     n = len(pred)
     diff = [p - t for p, t in zip(pred, y)]
-    d = _fixed(diff)
-    loss = _dot_fixed(ctx, d, d) / n
+    exact_diff = _fixed(diff)
+    loss = _dot_fixed(ctx, exact_diff, exact_diff) / n
     return loss, [2 * d / n for d in diff]
 
 
