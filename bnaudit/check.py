@@ -44,7 +44,9 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -766,3 +768,125 @@ def _baseline_config(baseline: Baseline) -> RunConfig:
         return RunConfig.from_dict(raw)
     except (KeyError, TypeError, ValueError):
         raise InputError(f"{baseline.path}: malformed run request in config") from None
+
+
+# --------------------------------------------------------------------------- the commands
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """The run options of ``bnaudit check`` and ``bnaudit baseline create|update`` (None: not given)."""
+
+    dtype: str | None = None
+    threads: int | None = None
+    isa: str | None = None
+    deterministic: bool | None = None
+    epochs: int | None = None
+    profile: str | None = None
+    spec: Path | None = None
+
+    def given(self) -> list[str]:
+        """The flags given, as the user typed them."""
+        return [f"--{f.name}" for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def load_spec(self) -> ExperimentSpec | None:
+        if self.spec is None:
+            return None
+        from bnaudit.spec import load_spec
+
+        return load_spec(self.spec)
+
+
+Announce = Callable[[str], None]
+"""Where a command says what it is about to run (the CLI: stderr; None: silence)."""
+
+
+def execute(spec: ExperimentSpec, config: RunConfig, folder: Path, announce: Announce | None) -> tuple[Fingerprint,
+                                                                                                       float]:
+    """One run in its own process (``launch.run``: controls applied there); its fingerprint and wall time."""
+    from bnaudit import launch
+
+    if announce is not None:
+        announce(f"bnaudit: running {config.controls.label()} for {config.epochs} epochs")
+    started = time.perf_counter()
+    launch.run(spec, config, folder)
+    return record.load(folder), time.perf_counter() - started
+
+
+def gate(baseline_paths: Sequence[Path], *, records: Sequence[Path] = (), options: RunOptions = RunOptions(),
+         tolerance: str = "exact", accept_paths: Sequence[Path] = (), out: Path | None = None,
+         announce: Announce | None = None) -> CheckResult:
+    """``bnaudit check``: run the experiment per baseline (or take ``records``) and judge it.
+
+    ``options.dtype`` picks the baselines to check; the other options override their
+    run configuration.  Every option is checked before any run starts.
+    """
+    policy = parse_tolerance(tolerance)
+    if options.profile is not None:
+        profile_epochs(options.profile, 1)  # reject a bad name before any work
+    if not baseline_paths:
+        raise UsageError("--baseline FILE is required (make one with bnaudit baseline create)")
+    if accept_paths and not policy.is_drift:
+        raise UsageError(f"--accept-class names known drift classes; it has no meaning with --tolerance {policy}")
+    baselines = [load_baseline(p) for p in baseline_paths]
+    classes = load_accept_classes(accept_paths)
+    validate_accept_classes(classes, baselines)
+    experiment = options.load_spec()
+    accepted = [str(p) for p in accept_paths]
+    if records:
+        given = options.given() + (["--out"] if out is not None else [])
+        if given:
+            raise UsageError(f"--record checks an existing run; {', '.join(given)} cannot be combined with it")
+        pairs = pair_candidates(baselines, [record.load(r) for r in records])
+        return run_check(pairs, policy, accept=classes, accept_paths=accepted)
+    chosen = [b for b in baselines if options.dtype is None or b.dtype == options.dtype]
+    if not chosen:
+        raise MismatchError(f"no baseline for dtype {options.dtype} (baselines: "
+                            f"{', '.join(sorted({b.dtype for b in baselines}))})")
+    pair_candidates(chosen, [])  # refuses two baselines of one dtype
+    plans = [plan_run(b, threads=options.threads, isa=options.isa, deterministic=options.deterministic,
+                      epochs=options.epochs, profile=options.profile, spec=experiment) for b in chosen]
+    pairs, seconds = [], []
+    with tempfile.TemporaryDirectory(prefix="bnaudit-check-") as tmp:
+        root = out if out is not None else Path(tmp)
+        for b, (exp, config) in zip(chosen, plans, strict=True):
+            fp, took = execute(exp, config, root / config.controls.label(), announce)
+            pairs.append((b, fp))
+            seconds.append(took)
+        return run_check(pairs, policy, accept=classes, accept_paths=accepted, seconds=seconds)
+
+
+def make_baseline(out: Path, *, source: Path | None = None, options: RunOptions = RunOptions(),
+                  update: bool = False, force: bool = False, announce: Announce | None = None) -> Baseline:
+    """``bnaudit baseline create|update``: from ``source`` (a record), or from a run made here.
+
+    ``update`` runs the existing baseline's configuration (options override it); every
+    refusal comes before the run, not after it.
+    """
+    if options.profile is not None:
+        profile_epochs(options.profile, 1)
+    if source is not None:
+        given = options.given()
+        if given:
+            raise UsageError(f"--record makes the baseline from an existing run; {', '.join(given)} "
+                             "cannot be combined with it")
+        return write_baseline(out, source, update=update, force=force)
+    if not update and out.exists() and not force:
+        raise OutputError(f"{out} already exists; use bnaudit baseline update, or --force")
+    old = None
+    if update:
+        if not out.exists():
+            raise InputError(f"{out}: no baseline to update; make one with bnaudit baseline create")
+        try:
+            old = load_baseline(out)
+        except InputError as exc:
+            if not force:
+                raise InputError(f"{exc.message} (pass --force to replace it)") from None
+        if old is not None and options.dtype is not None and options.dtype != old.dtype and not force:
+            raise MismatchError(f"{out} is a {old.dtype} baseline, not {options.dtype}; pass --force to replace it")
+    experiment, config = plan_run(old, dtype=options.dtype, threads=options.threads, isa=options.isa,
+                                  deterministic=options.deterministic, epochs=options.epochs,
+                                  profile=options.profile, spec=options.load_spec(), allow_longer=True)
+    with tempfile.TemporaryDirectory(prefix="bnaudit-baseline-") as tmp:
+        folder = Path(tmp) / config.controls.label()
+        execute(experiment, config, folder, announce)
+        return write_baseline(out, folder, update=update, force=force)

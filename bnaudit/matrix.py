@@ -398,8 +398,12 @@ def prepare_folder(plan: Plan, out: Path, *, force: bool) -> None:
     record.write_text_atomic(manifest_path, json.dumps(plan.manifest(), sort_keys=True, indent=1) + "\n")
 
 
-def finished(plan: Plan, run: PlannedRun, out: Path) -> record.Record | None:
-    """The run's record if its folder holds a complete, intact record of this spec and config."""
+def finished(plan: Plan, run: PlannedRun, out: Path, *, with_reference: bool = True) -> record.Record | None:
+    """The run's record if its folder holds a complete, intact record of this spec and config.
+
+    ``with_reference``: with its divergence from the mpmath reference attached (computed
+    here for records that lack it; the resume check does not need it).
+    """
     folder = out / run.folder
     if not (folder / "record.json").exists():
         return None
@@ -409,7 +413,7 @@ def finished(plan: Plan, run: PlannedRun, out: Path) -> record.Record | None:
         return None
     if rec.spec.hash != plan.spec_of(run.variant).hash or rec.fingerprint.config != run.config.to_dict():
         return None
-    return divergence.attach(rec)
+    return divergence.attach(rec) if with_reference else rec
 
 
 def _clean_partials(out: Path) -> None:
@@ -505,7 +509,7 @@ def execute(plan: Plan, out: Path, *, jobs: int = 1, force: bool = False, on_eve
             frozen.load(variant.spec)  # generate a custom spec's frozen inputs once, not in racing children
         pending, resumed = [], []
         for run in plan.runs:
-            if finished(plan, run, out) is not None:
+            if finished(plan, run, out, with_reference=False) is not None:
                 resumed.append(run.key)
                 emit(MatrixEvent("resumed", run))
             else:

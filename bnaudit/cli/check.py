@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -16,9 +14,6 @@ from bnaudit.controls import DTYPES, ISAS
 
 if TYPE_CHECKING:
     from bnaudit.check import Baseline
-    from bnaudit.controls import RunConfig
-    from bnaudit.record import Fingerprint
-    from bnaudit.spec import ExperimentSpec
 
 STEP_SUMMARY_VARIABLE = "GITHUB_STEP_SUMMARY"
 
@@ -32,27 +27,9 @@ ProfileOption = Annotated[str | None, typer.Option(
     metavar="smoke|full", help="smoke: a few epochs, for every commit; full: the spec's epochs, for nightly jobs.")]
 
 
-def _run_options_given(**options: object) -> list[str]:
-    return [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
-
-
-def _execute(spec: ExperimentSpec, config: RunConfig, folder: Path, *, quiet: bool) -> tuple[Fingerprint, float]:
-    """One run in its own process (controls applied there); its fingerprint and wall time."""
-    from bnaudit import launch, record
-
-    if not quiet:
-        typer.echo(f"bnaudit: running {config.controls.label()} for {config.epochs} epochs", err=True)
-    started = time.perf_counter()
-    launch.run(spec, config, folder)
-    return record.load(folder), time.perf_counter() - started
-
-
-def _load_spec(path: Path | None) -> ExperimentSpec | None:
-    if path is None:
-        return None
-    from bnaudit.spec import load_spec
-
-    return load_spec(path)
+def _announce(line: str) -> None:
+    """Say on stderr which run is about to start (stdout is the verdict's)."""
+    typer.echo(line, err=True)
 
 
 def check(
@@ -85,46 +62,14 @@ def check(
     comparison (another experiment or dtype), 8 bits:N without a reference divergence.
     """
     from bnaudit import check as core
-    from bnaudit import envinfo, record
-    from bnaudit.errors import MismatchError, UsageError
+    from bnaudit import envinfo
     from bnaudit.report import ci_summary
     from bnaudit.report import junit as junit_report
 
-    policy = core.parse_tolerance(tolerance)
-    if profile is not None:
-        core.profile_epochs(profile, 1)  # reject a bad name before any work
-    if not baseline:
-        raise UsageError("--baseline FILE is required (make one with bnaudit baseline create)")
-    if accept_class and not policy.is_drift:
-        raise UsageError(f"--accept-class names known drift classes; it has no meaning with --tolerance {policy}")
-    baselines = [core.load_baseline(p) for p in baseline]
-    classes = core.load_accept_classes(accept_class or [])
-    core.validate_accept_classes(classes, baselines)
-    experiment = _load_spec(spec)
-    accepted = [str(p) for p in accept_class or []]
-    if run_record:
-        given = _run_options_given(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
-                                   epochs=epochs, spec=spec, profile=profile, out=out)
-        if given:
-            raise UsageError(f"--record checks an existing run; {', '.join(given)} cannot be combined with it")
-        pairs = core.pair_candidates(baselines, [record.load(r) for r in run_record])
-        result = core.run_check(pairs, policy, accept=classes, accept_paths=accepted)
-    else:
-        chosen = [b for b in baselines if dtype is None or b.dtype == dtype]
-        if not chosen:
-            raise MismatchError(f"no baseline for dtype {dtype} (baselines: "
-                                f"{', '.join(sorted({b.dtype for b in baselines}))})")
-        core.pair_candidates(chosen, [])  # refuses two baselines of one dtype
-        plans = [core.plan_run(b, threads=threads, isa=isa, deterministic=deterministic, epochs=epochs,
-                               profile=profile, spec=experiment) for b in chosen]
-        pairs, seconds = [], []
-        with tempfile.TemporaryDirectory(prefix="bnaudit-check-") as tmp:
-            root = out if out is not None else Path(tmp)
-            for b, (exp, config) in zip(chosen, plans, strict=True):
-                fp, took = _execute(exp, config, root / config.controls.label(), quiet=as_json)
-                pairs.append((b, fp))
-                seconds.append(took)
-            result = core.run_check(pairs, policy, accept=classes, accept_paths=accepted, seconds=seconds)
+    options = core.RunOptions(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic, epochs=epochs,
+                              profile=profile, spec=spec)
+    result = core.gate(baseline or [], records=run_record or [], options=options, tolerance=tolerance,
+                       accept_paths=accept_class or [], out=out, announce=None if as_json else _announce)
     if junit is not None:
         junit_report.write(junit, result)
     summary_file = envinfo.environ().get(STEP_SUMMARY_VARIABLE)
@@ -140,42 +85,6 @@ def check(
 
 baseline_app = typer.Typer(help="Baselines for bnaudit check: a vetted fingerprint with the environment it came from.",
                            no_args_is_help=True)
-
-
-def _make_baseline(out: Path, run_record: Path | None, *, update: bool, force: bool, dtype: str | None,
-                   threads: int | None, isa: str | None, deterministic: bool | None, epochs: int | None,
-                   profile: str | None, spec: Path | None) -> Baseline:
-    from bnaudit import check as core
-    from bnaudit.errors import InputError, MismatchError, OutputError, UsageError
-
-    if profile is not None:
-        core.profile_epochs(profile, 1)
-    if run_record is not None:
-        given = _run_options_given(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
-                                   epochs=epochs, profile=profile, spec=spec)
-        if given:
-            raise UsageError(f"--record makes the baseline from an existing run; {', '.join(given)} "
-                             "cannot be combined with it")
-        return core.write_baseline(out, run_record, update=update, force=force)
-    if not update and out.exists() and not force:  # fail before a long run, not after it
-        raise OutputError(f"{out} already exists; use bnaudit baseline update, or --force")
-    old = None
-    if update:
-        if not out.exists():
-            raise InputError(f"{out}: no baseline to update; make one with bnaudit baseline create")
-        try:
-            old = core.load_baseline(out)
-        except InputError as exc:
-            if not force:
-                raise InputError(f"{exc.message} (pass --force to replace it)") from None
-        if old is not None and dtype is not None and dtype != old.dtype and not force:
-            raise MismatchError(f"{out} is a {old.dtype} baseline, not {dtype}; pass --force to replace it")
-    experiment, config = core.plan_run(old, dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
-                                       epochs=epochs, profile=profile, spec=_load_spec(spec), allow_longer=True)
-    with tempfile.TemporaryDirectory(prefix="bnaudit-baseline-") as tmp:
-        folder = Path(tmp) / config.controls.label()
-        _execute(experiment, config, folder, quiet=False)
-        return core.write_baseline(out, folder, update=update, force=force)
 
 
 def _render_baseline(b: Baseline, verb: str, as_json: bool) -> None:
@@ -216,8 +125,12 @@ def _baseline_command(update: bool, doc: str) -> Callable[..., int]:
         force: ForceOption = False,
         as_json: JsonOption = False,
     ) -> int:
-        b = _make_baseline(out, run_record, update=update, force=force, dtype=dtype, threads=threads, isa=isa,
-                           deterministic=deterministic, epochs=epochs, profile=profile, spec=spec)
+        from bnaudit import check as core
+
+        options = core.RunOptions(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
+                                  epochs=epochs, profile=profile, spec=spec)
+        b = core.make_baseline(out, source=run_record, options=options, update=update, force=force,
+                               announce=_announce)
         _render_baseline(b, "updated" if update else "wrote", as_json)
         return 0
 
