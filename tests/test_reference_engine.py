@@ -328,3 +328,8 @@ def test_dot_and_sum_are_the_exact_value_rounded_once(terms, prec):
     for got, exact in ((engine._dot(ctx, a, b), exact_dot), (engine._sum(ctx, a), exact_sum)):
         want = from_rational(exact.numerator, exact.denominator, prec, "n")
         assert got._mpf_ == want
+    # Straight from Python floats (the operator audit's path): the same exact value.
+    xs, ys = [x for x, _, _ in terms], [y for _, y, _ in terms]
+    exact_floats = sum(Fraction(x) * Fraction(y) for x, y in zip(xs, ys))
+    got = engine._dot_fixed(ctx, engine._fixed_floats(xs), engine._fixed_floats(ys))
+    assert got._mpf_ == from_rational(exact_floats.numerator, exact_floats.denominator, prec, "n")

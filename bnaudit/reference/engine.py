@@ -76,6 +76,13 @@ def _fixed(v: Sequence[Any]) -> Fixed:
     return [(-man if sign else man) << (e - exp) if man else 0 for sign, man, e, _ in parts], exp
 
 
+def _fixed_floats(v: Sequence[float]) -> Fixed:
+    """The exact integer form of a vector of finite Python floats (each is n / 2^k exactly)."""
+    ratios = [x.as_integer_ratio() for x in v]
+    big = max((d for _, d in ratios), default=1)                    # the largest 2^k
+    return [n * (big // d) for n, d in ratios], 1 - big.bit_length()
+
+
 def _dot_fixed(ctx: mpmath.MPContext, a: Fixed, b: Fixed) -> Any:
     """sum a_k b_k over two exact integer vectors: products and sum exact, rounded once to ctx.prec."""
     prec, rnd = ctx._prec_rounding
