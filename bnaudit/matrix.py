@@ -922,8 +922,6 @@ def _series(pc: Any) -> tuple[tuple[int, float], ...]:
 
 def reference_bits(fp: record.Fingerprint) -> tuple[int, dict[str, float]] | None:
     """(last row, correct bits per series there) from the run's divergence block; None if absent or unreadable."""
-    from bnaudit import divergence
-
     block = fp.extra.get("divergence")
     if not isinstance(block, dict):
         return None

@@ -79,6 +79,22 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> RunFactory:
 
 
 @pytest.fixture(scope="session")
+def compare_runs(make_run: RunFactory, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The real 3-epoch runs test_compare and test_compare_cli compare (test_run shares some by request)."""
+    nobn = tmp_path_factory.getbasetemp() / "compare-nobn.toml"
+    nobn.write_text("[model]\nbatchnorm = false\n")
+    return {
+        "t1": make_run(3, threads=1),
+        "same": make_run(3, dtype="float32", threads=1),
+        "rerun": make_run(3, key="rerun", dtype="float32", threads=1),
+        "t2": make_run(3, threads=2),
+        "perturb": make_run(3, perturb="linear1.weight[0,0]:1"),
+        "bf16": make_run(2, dtype="bfloat16"),
+        "nobn": make_run(3, spec_path=nobn),
+    }
+
+
+@pytest.fixture(scope="session")
 def cpu_isas() -> list[str]:
     return envinfo.supported_isas()
 

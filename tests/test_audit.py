@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import json
 
-import mpmath
 import numpy as np
 import pytest
 import torch
 
 from bnaudit import audit, controls, frozen, record, runner
 from bnaudit.spec import default_spec
-
-
-@pytest.fixture(autouse=True)
-def _restore_numeric_state():
-    prec, threads = mpmath.mp.prec, torch.get_num_threads()
-    yield
-    mpmath.mp.prec = prec
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

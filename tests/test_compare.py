@@ -20,19 +20,8 @@ EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def runs(make_run, tmp_path_factory):
-    """Record folders of real runs (shared with test_run where the request is the same)."""
-    nobn = tmp_path_factory.getbasetemp() / "compare-nobn.toml"  # one path: the session cache shares the run
-    nobn.write_text("[model]\nbatchnorm = false\n")
-    return {
-        "t1": make_run(EPOCHS, threads=1),
-        "same": make_run(EPOCHS, dtype="float32", threads=1),
-        "rerun": make_run(EPOCHS, key="rerun", dtype="float32", threads=1),
-        "t2": make_run(EPOCHS, threads=2),
-        "perturb": make_run(EPOCHS, perturb="linear1.weight[0,0]:1"),
-        "bf16": make_run(2, dtype="bfloat16"),
-        "nobn": make_run(EPOCHS, spec_path=nobn),
-    }
+def runs(compare_runs):
+    return compare_runs
 
 
 def load(runs, name: str, kind: str = "record") -> record.Fingerprint:

@@ -12,21 +12,10 @@ import pytest
 from bnaudit import record
 from bnaudit.errors import ExitCode
 
-EPOCHS = 3
-
 
 @pytest.fixture(scope="module")
-def runs(make_run, tmp_path_factory):
-    """The same real runs as test_compare (the session cache makes them once)."""
-    nobn = tmp_path_factory.getbasetemp() / "compare-nobn.toml"  # one path: the session cache shares the run
-    nobn.write_text("[model]\nbatchnorm = false\n")
-    return {
-        "t1": make_run(EPOCHS, threads=1),
-        "rerun": make_run(EPOCHS, key="rerun", dtype="float32", threads=1),
-        "t2": make_run(EPOCHS, threads=2),
-        "perturb": make_run(EPOCHS, perturb="linear1.weight[0,0]:1"),
-        "nobn": make_run(EPOCHS, spec_path=nobn),
-    }
+def runs(compare_runs):
+    return compare_runs
 
 
 def one_error_line(err: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import mpmath
 import numpy as np
 import pytest
 import torch
@@ -18,14 +17,6 @@ from bnaudit.reference import build, store
 from bnaudit.spec import default_spec
 
 EPOCHS = 2
-
-
-@pytest.fixture(autouse=True)
-def _restore_numeric_state():
-    prec, threads = mpmath.mp.prec, torch.get_num_threads()
-    yield
-    mpmath.mp.prec = prec
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import mpmath
 import numpy as np
 import pytest
 
@@ -18,13 +17,6 @@ from bnaudit.reference import build, engine, store
 from bnaudit.spec import default_spec, from_dict
 
 PREC, CHECK = 128, 192  # agree on ~37 digits over two epochs: enough for a 30-digit threshold
-
-
-@pytest.fixture(autouse=True)
-def _restore_mpmath():
-    prec = mpmath.mp.prec
-    yield
-    mpmath.mp.prec = prec
 
 
 def _small_spec():

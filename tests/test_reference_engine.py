@@ -18,16 +18,6 @@ from bnaudit import bits, controls, frozen, runner
 from bnaudit.reference import engine
 from bnaudit.spec import default_spec, from_dict
 
-
-@pytest.fixture(autouse=True)
-def _restore_numeric_state():
-    prec, threads, dtype = mpmath.mp.prec, torch.get_num_threads(), torch.get_default_dtype()
-    yield
-    mpmath.mp.prec = prec
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
-
-
 # --------------------------------------------------------------------------- hand-checkable case
 #
 # One BN unit: x = (1, 2, 4) -> Linear(1,1) w1=0.5 b1=-0.25 -> BatchNorm1d(1) weight 1.5 bias
