@@ -1,7 +1,7 @@
 """`bnaudit matrix -j 2` against `-j 1` on a grid of single-thread runs: the wall-time ratio.
 
 Both matrices are the same grid (default: float32, float64, bfloat16 x isa default, avx2,
-1 thread each), run by ``bnaudit.matrix.execute`` from this one process into fresh
+1 thread each), run by ``bnaudit.matrix.execute.execute`` from this one process into fresh
 folders, alternating -j 1 and -j 2 so that machine noise hits both alike.  Each run's
 thread settings are checked from its record's read-back.  Prints the wall time of each
 matrix, the median ratio (target: at most 0.6 on a 2-core machine) and the machine's
@@ -37,12 +37,13 @@ def main() -> None:
     parser.add_argument("--isa", default="default,avx2")
     args = parser.parse_args()
 
-    from bnaudit import matrix
+    from bnaudit.cli.lists import split_list
+    from bnaudit.matrix.execute import execute, threads_honoured
+    from bnaudit.matrix.plan import Grid, Variant, make_plan
     from bnaudit.spec import default_spec
 
-    grid = matrix.Grid(dtype=tuple(matrix.split_list(args.dtype, "--dtype")), threads=(1,),
-                       isa=tuple(matrix.split_list(args.isa, "--isa")))
-    plan = matrix.make_plan([matrix.Variant("default", default_spec())], grid, epochs=args.epochs, audit_every=0)
+    grid = Grid(dtype=tuple(split_list(args.dtype, "--dtype")), threads=(1,), isa=tuple(split_list(args.isa, "--isa")))
+    plan = make_plan([Variant("default", default_spec())], grid, epochs=args.epochs, audit_every=0)
     root = Path(tempfile.mkdtemp(prefix="bench-matrix-"))
     print(f"grid: {len(plan.runs)} single-thread runs of {args.epochs} epochs ({args.dtype} x isa {args.isa})")
     print(f"before: {uptime()}")
@@ -51,12 +52,12 @@ def main() -> None:
         for r in range(args.repeats):
             for jobs in (1, 2):
                 out = root / f"j{jobs}-{r}"
-                done = matrix.execute(plan, out, jobs=jobs)
+                done = execute(plan, out, jobs=jobs)
                 if done.failures:
                     raise SystemExit(f"-j {jobs}: {done.failures[0].key} failed: {done.failures[0].message}")
                 for run in plan.runs:
                     effective = json.loads((out / run.folder / "record.json").read_text())["effective"]
-                    assert matrix.threads_honoured(1, effective) is None, (run.key, effective)
+                    assert threads_honoured(1, effective) is None, (run.key, effective)
                 walls[jobs].append(done.wall_seconds)
                 print(f"  -j {jobs}: {done.wall_seconds:.1f} s")
                 shutil.rmtree(out)

@@ -54,7 +54,7 @@ def main() -> None:
     make_matrix(folder, args.epochs, args.jobs)  # resumes: finished runs are not redone
 
     from bnaudit import record
-    from bnaudit.report import build
+    from bnaudit.report import writer
 
     runs = sorted(p for p in (folder / "runs").iterdir() if (p / "record.json").exists())
     assert len(runs) == 12, f"expected 12 runs in {folder}, found {len(runs)}"
@@ -66,7 +66,7 @@ def main() -> None:
                 record.load_record(r)
             load_times.append(time.perf_counter() - started)
             started = time.perf_counter()
-            written = build.write_report([folder], Path(tmp) / f"rep{i}")
+            written = writer.write_report([folder], Path(tmp) / f"rep{i}")
             report_times.append(time.perf_counter() - started)
         figures = [f for f in written.files if f.endswith(".png")]
         size = sum((written.out / f).stat().st_size for f in written.files)

@@ -1,3 +1,43 @@
-from bnaudit.cli import entry
+"""The ``bnaudit`` command (``python -m bnaudit`` and the console script).
 
-entry()
+The entry point is here, outside ``bnaudit.cli``, so that a signal that arrives while
+the CLI and its libraries are still being imported is one line and an exit code like
+any other, never a traceback.  SIGTERM is handled as SIGINT is: the code that cleans
+up after Ctrl-C (temporary folders, child processes, locks) runs for both.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+INTERRUPTED = 130  # errors.ExitCode.INTERRUPTED, before anything else is imported
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    sys.stderr.write("bnaudit: error: interrupted\n")
+    sys.stderr.flush()
+    return INTERRUPTED
+
+
+def entry() -> None:
+    """Run the CLI; every failure, signals during start-up included, is one line and a code."""
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+        from bnaudit.cli import main
+    except KeyboardInterrupt:
+        sys.exit(_interrupted())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # after main's own handlers, e.g. while its error line is written
+        code = _interrupted()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()

@@ -12,7 +12,7 @@ detail both have and says which it used (``granularity``):
 - epoch rows (0 = initial state, e+1 = end of epoch e): a 64-bit digest per tensor in
   records -> "epoch-tensor"; a 32-bit digest per (phase, layer) group in fingerprints ->
   "epoch-group";
-- parameter values: at every epoch row in records, at ``record.fingerprint_rows(epochs)``
+- parameter values: at every epoch row in records, at ``layout.keyframe_schedule(epochs)``
   in fingerprints.  Where both have values, element counts and ulp distances (in the
   runs' storage dtype, ``bits.ulp_distance``) are exact; where only digests exist
   (tensors inside a step), only "differs" is known.
@@ -47,6 +47,7 @@ import numpy as np
 from bnaudit import bits, divergence
 from bnaudit.errors import InputError, MismatchError
 from bnaudit.record import Fingerprint, TensorKey
+from bnaudit.spec import ExperimentSpec
 
 GRANULARITIES = ("step", "epoch-tensor", "epoch-group", "epoch-row")
 SATURATION_BAND = math.log(10.0)
@@ -148,7 +149,7 @@ class PairComparison:
     storage: str = "float32"
     """Storage dtype of a ("a/b" when they differ)."""
     labels: tuple[str, str] = ("", "")
-    """Short configuration labels of a and b (dtype_threads_isa)."""
+    """Configuration labels of a and b (``Fingerprint.label``)."""
     spec_differences: tuple[str, ...] = ()
     """What differs between the experiments (non-empty only with allow_different_spec)."""
     final_train_loss: tuple[float, float] = (math.nan, math.nan)
@@ -219,33 +220,38 @@ def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def label(fp: Fingerprint) -> str:
-    """A short configuration label (dtype_threads_isa), robust to odd config blocks."""
-    c = fp.config.get("controls") if isinstance(fp.config, Mapping) else None
-    if not isinstance(c, Mapping) or not c:
-        return fp.source
-    return "_".join(str(c.get(k)) for k in ("dtype", "threads", "isa"))
-
-
-def spec_differences(a: Fingerprint, b: Fingerprint) -> tuple[str, ...]:
-    """Every spec field that differs, as "section.key: value in a vs value in b"."""
+def spec_differences(a: ExperimentSpec, b: ExperimentSpec) -> tuple[str, ...]:
+    """Every field in which two specs differ, as "key: a vs b"."""
     fa: dict[str, Any] = {}
     fb: dict[str, Any] = {}
-    _flat(a.spec.to_dict(), "", fa)
-    _flat(b.spec.to_dict(), "", fb)
+    _flat(a.to_dict(), "", fa)
+    _flat(b.to_dict(), "", fb)
     keys = sorted(set(fa) | set(fb))
     return tuple(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k))
 
 
-def mismatches(a: Fingerprint, b: Fingerprint) -> list[str]:
-    """What makes a and b runs of different experiments (empty: same experiment)."""
+def experiment_differences(a: ExperimentSpec, b: ExperimentSpec, frozen_a: str | None = None,
+                           frozen_b: str | None = None) -> list[str]:
+    """What makes two runs runs of different experiments: the spec, and the frozen inputs when both are known.
+
+    The one definition behind every "another experiment" refusal (compare, check, baseline update).
+    """
     out = []
-    if a.spec.hash != b.spec.hash:
+    if a.hash != b.hash:
         diffs = spec_differences(a, b)
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
-        out.append(f"different spec ({a.spec.short_hash} vs {b.spec.short_hash}: {shown or 'hash only'})")
-    if a.frozen != b.frozen:
-        out.append(f"different frozen inputs ({a.frozen[:12]} vs {b.frozen[:12]})")
+        out.append(f"different spec ({a.short_hash} vs {b.short_hash}: {shown or 'hash only'})")
+    if frozen_a is not None and frozen_b is not None and frozen_a != frozen_b:
+        out.append(f"different frozen inputs ({frozen_a[:12]} vs {frozen_b[:12]})")
+    return out
+
+
+def mismatches(a: Fingerprint, b: Fingerprint) -> list[str]:
+    """What makes a and b runs that compare refuses to compare (empty: comparable).
+
+    Another experiment, another storage dtype or another length.
+    """
+    out = experiment_differences(a.spec, b.spec, a.frozen, b.frozen)
     if a.storage != b.storage:
         out.append(f"different storage dtype ({a.storage} vs {b.storage})")
     if a.epochs != b.epochs:
@@ -298,7 +304,7 @@ def _param_columns(a: Fingerprint, b: Fingerprint) -> list[tuple[str, str, np.nd
 
 
 def _row_index(fp: Fingerprint, row: int) -> int | None:
-    hit = np.flatnonzero(fp.snapshot_rows == row)
+    hit = np.flatnonzero(fp.keyframe_rows == row)
     return int(hit[0]) if len(hit) else None
 
 
@@ -311,7 +317,7 @@ def _values(a: Fingerprint, b: Fingerprint, row: int, name: str) -> tuple[float,
     if ra is None or rb is None or not cols:
         return None
     _, _, ca, cb = cols[0]
-    va, vb = a.snapshots[ra, ca], b.snapshots[rb, cb]
+    va, vb = a.keyframes[ra, ca], b.keyframes[rb, cb]
     ulps = bits.ulp_distance(va, vb, a.storage)
     differ = bits.as_bits(va, a.storage) != bits.as_bits(vb, b.storage)
     return float(differ.mean()), int(ulps.max()) if len(ulps) else 0, len(va)
@@ -362,12 +368,12 @@ def _check_snapshots_consistent(a: Fingerprint, b: Fingerprint, row_differs: np.
     """Where the digests say two rows are identical, their parameter values must be too."""
     if a.storage != b.storage or a.params != b.params:
         return
-    rows, ia, ib = np.intersect1d(a.snapshot_rows, b.snapshot_rows, return_indices=True)
+    rows, ia, ib = np.intersect1d(a.keyframe_rows, b.keyframe_rows, return_indices=True)
     same = rows < len(row_differs)
     same[same] = ~row_differs[rows[same]]
     if same.any():
-        ba = bits.as_bits(a.snapshots[ia[same]], a.storage)
-        bb = bits.as_bits(b.snapshots[ib[same]], b.storage)
+        ba = bits.as_bits(a.keyframes[ia[same]], a.storage)
+        bb = bits.as_bits(b.keyframes[ib[same]], b.storage)
         bad = np.flatnonzero((ba != bb).any(axis=1))
         if len(bad):
             r = int(rows[same][bad[0]])
@@ -432,12 +438,33 @@ def first_difference(a: Fingerprint, b: Fingerprint, *, epochs: int | None = Non
     return diff, granularity, len(step_rows), n_rows
 
 
+def element_distances(a: np.ndarray, b: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Element-wise (|a - b|, |a - b| / max(|a|, |b|), ulp distance) of stored values of one storage dtype.
+
+    The one set of per-element rules (compare, check's ulps and rel policies, the chaos
+    floor): identical bits, NaN and inf included, are 0 apart; otherwise the inputs are
+    widened exactly to float64 and each distance rounded once.  An element that is NaN
+    in one run only, or infinite against a finite value, is infinitely far in |a - b|
+    and in the relative difference, and ``bits.NAN_DISTANCE`` ulps apart.
+    """
+    same = bits.as_bits(a, storage) == bits.as_bits(b, storage)
+    fa, fb = bits.to_float64(a, storage), bits.to_float64(b, storage)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        absd = np.abs(fa - fb)
+        scale = np.maximum(np.abs(fa), np.abs(fb))
+        rel = np.where(scale > 0, absd / np.where(scale > 0, scale, 1.0), 0.0)
+    apart = np.isnan(absd) | np.isinf(absd)  # a NaN or an infinity on one side (the scale is NaN or inf there)
+    absd = np.where(same, 0.0, np.where(apart, np.inf, absd))
+    rel = np.where(same, 0.0, np.where(apart | np.isnan(rel), np.inf, rel))
+    return absd, rel, bits.ulp_distance(a, b, storage)
+
+
 def layer_divergence(a: Fingerprint, b: Fingerprint, *, epochs: int | None = None) -> LayerDivergence | None:
     """Per-layer parameter divergence at the rows both have values for; None for different storage dtypes."""
     if a.storage != b.storage:
         return None
     epochs = min(a.epochs, b.epochs) if epochs is None else epochs
-    rows, ia, ib = np.intersect1d(a.snapshot_rows, b.snapshot_rows, return_indices=True)
+    rows, ia, ib = np.intersect1d(a.keyframe_rows, b.keyframe_rows, return_indices=True)
     keep = rows <= epochs
     rows, ia, ib = rows[keep], ia[keep], ib[keep]
     cols = _param_columns(a, b)
@@ -448,17 +475,7 @@ def layer_divergence(a: Fingerprint, b: Fingerprint, *, epochs: int | None = Non
     if len(rows) and cols:
         ca = np.concatenate([c[2] for c in cols])
         cb = np.concatenate([c[3] for c in cols])
-        va = a.snapshots[np.ix_(ia, ca)]
-        vb = b.snapshots[np.ix_(ib, cb)]
-        same = bits.as_bits(va, a.storage) == bits.as_bits(vb, a.storage)
-        fa, fb = bits.to_float64(va, a.storage), bits.to_float64(vb, a.storage)
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            absd = np.abs(fa - fb)
-            scale = np.maximum(np.abs(fa), np.abs(fb))
-            rel = np.where(scale > 0, absd / np.where(scale > 0, scale, 1.0), 0.0)
-        absd = np.where(same, 0.0, np.where(np.isnan(absd), np.inf, absd))
-        rel = np.where(same, 0.0, np.where(np.isnan(rel), np.inf, rel))
-        ulps = bits.ulp_distance(va, vb, a.storage)
+        absd, rel, ulps = element_distances(a.keyframes[np.ix_(ia, ca)], b.keyframes[np.ix_(ib, cb)], a.storage)
         # Parameters come layer by layer, so each layer is a contiguous block of columns.
         layer_of = np.concatenate([np.full(len(c[2]), layers.index(c[1])) for c in cols])
         if np.all(np.diff(layer_of) >= 0):
@@ -523,7 +540,8 @@ _CAUSES: tuple[tuple[str, ...], ...] = (
      "env.MKL_NUM_THREADS", "env.OPENBLAS_NUM_THREADS", "env.OMP_DYNAMIC", "env.MKL_DYNAMIC"),
     ("effective.deterministic_algorithms", "effective.mkldnn_deterministic", "config.controls.deterministic",
      "effective.mkldnn_enabled"),
-    ("environment.torch", "environment.numpy", "environment.python", "effective.threadpools"),
+    ("environment.torch", "environment.numpy", "environment.python", "effective.threadpools",
+     "environment.python_startup", "env.LD_PRELOAD", "env.LD_LIBRARY_PATH"),
     ("env.",),
     ("environment.",),
     ("effective.",),
@@ -531,8 +549,13 @@ _CAUSES: tuple[tuple[str, ...], ...] = (
 _NOT_CAUSES = ("config.epochs", "config.trace_epochs", "config.audit_every")
 
 
+def is_cause(key: str) -> bool:
+    """Whether a differing fact can change the bits (run length and tracing options cannot)."""
+    return not key.startswith(_NOT_CAUSES)
+
+
 def _rank(key: str) -> int:
-    if key.startswith(_NOT_CAUSES):
+    if not is_cause(key):
         return len(_CAUSES) + 1
     if key.startswith("effective.threadpools") and key.endswith(".num_threads"):
         return 3
@@ -567,20 +590,10 @@ def environment_diff(a: Fingerprint, b: Fingerprint) -> tuple[tuple[str, Any, An
 # --------------------------------------------------------------------------- reference
 
 def closer_to_reference(a: Fingerprint, b: Fingerprint) -> dict[str, str] | None:
-    """layer -> "a" | "b" | "tie" (``divergence.closer``), when both runs carry a readable reference block.
-
-    The block is optional, so an absent or unreadable one gives None rather than an error.
-    """
-    tables = []
-    for fp in (a, b):
-        block = fp.extra.get("divergence") if isinstance(fp.extra, Mapping) else None
-        if not isinstance(block, Mapping):
-            return None
-        try:
-            tables.append(divergence.bits_table(dict(block)))
-        except InputError:
-            return None
-    return divergence.closer(*tables)
+    """layer -> "a" | "b" | "tie" (``divergence.closer``), when both runs carry a reference block; else None."""
+    if a.divergence is None or b.divergence is None:
+        return None
+    return divergence.closer(a.divergence, b.divergence)
 
 
 # --------------------------------------------------------------------------- the comparisons
@@ -595,15 +608,15 @@ def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool =
     rate = saturation = None
     if divergence is not None and divergence.rows:
         rate, saturation = growth(np.array(divergence.rows), divergence.overall())
-    value_rows = len(np.intersect1d(a.snapshot_rows[a.snapshot_rows <= epochs], b.snapshot_rows))
+    value_rows = len(np.intersect1d(a.keyframe_rows[a.keyframe_rows <= epochs], b.keyframe_rows))
     return PairComparison(
         a=a.source, b=b.source, identical=identical, first=first, divergence=divergence, growth_rate=rate,
         saturation_epoch=saturation, environment_diff=environment_diff(a, b),
         closer_to_reference=closer_to_reference(a, b), granularity=granularity, steps_compared=n_steps,
         rows_compared=n_rows, value_rows=value_rows if a.storage == b.storage else 0,
         storage=a.storage if a.storage == b.storage else f"{a.storage}/{b.storage}",
-        labels=(label(a), label(b)),
-        spec_differences=spec_differences(a, b) if a.spec.hash != b.spec.hash else (),
+        labels=(a.label, b.label),
+        spec_differences=spec_differences(a.spec, b.spec) if a.spec.hash != b.spec.hash else (),
         final_train_loss=(float(a.train_loss[epochs]), float(b.train_loss[epochs])),
         nonfinite=(a.nonfinite, b.nonfinite))
 
@@ -622,7 +635,7 @@ def equivalence_classes(fps: Sequence[Fingerprint]) -> list[EquivalenceClass]:
         shared = [k for k in first if k not in everywhere
                   and all(k in all_facts[m] and all_facts[m][k] == first[k] for m in members)]
         out.append(EquivalenceClass(
-            digest=digest, members=tuple(fps[m].source for m in members), labels=tuple(label(fps[m]) for m in members),
+            digest=digest, members=tuple(fps[m].source for m in members), labels=tuple(fps[m].label for m in members),
             indices=tuple(members), common=tuple((k, first[k]) for k in _ranked(shared))))
     return out
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from bnaudit import envinfo
-from bnaudit.errors import UsageError
+from bnaudit.errors import InputError, UsageError
 from bnaudit.spec import ExperimentSpec
 
 DTYPES = ("float32", "float64", "bfloat16", "bf16-mixed")
@@ -66,6 +66,20 @@ class Perturbation:
 
     def __str__(self) -> str:
         return f"{self.tensor}[{','.join(map(str, self.index))}]:{self.ulps:+d}"
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> Perturbation | None:
+        """A record's ``config.perturb`` (None: no perturbation), validated field by field."""
+        if raw is None:
+            return None
+        ok = (isinstance(raw, dict) and set(raw) == {"tensor", "index", "ulps"}
+              and isinstance(raw["tensor"], str) and 0 < len(raw["tensor"]) <= 64
+              and isinstance(raw["index"], list) and 0 < len(raw["index"]) <= 8
+              and all(type(i) is int and 0 <= i < 1 << 20 for i in raw["index"])
+              and type(raw["ulps"]) is int and abs(raw["ulps"]) < 1 << 62)
+        if not ok:
+            raise InputError(f"{where}: config.perturb is malformed")
+        return cls(raw["tensor"], tuple(raw["index"]), raw["ulps"])
 
 
 _PERTURB = re.compile(r"^([a-z]+\d+\.[a-z_]+)\[(\d+(?:,\d+)*)\]:([+-]?\d+)$")
@@ -126,6 +140,21 @@ class Controls:
     @property
     def storage(self) -> str:
         return STORAGE_DTYPE[self.dtype]
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> Controls:
+        """The controls a record or fingerprint says it asked for, validated field by field."""
+        if not isinstance(raw, dict) or set(raw) - {f.name for f in dataclasses.fields(cls)}:
+            raise InputError(f"{where}: config.controls is malformed")
+        values = {**dataclasses.asdict(cls()), **raw}
+        ok = (values["dtype"] in DTYPES and values["isa"] in ISAS
+              and isinstance(values["threads"], int) and not isinstance(values["threads"], bool)
+              and 1 <= values["threads"] <= 4096 and isinstance(values["deterministic"], bool)
+              and all(values[k] is None or (isinstance(values[k], str) and 0 < len(values[k]) <= 64)
+                      for k in ("onednn_isa", "mkl_cbwr", "cpu_model")))
+        if not ok:
+            raise InputError(f"{where}: config.controls holds a value out of range")
+        return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +218,7 @@ def validate(config: RunConfig, spec: ExperimentSpec, *, check_cpu: bool = True)
     bad = [e for e in config.trace_epochs if not 0 <= e < config.epochs]
     if bad:
         raise UsageError(f"--trace-epochs {bad} outside the run's epochs 0..{config.epochs - 1}")
+    _check_record_size(spec, config)
     if check_cpu and c.cpu_model is None and c.isa != "native":
         supported = envinfo.supported_isas()
         if c.isa not in supported:
@@ -196,6 +226,28 @@ def validate(config: RunConfig, spec: ExperimentSpec, *, check_cpu: bool = True)
                 f"this CPU cannot run --isa {c.isa} (it supports {', '.join(supported)}); "
                 "use --cpu-model to emulate another CPU"
             )
+    if check_cpu and c.cpu_model is not None and c.isa != "native":
+        from bnaudit import emulate
+
+        supported = envinfo.supported_isas(emulate.model_features(c.cpu_model))
+        if c.isa not in supported:
+            why = "; qemu emulates no AVX-512" if c.isa == "avx512" else ""
+            raise UsageError(f"the emulated CPU {c.cpu_model} cannot run --isa {c.isa} (under qemu it supports "
+                             f"{', '.join(supported)}{why})")
+
+
+def _check_record_size(spec: ExperimentSpec, config: RunConfig) -> None:
+    """Refuse, before any work, a run whose record no bnaudit command could load back."""
+    from bnaudit.fileio import MAX_JSON_BYTES, MAX_NPY_BYTES
+    from bnaudit.layout import estimated_bytes
+
+    sizes = estimated_bytes(spec, config.epochs, config.controls.storage)
+    for name, size in sizes.items():
+        limit = MAX_JSON_BYTES if name.endswith(".json") else MAX_NPY_BYTES
+        if size > limit:
+            raise UsageError(f"a {config.epochs}-epoch run of this spec would write a {name} of "
+                             f"{size / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB bnaudit loads; "
+                             "use fewer epochs or a smaller network")
 
 
 def child_environment(controls: Controls, base: dict[str, str]) -> dict[str, str]:

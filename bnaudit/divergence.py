@@ -26,7 +26,6 @@ fingerprint's ``extra``: about 80 kB for a 1000-epoch run of the default spec.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import math
 from typing import Any
@@ -34,15 +33,13 @@ from typing import Any
 import numpy as np
 
 from bnaudit import bits, record
+from bnaudit.blocks import ENCODING, METRICS, DivergenceBlock, LossBits, Series
 from bnaudit.errors import InputError
+from bnaudit.layout import TraceLayout
 from bnaudit.spec import ExperimentSpec
 
-DIVERGENCE_SCHEMA = "bnaudit.divergence/1"
-METRICS = ("max_abs", "max_rel", "max_ulps", "correct_bits")
-_ENCODING = {"max_abs": "<f4", "max_rel": "<f4", "max_ulps": "<f4", "correct_bits": "<f2"}
 
-
-def series_for(spec: ExperimentSpec, layout: record.TraceLayout) -> list[dict[str, Any]]:
+def series_for(spec: ExperimentSpec, layout: TraceLayout) -> list[dict[str, Any]]:
     """The measured series: (layer, kind, what) with their column ranges."""
     slices = layout.param_slices()
     width = spec.train.batch_size
@@ -91,7 +88,7 @@ def correct_bits(abs_error: float, scale: float, cap: int) -> float:
 
 
 def versus_reference(spec: ExperimentSpec, storage: str, params: np.ndarray, probe_rows: Any, probe: np.ndarray,
-                     layout: record.TraceLayout, *, losses: np.ndarray | None = None,
+                     layout: TraceLayout, *, losses: np.ndarray | None = None,
                      reference: Any = None) -> dict[str, Any] | None:
     """The divergence block of a run, or None when the spec has no stored reference.
 
@@ -125,32 +122,29 @@ def versus_reference(spec: ExperimentSpec, storage: str, params: np.ndarray, pro
                 m = measure(probe[probe_index[row], cols], a_hi[i, cols], a_lo[i, cols], storage)
             for k in METRICS:
                 values[k][s, j] = m[k]
-    out_series = []
+    series_info = []
     for s, ser in enumerate(series):
         first, kept = half_bits_rows(values["correct_bits"][s], rows, cap)
-        out_series.append({"layer": ser["layer"], "kind": ser["kind"], "what": ser["what"],
-                           "half_bits_row": first, "half_bits_kept_row": kept})
-    block: dict[str, Any] = {
-        "schema": DIVERGENCE_SCHEMA,
-        "reference": {"spec_hash": reference.spec.hash, "digest": reference.digest, "epochs": reference.epochs,
-                      "precision": reference.precision, "check_precision": reference.check_precision,
-                      "agreement_digits_min": round(float(reference.agreement.min()), 2)},
-        "storage": storage,
-        "precision_bits": cap,
-        "rows": rows,
-        "series": out_series,
-        "encoding": dict(_ENCODING),
-    }
-    for k in METRICS:
-        block[k] = _b64(values[k].astype(_ENCODING[k]))
+        series_info.append(Series(layer=ser["layer"], kind=ser["kind"], what=ser["what"], half_bits_row=first,
+                                  half_bits_kept_row=kept))
+    loss_bits = None
     if losses is not None:
         l_hi, l_lo = reference.section("losses")
         lrows = [r for r in rows if r < losses.shape[0]]
-        train = [_loss_bits(losses[r, 0], l_hi[ref_index[r], 0], l_lo[ref_index[r], 0]) for r in lrows]
-        test = [_loss_bits(losses[r, 1], l_hi[ref_index[r], 1], l_lo[ref_index[r], 1]) for r in lrows]
-        block["losses"] = {"rows": lrows, "train_bits": train, "test_bits": test,
-                           "note": "correct bits of the float64 loss the run reports, cap 53"}
-    return block
+        loss_bits = LossBits(
+            rows=tuple(lrows),
+            train=np.array([_loss_bits(losses[r, 0], l_hi[ref_index[r], 0], l_lo[ref_index[r], 0]) for r in lrows]),
+            test=np.array([_loss_bits(losses[r, 1], l_hi[ref_index[r], 1], l_lo[ref_index[r], 1]) for r in lrows]))
+    # Stored as float32/float16 (``blocks.ENCODING``): round here, so that the block in
+    # memory is the block every reader of the file gets.
+    stored = {k: values[k].astype(ENCODING[k]).astype(np.float64) for k in METRICS}
+    return DivergenceBlock(
+        storage=storage, precision_bits=cap, rows=tuple(rows), series=tuple(series_info), losses=loss_bits,
+        reference={"spec_hash": reference.spec.hash, "digest": reference.digest, "epochs": reference.epochs,
+                   "precision": reference.precision, "check_precision": reference.check_precision,
+                   "agreement_digits_min": round(float(reference.agreement.min()), 2)},
+        max_abs=stored["max_abs"], max_rel=stored["max_rel"], max_ulps=stored["max_ulps"],
+        correct_bits=stored["correct_bits"]).to_json()
 
 
 def from_record(rec: record.Record, *, reference: Any = None) -> dict[str, Any] | None:
@@ -166,12 +160,13 @@ def attach(rec: record.Record) -> record.Record:
     carry no ``extra["divergence"]``; the block is a function of the record's exact arrays
     and the reference, so it can be computed afterwards.  Unchanged without a reference.
     """
-    if rec.fingerprint.extra.get("divergence") is not None:
+    if rec.fingerprint.divergence is not None:
         return rec
     block = from_record(rec)
     if block is None:
         return rec
-    fp = dataclasses.replace(rec.fingerprint, extra={**rec.fingerprint.extra, "divergence": block})
+    fp = dataclasses.replace(rec.fingerprint, extra={**rec.fingerprint.extra, "divergence": block},
+                             divergence=DivergenceBlock.from_json(block, str(rec.path)))
     return dataclasses.replace(rec, fingerprint=fp)
 
 
@@ -193,92 +188,20 @@ def half_bits_rows(bits_row: np.ndarray, rows: list[int], cap: int) -> tuple[int
     return first, kept
 
 
-def _b64(array: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
-
-
-def decode_block(block: dict[str, Any]) -> dict[str, Any]:
-    """A divergence block with its arrays decoded ((n_series, n_rows) float64 each); validated."""
-    if not isinstance(block, dict) or block.get("schema") != DIVERGENCE_SCHEMA:
-        raise InputError(f"divergence block: schema is not {DIVERGENCE_SCHEMA}")
-    try:
-        rows = [int(r) for r in block["rows"]]
-        series = list(block["series"])
-        out: dict[str, Any] = {"rows": np.array(rows, dtype=np.int64), "series": series,
-                               "storage": str(block["storage"]), "precision_bits": int(block["precision_bits"]),
-                               "reference": dict(block["reference"])}
-        for k in METRICS:
-            raw = base64.b64decode(block[k].encode("ascii"), validate=True)
-            arr = np.frombuffer(raw, dtype=_ENCODING[k])
-            if arr.size != len(series) * len(rows):
-                raise ValueError(f"{k} has {arr.size} values, expected {len(series) * len(rows)}")
-            out[k] = arr.reshape(len(series), len(rows)).astype(np.float64)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InputError(f"divergence block: malformed ({str(exc)[:80]})") from None
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class BitsTable:
-    """Correct bits per series and epoch row of a divergence block (what check, compare and matrix read)."""
-
-    rows: tuple[int, ...]
-    """Epoch rows measured."""
-    series: tuple[str, ...]
-    """Series names "<layer> <what>": what is "weights" (weight and bias) or "activations" (probe batch)."""
-    layers: tuple[str, ...]
-    """The layer of each series."""
-    what: tuple[str, ...]
-    """"weights" or "activations", per series."""
-    bits: np.ndarray
-    """(len(series), len(rows)) float64 correct bits, in [0, the dtype's precision]."""
-
-
-def bits_table(block: Any) -> BitsTable:
-    """The correct bits of a divergence block, validated (InputError: malformed, NaN or negative bits)."""
-    decoded = decode_block(block)
-    layers, what = [], []
-    for s in decoded["series"]:
-        if not isinstance(s, dict) or not isinstance(s.get("layer"), str) or not isinstance(s.get("what"), str):
-            raise InputError("divergence block: malformed series")
-        layers.append(s["layer"])
-        what.append(s["what"])
-    table = decoded["correct_bits"]
-    if np.isnan(table).any() or (table < 0).any():
-        raise InputError("divergence block: correct bits hold NaN or negative values")
-    return BitsTable(rows=tuple(int(r) for r in decoded["rows"]),
-                     series=tuple(f"{layer} {w}" for layer, w in zip(layers, what)),
-                     layers=tuple(layers), what=tuple(what), bits=table)
-
-
-def closer(a: BitsTable, b: BitsTable) -> dict[str, str] | None:
+def closer(a: DivergenceBlock, b: DivergenceBlock) -> dict[str, str] | None:
     """layer -> "a" | "b" | "tie": whose weights keep more correct bits at the last epoch row both measured.
 
     The one definition of "closer to exact arithmetic" that compare, matrix and the
-    reports use; None when the two tables share no row or no layer.
+    reports use; None when the two blocks share no row or no layer.
     """
     common = sorted(set(a.rows) & set(b.rows))
     if not common:
         return None
     ia, ib = a.rows.index(common[-1]), b.rows.index(common[-1])
-    weights_b = {layer: k for k, (layer, w) in enumerate(zip(b.layers, b.what)) if w == "weights"}
+    weights_b = {s.layer: k for k, s in enumerate(b.series) if s.what == "weights"}
     out = {}
-    for k, (layer, w) in enumerate(zip(a.layers, a.what)):
-        if w == "weights" and layer in weights_b:
-            x, y = a.bits[k, ia], b.bits[weights_b[layer], ib]
-            out[layer] = "tie" if x == y else ("a" if x > y else "b")
+    for k, s in enumerate(a.series):
+        if s.what == "weights" and s.layer in weights_b:
+            x, y = a.correct_bits[k, ia], b.correct_bits[weights_b[s.layer], ib]
+            out[s.layer] = "tie" if x == y else ("a" if x > y else "b")
     return out or None
-
-
-def half_bits_summary(block: dict[str, Any]) -> dict[str, int | None]:
-    """Per series ("linear1 weights", ...): the first row with fewer than half its bits."""
-    return {f"{s['layer']} {s['what']}": s["half_bits_row"] for s in block["series"]}
-
-
-def layer_bits(block: dict[str, Any], rows: list[int] | None = None) -> dict[str, list[float]]:
-    """Correct bits per series at the given rows (default: all), for tables and tests."""
-    d = decode_block(block)
-    index = {int(r): i for i, r in enumerate(d["rows"])}
-    pick = [index[r] for r in (rows if rows is not None else [int(r) for r in d["rows"]])]
-    return {f"{s['layer']} {s['what']}": [float(d["correct_bits"][k, i]) for i in pick]
-            for k, s in enumerate(d["series"])}

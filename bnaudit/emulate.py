@@ -23,7 +23,6 @@ import difflib
 import functools
 import shutil
 import subprocess
-from typing import Any
 
 from bnaudit.errors import MissingTool, UsageError
 
@@ -117,14 +116,6 @@ def resolve(name: str) -> str:
                      f"({', '.join(f'{k} = {v.model}' for k, v in PRESETS.items())})")
 
 
-def describe(name: str) -> str:
-    """A human name of a --cpu-model value: ``seed-i7 (Haswell: Intel Core i7-5930K ...)``."""
-    preset = PRESETS.get(name)
-    if preset is None:
-        return name
-    return f"{name} ({preset.model}, standing for the {preset.machine})"
-
-
 def wrap(argv: list[str], name: str) -> list[str]:
     """Prefix a command so it runs under the emulated CPU model.
 
@@ -134,6 +125,35 @@ def wrap(argv: list[str], name: str) -> list[str]:
     """
     model = resolve(name)
     return [qemu_path(), "-cpu", model, "-E", f"{MODEL_VARIABLE}={model}", *argv]
+
+
+_FEATURE_PROBE = ("import json\n"
+                  "try:\n    from numpy._core import _multiarray_umath as m\n"
+                  "except ImportError:\n    from numpy.core import _multiarray_umath as m\n"
+                  "print(json.dumps({k: bool(v) for k, v in m.__cpu_features__.items()}))\n")
+
+
+@functools.cache
+def model_features(name: str) -> dict[str, bool]:
+    """The CPUID features a program sees under the emulated model, as numpy's dispatcher reads them.
+
+    Measured by running the interpreter itself under qemu (a few seconds, once per model
+    and process), since the model's feature list is qemu's own and (for features its
+    translator lacks, such as AVX-512) not the model's datasheet.
+    """
+    import json
+    import sys
+
+    argv = wrap([sys.executable, "-I", "-c", _FEATURE_PROBE], name)
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+        features = json.loads(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        raise UsageError(f"cannot read the CPU features of the emulated model {name!r} "
+                         f"({type(exc).__name__}); is {QEMU} working?") from None
+    if not isinstance(features, dict):
+        raise UsageError(f"cannot read the CPU features of the emulated model {name!r}")
+    return {str(k): bool(v) for k, v in features.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +169,3 @@ class Slowdown:
     def factor(self) -> float:
         """How many times longer the emulated training loop took."""
         return self.emulated_seconds / self.native_seconds if self.native_seconds > 0 else float("inf")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"emulated_seconds": self.emulated_seconds, "native_seconds": self.native_seconds,
-                "factor": self.factor}

@@ -11,13 +11,14 @@ import os
 import platform
 import re
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 # Environment variables that can change numerics or threading, by prefix or name.
 NUMERICS_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "OMP_", "KMP_", "GOMP_", "OPENBLAS_", "BNAUDIT_", "TORCH_",
                      "NNPACK")
-NUMERICS_NAMES = ("LD_PRELOAD", "CUBLAS_WORKSPACE_CONFIG", "PYTORCH_JIT")
+NUMERICS_NAMES = ("LD_PRELOAD", "LD_LIBRARY_PATH", "CUBLAS_WORKSPACE_CONFIG", "PYTORCH_JIT")
 
 # CPUID features that decide which kernels the libraries pick.
 ISA_FEATURES = ("SSE41", "SSE42", "AVX", "F16C", "FMA3", "AVX2", "AVX512F", "AVX512CD", "AVX512BW",
@@ -46,17 +47,27 @@ def cache_dir() -> str | None:
     return os.environ.get("BNAUDIT_CACHE") or None
 
 
+def signing_key() -> bytes | None:
+    """``BNAUDIT_SIGNING_KEY``: the secret that signs and checks baselines (a CI secret), or None."""
+    value = os.environ.get("BNAUDIT_SIGNING_KEY")
+    return value.encode("utf-8") if value else None
+
+
 def debug() -> bool:
     """``BNAUDIT_DEBUG``: show tracebacks of internal errors."""
     return bool(os.environ.get("BNAUDIT_DEBUG"))
 
 
+SECRETS = ("BNAUDIT_SIGNING_KEY",)
+"""Variables never recorded anywhere (records, fingerprints, ``bnaudit env``, test headers)."""
+
+
 def numerics_environment() -> dict[str, str]:
-    """The environment variables that can change numerics or threading, sorted."""
+    """The environment variables that can change numerics or threading, sorted (secrets left out)."""
     return {
         k: v
         for k, v in sorted(os.environ.items())
-        if k.startswith(NUMERICS_PREFIXES) or k in NUMERICS_NAMES
+        if (k.startswith(NUMERICS_PREFIXES) or k in NUMERICS_NAMES) and k not in SECRETS
     }
 
 
@@ -109,6 +120,28 @@ def torch_build(torch: ModuleType) -> dict[str, str]:
     return found
 
 
+def python_startup() -> dict[str, Any]:
+    """How this interpreter started: isolated or not, and any startup module it ran (with its sha256).
+
+    A ``sitecustomize`` or ``usercustomize`` module runs before any code of bnaudit and
+    can change numerics (patch torch, scale a loss); isolated mode keeps out the ones on
+    PYTHONPATH and in the user's site, and one installed in site-packages is named here.
+    """
+    import hashlib
+
+    out: dict[str, Any] = {"isolated": bool(sys.flags.isolated)}
+    for name in ("sitecustomize", "usercustomize"):
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None) if module is not None else None
+        if path:
+            try:
+                digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            except OSError:
+                digest = None
+            out[name] = {"path": path, "sha256": digest}
+    return out
+
+
 def snapshot(torch: ModuleType | None = None) -> dict[str, Any]:
     """Everything about this process that could change the bits of a run."""
     import numpy
@@ -126,6 +159,7 @@ def snapshot(torch: ModuleType | None = None) -> dict[str, Any]:
         "python_implementation": platform.python_implementation(),
         "numpy": numpy.__version__,
         "environment": numerics_environment(),
+        "python_startup": python_startup(),
     }
     if torch is not None:
         snap["torch"] = torch.__version__

@@ -29,11 +29,11 @@ class ExitCode(enum.IntEnum):
     RUN_FAILED = 6
     """The training process died or reported an internal failure."""
     MISSING_TOOL = 7
-    """An external tool is missing (qemu-user for CPU emulation, chromium for screenshots)."""
+    """An external tool is missing (qemu-user for CPU emulation)."""
     REFERENCE = 8
     """The mpmath reference is missing, or failed its own precision check."""
     INTERRUPTED = 130
-    """Interrupted (Ctrl-C); partial results are left in a folder that never parses as complete."""
+    """Interrupted (Ctrl-C or SIGTERM); partial results are left in a folder that never parses as complete."""
 
 
 class BnauditError(Exception):

@@ -21,7 +21,6 @@ gets its folder generated on first use in the cache (``BNAUDIT_CACHE``, default
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnaudit import envinfo, record
+from bnaudit import envinfo, fileio
 from bnaudit.errors import InputError
 from bnaudit.spec import ExperimentSpec, default_spec
 
@@ -108,17 +107,11 @@ def generate(spec: ExperimentSpec) -> dict[str, np.ndarray]:
     }
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def write(spec: ExperimentSpec, folder: Path) -> Path:
     """Generate and write the frozen folder for ``spec`` atomically (temp folder, then rename)."""
     folder = Path(folder)
     arrays = generate(spec)
-    blobs = {name: _npy_bytes(arr) for name, arr in arrays.items()}
+    blobs = {name: fileio.npy_bytes(arr) for name, arr in arrays.items()}
     manifest = {
         "schema": "bnaudit.frozen/1",
         "generator": GENERATOR_VERSION,
@@ -126,10 +119,14 @@ def write(spec: ExperimentSpec, folder: Path) -> Path:
         "spec": spec.to_dict(),
         "files": {name: hashlib.sha256(b).hexdigest() for name, b in sorted(blobs.items())},
     }
-    with record.atomic_folder(folder, "frozen inputs") as tmp:
-        for name, blob in blobs.items():
-            (tmp / name).write_bytes(blob)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    with fileio.OutputLock.beside(folder, f"frozen inputs {folder}", wait=True):
+        # Frozen inputs are a function of the spec: replacing a folder of them (force)
+        # rewrites the same bytes; a folder of anything else is refused.
+        fileio.prepare_output(folder, force=True, kind="frozen inputs")
+        with fileio.atomic_folder(folder, "frozen inputs") as tmp:
+            for name, blob in blobs.items():
+                (tmp / name).write_bytes(blob)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return folder
 
 
@@ -161,17 +158,20 @@ def load(spec: ExperimentSpec, folder: Path | None = None) -> FrozenInputs:
     if not (folder / "manifest.json").exists():
         if spec.hash == default_spec().hash:
             raise InputError(f"frozen inputs missing at {folder}; regenerate with `bnaudit frozen build`")
-        write(spec, folder)
+        with fileio.OutputLock.beside(folder, f"frozen inputs {folder}", wait=True):
+            made = (folder / "manifest.json").exists()  # by another run, while we waited
+        if not made:
+            write(spec, folder)
     return read(folder, spec)
 
 
 def read(folder: Path, spec: ExperimentSpec) -> FrozenInputs:
     """Read a frozen folder, checking every file's sha256 and every array's shape."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"frozen inputs {folder}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("spec_hash") != spec.hash:
+        manifest = fileio.read_json(folder / "manifest.json", "frozen manifest")
+    except InputError as exc:
+        raise InputError(f"frozen inputs {folder}: unreadable manifest ({exc.message})") from None
+    if manifest.get("spec_hash") != spec.hash:
         raise InputError(f"frozen inputs {folder}: generated for another spec")
     files = manifest.get("files")
     if not isinstance(files, dict) or sorted(files) != sorted(FILES):
@@ -180,7 +180,7 @@ def read(folder: Path, spec: ExperimentSpec) -> FrozenInputs:
     for name in FILES:
         if not isinstance(files[name], str):
             raise InputError(f"frozen inputs {folder}: manifest entry for {name} is not a sha256")
-        arrays[name] = record.read_npy(folder / name, files[name], against="the manifest", max_bytes=MAX_FILE_BYTES)
+        arrays[name] = fileio.read_npy(folder / name, files[name], against="the manifest", max_bytes=MAX_FILE_BYTES)
     expected = {
         "inputs.npy": ((spec.data.samples, spec.n_inputs), "<f8"),
         "targets.npy": ((spec.data.samples,), "<f8"),

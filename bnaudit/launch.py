@@ -9,19 +9,25 @@ matching ``BnauditError``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bnaudit import controls, envinfo, errors, record
+from bnaudit import controls, envinfo, errors, fileio
 from bnaudit.controls import RunConfig
 from bnaudit.errors import BnauditError, Interrupted, RunFailed
 from bnaudit.spec import ExperimentSpec
 
 ProgressFn = Callable[[dict[str, Any]], None]
+
+_LIVE: set[subprocess.Popen[str]] = set()
+"""The run processes now running, started by this process (any thread)."""
+_LIVE_LOCK = threading.Lock()
 
 _ERRORS = {cls.__name__: cls for cls in (
     errors.UsageError, errors.InputError, errors.MismatchError, errors.OutputError, errors.RunFailed,
@@ -29,8 +35,15 @@ _ERRORS = {cls.__name__: cls for cls in (
 
 
 def worker_command(config: RunConfig) -> list[str]:
-    """The argv of the run's process (qemu-wrapped when a CPU model is emulated)."""
-    argv = [sys.executable, "-m", "bnaudit.worker"]
+    """The argv of the run's process (qemu-wrapped when a CPU model is emulated).
+
+    Python's isolated mode (-I): the run ignores PYTHONPATH, PYTHONSTARTUP and every
+    other PYTHON* variable, the user's site-packages and the current folder, so no
+    module the environment slips in (a sitecustomize.py on PYTHONPATH, say) can change
+    its bits unrecorded.  What isolation cannot exclude (LD_PRELOAD, LD_LIBRARY_PATH, a
+    sitecustomize installed in site-packages) is recorded in the environment snapshot.
+    """
+    argv = [sys.executable, "-I", "-m", "bnaudit.worker"]
     if config.controls.cpu_model:
         from bnaudit import emulate
 
@@ -39,13 +52,27 @@ def worker_command(config: RunConfig) -> list[str]:
 
 
 def run(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool = False,
-        on_progress: ProgressFn | None = None, base_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one configuration in its own process; return its summary."""
+        on_progress: ProgressFn | None = None, base_env: dict[str, str] | None = None,
+        stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run one configuration in its own process; return its summary.
+
+    ``stop``: once set (a matrix's interrupt), a process this call starts is killed at
+    once, so that no run begins after the interrupt (``stop_all`` ends those running).
+    """
     controls.validate(config, spec)
-    record.prepare_output(Path(out), force=force)  # fail now, not after the training
+    with fileio.OutputLock.beside(Path(out), f"--out {out}"):  # one run per --out; held until its record is written
+        fileio.prepare_output(Path(out), force=force, kind="record")  # fail now, not after the training
+        return _run_child(spec, config, out, force=force, on_progress=on_progress, base_env=base_env, stop=stop)
+
+
+def _run_child(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool, on_progress: ProgressFn | None,
+               base_env: dict[str, str] | None, stop: threading.Event | None) -> dict[str, Any]:
+    """Start the run's process with its environment, relay its progress, return its summary."""
     env = controls.child_environment(config.controls, envinfo.environ() if base_env is None else base_env)
     argv = worker_command(config)
-    request = json.dumps({"spec": spec.to_dict(), "config": config.to_dict(), "out": str(out), "force": force})
+    request = json.dumps({"spec": spec.to_dict(), "config": config.to_dict(), "out": str(out), "force": force,
+                          "parent_pid": os.getpid()})
+    before = _record_stamp(Path(out))
     # stderr goes to a file, not a pipe: a child that writes much to stderr while the
     # parent reads stdout would otherwise block both.
     with tempfile.TemporaryFile(mode="w+") as err:
@@ -54,6 +81,10 @@ def run(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool = Fal
                                     env=env, text=True)
         except OSError as exc:
             raise RunFailed(f"cannot start the run process ({exc.strerror or exc})") from None
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
+            if stop is not None and stop.is_set():  # started by a thread that had not yet seen the interrupt
+                proc.kill()
         result: dict[str, Any] | None = None
         failure: dict[str, Any] | None = None
         try:
@@ -81,7 +112,10 @@ def run(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool = Fal
         except KeyboardInterrupt:
             proc.kill()
             proc.wait()
-            raise Interrupted("interrupted; no record was written") from None
+            raise Interrupted(_interrupted_message(Path(out), before)) from None
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
         err.seek(0)
         stderr = err.read()
     if failure is not None:
@@ -93,6 +127,36 @@ def run(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool = Fal
         tail = lines[-1:] or ["no output"]
         raise RunFailed(f"the run process exited with code {code}: {tail[0][:300]}")
     return result
+
+
+def stop_all() -> None:
+    """Kill every run process this process started that is still running (a matrix's interrupt).
+
+    Only the main thread sees Ctrl-C or SIGTERM; the threads of ``bnaudit matrix -j N``
+    wait in ``run`` for their processes, which end here, so that each thread returns
+    at once and the matrix keeps its folder's lock until no run of it is left.
+    """
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for proc in live:
+        proc.kill()
+
+
+def _record_stamp(out: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of the record.json at ``out``, or None: to tell afterwards whether the run wrote one."""
+    try:
+        info = (out / "record.json").stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns
+
+
+def _interrupted_message(out: Path, before: tuple[int, int] | None) -> str:
+    """An interrupt can arrive after the run's process renamed its complete record into place."""
+    after = _record_stamp(out)
+    if after is not None and after != before:
+        return f"interrupted after the run's record was complete; it is at {out}"
+    return "interrupted; no record was written"
 
 
 __all__ = ["BnauditError", "run", "worker_command"]

@@ -13,11 +13,13 @@ import hashlib
 import json
 import math
 import tomllib
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from bnaudit.errors import InputError
+from bnaudit.fileio import read_bounded
 
 SPEC_SCHEMA = 1
 MAX_SPEC_BYTES = 64 * 1024
@@ -226,8 +228,8 @@ def from_dict(raw: dict[str, Any], *, base: ExperimentSpec | None = None) -> Exp
     unknown = set(raw) - {"name", "schema", *_SECTIONS}
     if unknown:
         raise InputError(f"spec: unknown key(s) {', '.join(sorted(unknown))}")
-    if "schema" in raw and raw["schema"] != SPEC_SCHEMA:
-        raise InputError(f"spec: schema {raw['schema']!r} is not supported (expected {SPEC_SCHEMA})")
+    if "schema" in raw and (type(raw["schema"]) is not int or raw["schema"] != SPEC_SCHEMA):
+        raise InputError(f"spec: schema {raw['schema']!r} is not supported (expected the integer {SPEC_SCHEMA})")
     sections = {}
     for key, cls in _SECTIONS.items():
         given = raw.get(key, {})
@@ -255,30 +257,41 @@ def from_dict(raw: dict[str, Any], *, base: ExperimentSpec | None = None) -> Exp
 
 
 def validate(spec: ExperimentSpec) -> None:
-    """Reject specs the experiment cannot run (each with the field that is wrong)."""
+    """Reject specs the experiment cannot run (each with the field that is wrong, and why).
+
+    The checks run in order and each only once those before it hold, so that no check
+    divides by a batch size of 0 or raises to the power of an unchecked degree.  The
+    ranges keep every quantity of the experiment finite in bfloat16 and float32:
+    |x|^degree and the targets stay below 1e30, the learning rate never exceeds 10.
+    """
     d, m, t = spec.data, spec.model, spec.train
-    checks = [
-        (0 < d.train < d.samples, "data.train must be between 0 and data.samples"),
-        (d.samples <= 100_000, "data.samples must be at most 100000"),
-        (d.x_low < d.x_high, "data.x_low must be below data.x_high"),
-        (1 <= d.degree <= 16, "data.degree must be between 1 and 16"),
-        (d.noise_std >= 0, "data.noise_std must be >= 0"),
-        (0 <= d.seed < 2**63, "data.seed must be a non-negative 63-bit integer"),
-        (1 <= m.hidden_layers <= 32, "model.hidden_layers must be between 1 and 32"),
-        (1 <= m.hidden_units <= 1024, "model.hidden_units must be between 1 and 1024"),
-        (m.bn_eps > 0, "model.bn_eps must be > 0"),
-        (0 <= m.bn_momentum <= 1, "model.bn_momentum must be in [0, 1]"),
-        (t.loss == "mse", 'train.loss must be "mse"'),
-        (t.lr > 0, "train.lr must be > 0"),
-        (0 <= t.momentum < 1, "train.momentum must be in [0, 1)"),
-        (t.batch_size >= 2, "train.batch_size must be >= 2 (BatchNorm needs two samples)"),
-        (d.train % t.batch_size == 0, "train.batch_size must divide data.train"),
-        (1 <= t.epochs <= 100_000, "train.epochs must be between 1 and 100000"),
-        (list(t.lr_milestones) == sorted(set(t.lr_milestones)), "train.lr_milestones must increase"),
-        (t.lr_gamma > 0, "train.lr_gamma must be > 0"),
+    checks: list[tuple[Callable[[], bool], str]] = [
+        (lambda: 0 < d.train < d.samples, "data.train must be between 0 and data.samples"),
+        (lambda: d.samples <= 100_000, "data.samples must be at most 100000"),
+        (lambda: 1 <= d.degree <= 16, "data.degree must be between 1 and 16"),
+        (lambda: d.x_low < d.x_high, "data.x_low must be below data.x_high"),
+        (lambda: max(abs(d.x_low), abs(d.x_high)) ** d.degree <= 1e30,
+         "data.x_low and data.x_high must keep |x|^degree below 1e30 (float32 overflows at 3.4e38)"),
+        (lambda: all(abs(c) <= 1e6 for c in d.target), "data.target coefficients must be at most 1e6 in size"),
+        (lambda: 0 <= d.noise_std <= 1e6, "data.noise_std must be in [0, 1e6]"),
+        (lambda: 0 <= d.seed < 2**63, "data.seed must be a non-negative 63-bit integer"),
+        (lambda: 1 <= m.hidden_layers <= 32, "model.hidden_layers must be between 1 and 32"),
+        (lambda: 1 <= m.hidden_units <= 1024, "model.hidden_units must be between 1 and 1024"),
+        (lambda: 0 < m.bn_eps <= 1, "model.bn_eps must be in (0, 1]"),
+        (lambda: 0 <= m.bn_momentum <= 1, "model.bn_momentum must be in [0, 1]"),
+        (lambda: t.loss == "mse", 'train.loss must be "mse"'),
+        (lambda: 0 < t.lr <= 10, "train.lr must be in (0, 10]"),
+        (lambda: 0 <= t.momentum < 1, "train.momentum must be in [0, 1)"),
+        (lambda: t.batch_size >= 2, "train.batch_size must be >= 2 (BatchNorm needs two samples)"),
+        (lambda: d.train % t.batch_size == 0, "train.batch_size must divide data.train"),
+        (lambda: 1 <= t.epochs <= 100_000, "train.epochs must be between 1 and 100000"),
+        (lambda: list(t.lr_milestones) == sorted(set(t.lr_milestones)), "train.lr_milestones must increase"),
+        (lambda: 0 < t.lr_gamma <= 10, "train.lr_gamma must be in (0, 10]"),
+        (lambda: spec.lr_at(t.epochs) >= 1e-30 and max(spec.lr_at(e) for e in (0, *t.lr_milestones)) <= 10,
+         "train.lr and train.lr_gamma must keep the learning rate in [1e-30, 10] at every milestone"),
     ]
     for ok, message in checks:
-        if not ok:
+        if not ok():
             raise InputError(f"spec: {message}")
 
 
@@ -295,15 +308,15 @@ def load_spec(path: Path | str | None) -> ExperimentSpec:
         return base
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_SPEC_BYTES:
-            raise InputError(f"spec {path}: larger than {MAX_SPEC_BYTES} bytes")
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except InputError:
-        raise
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = tomllib.loads(read_bounded(path, "spec", MAX_SPEC_BYTES).decode("utf-8"))
+    except InputError as exc:
+        raise InputError(f"spec {exc.message}") from None
+    except UnicodeDecodeError as exc:
         raise InputError(f"spec {path}: cannot read ({exc.__class__.__name__}: {exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"spec {path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise InputError(f"spec {path}: not valid TOML (nested too deeply)") from None
     try:
         return from_dict(raw, base=base)
     except InputError as exc:

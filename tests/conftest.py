@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
 
 from bnaudit import envinfo
+
+# Mutation testing (mutation/run.py) runs every test file hundreds of times, each time on
+# code with one deliberate bug: the same examples every time (the score does not depend on
+# luck), no shrinking of a failure (only whether it fails matters) and no time limit per
+# example (a busy machine is not a failure).
+settings.register_profile("mutation", derandomize=True, database=None, deadline=None,
+                          phases=(Phase.explicit, Phase.reuse, Phase.generate))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -37,12 +47,18 @@ def _restore_numeric_state():
 
     threads = torch.get_num_threads()
     dtype = torch.get_default_dtype()
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    def determinism() -> tuple[bool, bool]:
+        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+    deterministic = determinism()
     prec = mpmath.mp.prec
     yield
     torch.set_num_threads(threads)
     torch.set_default_dtype(dtype)
-    torch.use_deterministic_algorithms(deterministic)
+    # Only when changed: the first call of use_deterministic_algorithms in a process costs
+    # seconds (mutation testing starts a process per mutant).
+    if determinism() != deterministic:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     mpmath.mp.prec = prec
 
 
@@ -113,4 +129,47 @@ def cli(capsys):
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ.setdefault("BNAUDIT_CACHE", str(Path(config.rootpath) / ".pytest_cache" / "bnaudit"))
+    # The tests check the committed reference/ folder, never one a user moved elsewhere.
+    os.environ.pop("BNAUDIT_REFERENCE_DIR", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bnaudit_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh, empty ``BNAUDIT_CACHE`` for every test session.
+
+    Custom specs' frozen inputs and references are generated into it by the code under
+    test, never reused from an earlier run (or an earlier version of the code).  Run
+    processes inherit it through their environment.
+    """
+    previous = os.environ.get("BNAUDIT_CACHE")
+    cache = tmp_path_factory.mktemp("bnaudit-cache")
+    os.environ["BNAUDIT_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("BNAUDIT_CACHE", None)
+    else:
+        os.environ["BNAUDIT_CACHE"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def committed_reference(pytestconfig: pytest.Config) -> Path:
+    """The default spec's committed frozen inputs and mpmath reference: a checkout without them fails.
+
+    Every test that reads them would otherwise skip or quietly build a replacement.
+    """
+    from bnaudit.spec import default_spec
+
+    short = default_spec().short_hash
+    root = Path(pytestconfig.rootpath) / "reference"
+    missing = []
+    for folder in (root / "frozen" / short, root / "mpmath" / short):
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            missing.append(str(manifest))
+            continue
+        files = json.loads(manifest.read_text()).get("files", {})
+        missing += [str(folder / name) for name in files if not (folder / name).is_file()]
+    if missing:
+        pytest.fail(f"committed reference data missing: {', '.join(missing)} (restore it from git; "
+                    "`bnaudit frozen build` / `bnaudit reference build` regenerate it)", pytrace=False)
+    return root / "mpmath" / short

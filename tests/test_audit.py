@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from bnaudit import audit, controls, frozen, record, runner
+from bnaudit import audit, controls, frozen, runner
+from bnaudit.layout import probe_indices
 from bnaudit.spec import default_spec
 
 
@@ -22,7 +24,7 @@ def _model(spec, fz, dtype: str):
     config = controls.RunConfig(controls.Controls(dtype=dtype), epochs=1, audit_every=1)
     model = runner.build_model(spec).to(runner.TORCH_DTYPES[dtype])
     runner.load_initial_state(model, spec, fz, config)
-    x = torch.from_numpy(fz.inputs[: spec.data.train]).to(runner.TORCH_DTYPES[dtype])[record.probe_indices(spec)]
+    x = torch.from_numpy(fz.inputs[: spec.data.train]).to(runner.TORCH_DTYPES[dtype])[probe_indices(spec)]
     return model, x, config
 
 
@@ -81,6 +83,7 @@ def test_tiny_variance_unit_is_flagged_with_its_amplification(spec_and_inputs):
 def test_rendering_names_the_flagged_unit(spec_and_inputs):
     from rich.console import Console
 
+    from bnaudit.blocks import AuditBlock
     from bnaudit.report import reference_view
 
     spec, fz = spec_and_inputs
@@ -90,7 +93,7 @@ def test_rendering_names_the_flagged_unit(spec_and_inputs):
     observer = audit.OperatorAudit(spec, config)
     observer.observe(0, model, x)
     console = Console(record=True, width=160)
-    reference_view.render_audit(observer.result(), out=console)
+    reference_view.render_audit(AuditBlock.from_json(observer.result(), "test"), out=console)
     text = console.export_text()
     assert "operator audit every 1 epochs (float32)" in text and "bn.invstd" in text
     assert "flagged BN units (1 in all)" in text and "variance" in text
@@ -115,7 +118,8 @@ def test_audit_off_and_bf16_mixed(spec_and_inputs):
     assert audit.observers_for(spec, off) == []
     mixed = controls.RunConfig(controls.Controls(dtype="bf16-mixed"), epochs=1, audit_every=10)
     (observer,) = audit.observers_for(spec, mixed)
-    assert not observer.wants(10) and observer.result()["skipped"]
+    assert not observer.wants(10) and not observer.wants(0)
+    assert observer.result()["skipped"] == "bf16-mixed runs are not audited (autocast casts are not replayed)"
 
 
 def test_ulp_helper_matches_numpy_spacing():
@@ -123,3 +127,143 @@ def test_ulp_helper_matches_numpy_spacing():
     assert np.array_equal(audit._ulp(values, torch.float64), np.spacing(values))
     f32 = values.astype(np.float32)
     assert np.array_equal(audit._ulp(f32.astype(np.float64), torch.float32), np.spacing(f32).astype(np.float64))
+
+
+# --------------------------------------------------------------------------- a known error, reported as itself
+#
+# A designed network whose float32 forward is exact up to BN's square root: Linear(2, 2) with the
+# identity weight on inputs 1..10 and 2..20, so its output is its input, then BN, whose batch means
+# (5.5, 11) and biased variances (8.25, 33) are exact too.  An error of K ulps injected into one
+# operator's result must come back as K ulps: every other audit assertion is an upper bound, which
+# an audit reporting 1/4 of the truth would also pass.
+
+K = 64
+EXACT_X = torch.tensor([[float(i), 2.0 * i] for i in range(1, 11)], dtype=torch.float32)
+
+
+def _designed(spec):
+    from collections import OrderedDict
+
+    model = torch.nn.Sequential(OrderedDict([
+        ("linear1", torch.nn.Linear(2, 2)), ("bn1", torch.nn.BatchNorm1d(2, eps=spec.model.bn_eps)),
+        ("relu1", torch.nn.ReLU()), ("linear2", torch.nn.Linear(2, 1))]))
+    with torch.no_grad():
+        model.linear1.weight.copy_(torch.eye(2))
+        model.linear1.bias.zero_()
+        model.linear2.weight.copy_(torch.tensor([[0.5, -0.25]]))
+        model.linear2.bias.fill_(0.125)
+    config = controls.RunConfig(controls.Controls(dtype="float32"), epochs=1, audit_every=1)
+    return model, audit.OperatorAudit(spec, config)
+
+
+def _plus_ulps(t: torch.Tensor, k: int, index=None) -> torch.Tensor:
+    """t moved by k float32 steps away from zero (every element, or one): k ulps in magnitude."""
+    moved = t.detach().clone()
+    flat = moved.view(-1).view(torch.int32)
+    if index is None:
+        flat += k
+    else:
+        flat[index] += k
+    return moved
+
+
+def test_exact_operators_are_reported_exact(spec_and_inputs):
+    spec, _ = spec_and_inputs
+    model, observer = _designed(spec)
+    observer.observe(0, model, EXACT_X)
+    block = observer.result()
+    assert block["errors"]["linear1"]["linear.out"] == [0.0], "an exact Linear output has no error"
+    assert block["errors_at_value"]["linear1"]["linear.out"] == [0.0]
+    assert block["errors"]["bn1"]["bn.mean"] == [0.0] and block["errors"]["bn1"]["bn.var"] == [0.0]
+    assert block["errors"]["bn1"]["bn.invstd"][0] <= 1.0 and block["errors"]["bn1"]["bn.out"][0] <= 4.0
+    assert set(block["errors"]) == {"linear1", "bn1", "linear2"} and block["max_amplification"]["bn1"][0] > 1
+
+
+def test_an_injected_linear_error_of_k_ulps_is_reported_as_k_ulps(spec_and_inputs):
+    spec, _ = spec_and_inputs
+    model, observer = _designed(spec)
+    # element (3, 0) of linear1's output is 4 = x, with scale |4 * 1| + |8 * 0| + 0 = 4: K ulps at both
+    model.linear1.register_forward_hook(lambda module, args, out: _plus_ulps(out, K, index=3 * 2 + 0))
+    observer.observe(0, model, EXACT_X)
+    block = observer.result()
+    assert block["errors"]["linear1"]["linear.out"] == [float(K)], block["errors"]["linear1"]
+    assert block["errors_at_value"]["linear1"]["linear.out"] == [float(K)], block["errors_at_value"]["linear1"]
+    assert block["worst"]["linear1"]["linear.out"] == float(K)
+
+
+def test_injected_bn_errors_of_k_ulps_are_reported_as_k_ulps(spec_and_inputs, monkeypatch):
+    spec, _ = spec_and_inputs
+    model, observer = _designed(spec)
+    real_bn, real_var_mean = torch.native_batch_norm, torch.var_mean
+
+    def bn_off_by_k(*args):
+        out, mean, invstd = real_bn(*args)
+        return _plus_ulps(out, K), _plus_ulps(mean, K), _plus_ulps(invstd, K)
+
+    def var_off_by_k(*args, **kwargs):
+        var, mean = real_var_mean(*args, **kwargs)
+        return _plus_ulps(var, K), mean
+
+    monkeypatch.setattr(torch, "native_batch_norm", bn_off_by_k)
+    monkeypatch.setattr(torch, "var_mean", var_off_by_k)
+    observer.observe(0, model, EXACT_X)
+    monkeypatch.undo()
+    block = observer.result()
+    at_scale, at_value = block["errors"]["bn1"], block["errors_at_value"]["bn1"]
+    # the mean and the variance were exact: their error is the injected one, at their own scale
+    assert at_scale["bn.mean"] == [float(K)] == at_value["bn.mean"], (at_scale, at_value)
+    assert at_scale["bn.var"] == [float(K)] == at_value["bn.var"], (at_scale, at_value)
+    # invstd and the output carry their own rounding (<= 1 and a few ulps) on top
+    assert K - 1 <= at_scale["bn.invstd"][0] <= K + 1, at_scale
+    assert K - 4 <= at_value["bn.out"][0] <= K + 4, at_value
+    assert 4 <= at_scale["bn.out"][0] <= K + 4, at_scale  # in ulps of the larger scale: fewer, never more
+
+
+def test_a_constant_unit_is_flagged_for_both_reasons_and_flags_are_capped(spec_and_inputs, monkeypatch):
+    spec, _ = spec_and_inputs
+    model, observer = _designed(spec)
+    with torch.no_grad():
+        model.linear1.weight[1] = 0.0
+        model.linear1.bias[1] = 3.0  # bn1 unit 1: the constant 3, variance exactly 0
+    monkeypatch.setattr(audit, "MAX_FLAGS", 3)  # (200 in a run) kept listed; the rest only counted
+    for row in range(MAX := 5):
+        observer.observe(row, model, EXACT_X)
+    block = observer.result()
+    assert block["n_flags"] == MAX and len(block["flags"]) == 3
+    flag = block["flags"][0]
+    assert (flag["row"], flag["layer"], flag["unit"]) == (0, "bn1", 1)
+    assert flag["var_over_eps"] == 0.0 and flag["mean_over_std"] is None
+    assert flag["why"] == ["variance 0 eps < 100 eps", "|mean|/std inf > 100"]
+    assert flag["amplification"] == float(f"{3 / math.sqrt(spec.model.bn_eps):.4g}")
+    assert block["rows"] == list(range(MAX))
+
+
+def test_audit_block_fields(spec_and_inputs):
+    spec, _ = spec_and_inputs
+    model, observer = _designed(spec)
+    assert observer.wants(0) and observer.wants(7) and observer.ctx.prec == audit.AUDIT_PRECISION == 128
+    observer.observe(0, model, EXACT_X)
+    observer.observe(1, model, EXACT_X * 3)
+    block = observer.result()
+    assert block["schema"] == "bnaudit.audit/1" and block["every"] == 1 and block["storage"] == "float32"
+    assert block["precision"] == 128 and block["ops"] == ["linear.out", "bn.mean", "bn.var", "bn.invstd", "bn.out"]
+    assert block["rows"] == [0, 1] and block["skipped"] is None and block["n_flags"] == 0 and block["flags"] == []
+    assert block["thresholds"] == {"var_over_eps": 100.0, "mean_over_std": 100.0}
+    assert block["seconds"] > 0 and block["cpu_seconds"] > 0 and block["note"].startswith("errors: |run - exact|")
+    for layer, ops in block["errors"].items():
+        for op, values in ops.items():
+            assert len(values) == 2 and all(v == round(v, 3) for v in values), (layer, op, values)
+            assert block["worst"][layer][op] == max(values)
+            assert all(v == float(f"{v:.4g}") for v in block["errors_at_value"][layer][op])
+    assert all(len(v) == 2 for v in block["max_amplification"].values())
+    every10 = audit.OperatorAudit(spec, controls.RunConfig(controls.Controls(dtype="float32"), epochs=1))
+    assert [r for r in range(31) if every10.wants(r)] == [0, 10, 20, 30]
+    custom = audit.OperatorAudit(spec, controls.RunConfig(controls.Controls(dtype="float64"), epochs=1), precision=80)
+    assert custom.ctx.prec == 80 and custom.eps == custom.ctx.mpf(spec.model.bn_eps)
+
+
+def test_ulp_of_each_format():
+    values = np.array([1.0, 3.0, 0.0, 2.0**-130, -6.0])
+    assert audit._ulp(values, torch.bfloat16).tolist() == [2.0**-7, 2.0**-6, 2.0**-133, 2.0**-133, 2.0**-5]
+    assert audit._ulp(values, torch.float32).tolist() == [2.0**-23, 2.0**-22, 2.0**-149, 2.0**-149, 2.0**-21]
+    assert audit._ulp(values, torch.float64).tolist() == [2.0**-52, 2.0**-51, 2.0**-1074, 2.0**-182, 2.0**-50]

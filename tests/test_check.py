@@ -1,4 +1,4 @@
-"""bnaudit check, the library: tolerance parsing, baseline files, prefixes, and every policy on real runs.
+"""bnaudit check, the library: tolerance parsing, baseline files and signatures, prefixes, planning, every policy.
 
 Runs are real (``make_run``, a few epochs each, shared with other test files).  Expected
 values come from independent computations in this file (ulp distances from int32 bit
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import hmac
 import json
 import os
 from pathlib import Path
@@ -18,7 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnaudit import check, record
+from bnaudit import check, fileio, gate, record
+from bnaudit.baseline import BASELINE_SCHEMA, Signature, load_baseline, write_baseline
+from bnaudit.blocks import DivergenceBlock
 from bnaudit.errors import InputError, MismatchError, OutputError, ReferenceFailure, UsageError
 
 EPOCHS = 3  # shared with tests/test_run.py's runs
@@ -37,7 +41,7 @@ def t2_run(make_run):
 @pytest.fixture(scope="module")
 def baseline(base_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline") / "float32.json"
-    return check.write_baseline(out, base_run, update=False)
+    return write_baseline(out, base_run, update=False)
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +91,16 @@ def test_any_text_parses_to_a_tolerance_that_round_trips_or_is_refused(text):
     assert check.parse_tolerance(str(tol)) == tol
 
 
-@given(st.integers(min_value=0, max_value=10**18))
+@given(st.integers(min_value=0, max_value=2**53 - 1))
 def test_every_whole_number_of_ulps_parses_exactly(n):
     assert check.parse_tolerance(f"ulps:{n}").limit == n
+
+
+@pytest.mark.parametrize("n", [2**53, 2**62, 9223372036854775806, 9223372036854775807])
+def test_ulps_limits_beyond_exact_counts_are_refused(n):
+    """ulps:9223372036854775806 once passed NaN parameters: as a float64 it equals the NaN distance."""
+    with pytest.raises(UsageError, match=r"ulps must be at most 9007199254740991 \(2\^53 - 1\)"):
+        check.parse_tolerance(f"ulps:{n}")
 
 
 # --------------------------------------------------------------------------- baselines
@@ -101,33 +112,94 @@ def test_baseline_round_trips_and_is_a_fingerprint(baseline, base_run):
     # The baseline file is itself a fingerprint: record.load (what bnaudit compare uses) reads it.
     again = record.load(baseline.path)
     assert again.digest == fp.digest
-    assert again.snapshots.tobytes() == fp.snapshots[np.isin(fp.snapshot_rows, again.snapshot_rows)].tobytes()
+    assert again.keyframes.tobytes() == fp.keyframes[np.isin(fp.keyframe_rows, again.keyframe_rows)].tobytes()
     assert again.environment == fp.environment
     raw = json.loads(open(baseline.path).read())
-    assert raw["extra"]["baseline"]["schema"] == check.BASELINE_SCHEMA
+    assert raw["extra"]["baseline"]["schema"] == BASELINE_SCHEMA
+
+
+def _canonical_sha256(doc: dict) -> str:
+    """The canonical hash, written here with hashlib and json alone (not fileio): keys sorted, compact, ASCII."""
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _reseal(raw: dict) -> dict:
+    """What a forger without the key can do: recompute every unkeyed checksum (the fingerprint's, then the seal)."""
+    block = raw["extra"]["baseline"]
+    body = {k: v for k, v in raw.items() if k != "content_sha256"}
+    body["extra"] = {k: v for k, v in raw["extra"].items() if k != "baseline"}
+    raw["content_sha256"] = _canonical_sha256(body)
+    sealed = {k: v for k, v in block.items() if k not in ("sha256", "signature")}
+    block["sha256"] = _canonical_sha256({**raw, "extra": {**raw["extra"], "baseline": sealed}})
+    return raw
+
+
+def _hmac(raw: dict, key: bytes) -> str:
+    """The documented signature: HMAC-SHA256 over the hex canonical hash of everything but the signature."""
+    block = {k: v for k, v in raw["extra"]["baseline"].items() if k != "signature"}
+    digest = _canonical_sha256({**raw, "extra": {**raw["extra"], "baseline": block}})
+    return hmac.new(key, digest.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def test_the_seal_is_the_sha256_of_the_canonical_json_but_the_seal_fields(baseline):
+    """The baseline file format: the seal covers the whole document, the block's own metadata included.
+
+    Recomputed here with hashlib and json alone (not fileio), so that a change of the
+    canonical form, which would make every committed baseline fail to load, fails here.
+    """
+    raw = json.loads(Path(baseline.path).read_text())
+    block = raw["extra"]["baseline"]
+    assert sorted(block) == ["bnaudit", "created", "made_from", "schema", "sha256", "signature", "updated"]
+    assert block["schema"] == "bnaudit.baseline/2" and block["signature"] is None
+    assert block["sha256"] == _reseal(json.loads(json.dumps(raw)))["extra"]["baseline"]["sha256"]
+    assert Path(baseline.path).read_text() == json.dumps(raw, sort_keys=True, indent=1) + "\n"
+    assert baseline.signature is Signature.UNSIGNED
 
 
 def test_create_refuses_an_existing_file_and_leaves_no_partial_files(baseline, base_run):
     before = sorted(os.listdir(os.path.dirname(baseline.path)))
     with pytest.raises(OutputError, match="already exists"):
-        check.write_baseline(baseline.path, base_run, update=False)
+        write_baseline(baseline.path, base_run, update=False)
     assert sorted(os.listdir(os.path.dirname(baseline.path))) == before == ["float32.json"]
 
 
 def test_update_keeps_creation_time_and_refuses_another_experiment(base_run, make_run, tmp_path):
     out = tmp_path / "b.json"
     with pytest.raises(InputError, match="no baseline to update"):
-        check.write_baseline(out, base_run, update=True)
-    first = check.write_baseline(out, base_run, update=False)
-    again = check.write_baseline(out, base_run, update=True)
+        write_baseline(out, base_run, update=True)
+    first = write_baseline(out, base_run, update=False)
+    again = write_baseline(out, base_run, update=True)
     assert again.created == first.created and again.updated is not None
     other = make_run(EPOCHS, dtype="float64")
-    with pytest.raises(MismatchError, match=r"another experiment.*dtype float32 vs float64"):
-        check.write_baseline(out, other, update=True)
-    assert check.load_baseline(out).dtype == "float32"  # untouched
-    forced = check.write_baseline(out, other, update=True, force=True)
+    with pytest.raises(MismatchError, match=r"another experiment \(different run dtype \(float32 vs float64\)\)"):
+        write_baseline(out, other, update=True)
+    assert load_baseline(out, key=None).dtype == "float32"  # untouched
+    forced = write_baseline(out, other, update=True, force=True)
     assert forced.dtype == "float64"
     assert sorted(os.listdir(tmp_path)) == ["b.json"]
+
+
+def test_update_by_a_run_refuses_another_dtype_before_running(baseline, tmp_path, monkeypatch):
+    """The run path of ``baseline update`` refuses with the record path's words, and starts no run to do so."""
+    out = tmp_path / "b.json"
+    out.write_bytes(Path(baseline.path).read_bytes())
+    monkeypatch.setattr(gate, "execute", lambda *a, **k: pytest.fail("a run was started"))
+    with pytest.raises(MismatchError, match=r"b\.json is a baseline of another experiment \(different run dtype "
+                                            r"\(float32 vs float64\)\); pass --force"):
+        gate.make_baseline(out, options=gate.RunOptions(dtype="float64"), update=True)
+    with pytest.raises(OutputError, match="already exists"):
+        gate.make_baseline(out, options=gate.RunOptions(epochs=1))
+    with pytest.raises(InputError, match="no baseline to update"):
+        gate.make_baseline(tmp_path / "none.json", update=True)
+    assert out.read_bytes() == Path(baseline.path).read_bytes()
+
+
+def test_accepted_classes_of_another_experiment_are_refused(baseline, t2):
+    check.validate_accept_classes([t2], [baseline])
+    other = dataclasses.replace(t2, frozen="0" * 64)
+    with pytest.raises(MismatchError, match=r"--accept-class .*another experiment than the baselines"):
+        check.validate_accept_classes([other], [baseline])
 
 
 def _edit(path, tmp_path, edit):
@@ -148,30 +220,38 @@ def _flip_snapshot(raw):
     (_flip_snapshot, "does not match its sha256"),
     (lambda d: d["losses"]["train"].__setitem__(1, "0" * 16), "does not match its sha256"),
     (lambda d: d["environment"].update(cpu_model="elsewhere"), "does not match its sha256"),
+    # The block's own metadata is sealed too (bnaudit.baseline/1 left it out).
+    (lambda d: d["extra"]["baseline"].update(created="2000-01-01T00:00:00+00:00"), "does not match its sha256"),
+    (lambda d: d["extra"]["baseline"].update(updated="2000-01-01T00:00:00+00:00"), "does not match its sha256"),
+    (lambda d: d["extra"]["baseline"].update(made_from="vetted-run"), "does not match its sha256"),
+    (lambda d: d["extra"]["baseline"].update(bnaudit="9.9"), "does not match its sha256"),
+    (lambda d: d["extra"]["baseline"].update(note="reviewed"), "does not match its sha256"),
     (lambda d: d["extra"].pop("baseline"), "a fingerprint, not a baseline"),
-    (lambda d: d["extra"]["baseline"].update(schema="bnaudit.baseline/9"), "is not bnaudit.baseline/1"),
+    (lambda d: d["extra"]["baseline"].update(schema="bnaudit.baseline/9"), "is not bnaudit.baseline/2"),
     (lambda d: d["extra"]["baseline"].update(sha256=7), "'sha256' is missing or malformed"),
+    (lambda d: d["extra"]["baseline"].pop("sha256"), "'sha256' is missing or malformed"),
+    (lambda d: d["extra"]["baseline"].update(signature="xyz"), "'signature' is missing or malformed"),
     (lambda d: d.clear(), "not a bnaudit baseline"),
 ])
 def test_edited_baselines_are_refused(baseline, tmp_path, edit, message):
     with pytest.raises(InputError, match=message):
-        check.load_baseline(_edit(Path(baseline.path), tmp_path, edit))
+        load_baseline(_edit(Path(baseline.path), tmp_path, edit), key=None)
 
 
 def test_unreadable_baselines_are_refused(baseline, tmp_path):
     text = open(baseline.path, "rb").read()
     (tmp_path / "cut.json").write_bytes(text[: len(text) // 2])
     with pytest.raises(InputError, match="not JSON"):
-        check.load_baseline(tmp_path / "cut.json")
+        load_baseline(tmp_path / "cut.json", key=None)
     big = tmp_path / "big.json"
     with open(big, "wb") as fh:
-        fh.truncate(record.MAX_JSON_BYTES + 1)
+        fh.truncate(fileio.MAX_JSON_BYTES + 1)
     with pytest.raises(InputError, match="larger than any baseline"):
-        check.load_baseline(big)
+        load_baseline(big, key=None)
     with pytest.raises(InputError, match="cannot read"):
-        check.load_baseline(tmp_path / "missing.json")
+        load_baseline(tmp_path / "missing.json", key=None)
     with pytest.raises(InputError, match="is a folder"):
-        check.load_baseline(tmp_path)
+        load_baseline(tmp_path, key=None)
 
 
 @given(position=st.integers(min_value=0), value=st.integers(min_value=0, max_value=255))
@@ -184,13 +264,126 @@ def test_a_changed_byte_is_refused_or_changes_nothing_that_is_checked(baseline, 
     path = tmp_path / "flipped.json"
     path.write_bytes(bytes(blob))
     try:
-        loaded = check.load_baseline(path)
+        loaded = load_baseline(path, key=None)
     except InputError:
         return
     a, b = loaded.fingerprint, baseline.fingerprint
-    assert a.digest == b.digest and a.snapshots.tobytes() == b.snapshots.tobytes()
+    assert a.digest == b.digest and a.keyframes.tobytes() == b.keyframes.tobytes()
     assert a.train_loss.tobytes() == b.train_loss.tobytes() and a.config == b.config
     assert a.environment == b.environment
+    assert (loaded.created, loaded.updated, loaded.made_from) == (baseline.created, baseline.updated,
+                                                                   baseline.made_from)
+
+
+def test_a_schema_1_baseline_is_refused_with_the_command_that_reseals_it(baseline, tmp_path):
+    """bnaudit.baseline/1 sealed everything but its own block: refused, and re-sealing it needs no run."""
+    raw = json.loads(Path(baseline.path).read_text())
+    block = raw["extra"].pop("baseline")
+    old = {k: v for k, v in block.items() if k != "signature"}
+    old.update(schema="bnaudit.baseline/1", sha256=_canonical_sha256(raw))  # /1's seal: the document but its block
+    raw["extra"]["baseline"] = old
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(raw, sort_keys=True, indent=1))
+    with pytest.raises(InputError) as exc:
+        load_baseline(path, key=None)
+    assert exc.value.message == (
+        f"{path}: a bnaudit.baseline/1 baseline, whose seal leaves out its own created, updated and made_from; "
+        f"re-seal it: bnaudit baseline create --force --record {path} --out {path}")
+    again = write_baseline(path, path, update=False, force=True)  # what that command does
+    assert again.fingerprint.digest == baseline.fingerprint.digest
+    assert json.loads(path.read_text())["extra"]["baseline"]["schema"] == BASELINE_SCHEMA
+
+
+# --------------------------------------------------------------------------- signed baselines
+
+KEY = b"0123456789abcdef" * 4
+"""A signing key as a CI secret would hold it (64 characters; what envinfo reads is its UTF-8 bytes)."""
+
+
+@pytest.fixture()
+def signed(base_run, tmp_path, monkeypatch):
+    """A baseline written by bnaudit baseline create with BNAUDIT_SIGNING_KEY set."""
+    monkeypatch.setenv("BNAUDIT_SIGNING_KEY", KEY.decode())
+    b = gate.make_baseline(tmp_path / "signed.json", source=base_run)
+    monkeypatch.delenv("BNAUDIT_SIGNING_KEY")
+    return b
+
+
+def test_a_signed_baseline_carries_the_documented_hmac(signed):
+    raw = json.loads(Path(signed.path).read_text())
+    assert signed.signature is Signature.VERIFIED
+    assert raw["extra"]["baseline"]["signature"] == _hmac(raw, KEY)
+    # The seal is unchanged by signing: it covers everything but the two seal fields.
+    assert raw["extra"]["baseline"]["sha256"] == _reseal(json.loads(json.dumps(raw)))["extra"]["baseline"]["sha256"]
+
+
+def test_with_a_key_only_a_baseline_signed_with_it_loads(signed, baseline, tmp_path):
+    assert load_baseline(signed.path, key=KEY).signature is Signature.VERIFIED
+    with pytest.raises(InputError, match=r"not signed, and BNAUDIT_SIGNING_KEY is set"):
+        load_baseline(baseline.path, key=KEY)
+    with pytest.raises(InputError, match=r"signature does not match BNAUDIT_SIGNING_KEY"):
+        load_baseline(signed.path, key=b"another key of thirty-two bytes!")
+    # Edited and re-sealed without the key: every unkeyed checksum is right, the signature is not.
+    for field, value in (("created", "2000-01-01T00:00:00+00:00"), ("made_from", "vetted")):
+        raw = json.loads(Path(signed.path).read_text())
+        raw["extra"]["baseline"][field] = value
+        path = tmp_path / f"resealed-{field}.json"
+        path.write_text(json.dumps(_reseal(raw)))
+        assert load_baseline(path, key=None).signature is Signature.UNCHECKED  # the seal alone cannot tell
+        with pytest.raises(InputError, match="signature does not match"):
+            load_baseline(path, key=KEY)
+    raw = json.loads(Path(signed.path).read_text())
+    raw["losses"]["train"][1] = "0" * 16
+    path = tmp_path / "resealed-losses.json"
+    path.write_text(json.dumps(_reseal(raw)))
+    with pytest.raises(InputError, match="signature does not match"):
+        load_baseline(path, key=KEY)
+    raw = json.loads(Path(baseline.path).read_text())
+    raw["extra"]["baseline"]["signature"] = "0" * 64  # a signature made up for an unsigned baseline
+    path = tmp_path / "made-up.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="signature does not match"):
+        load_baseline(path, key=KEY)
+
+
+def test_check_with_a_key_refuses_unsigned_baselines_and_classes(signed, baseline, base_run, t2, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr(gate, "execute", lambda *a, **k: pytest.fail("a run was started"))
+    monkeypatch.setenv("BNAUDIT_SIGNING_KEY", KEY.decode())
+    result = gate.check([Path(signed.path)], records=[base_run])
+    assert result.passed and result.warnings == ()
+    with pytest.raises(InputError, match="not signed"):
+        gate.check([Path(baseline.path)], records=[base_run])
+    # An accepted class passes a run as surely as the baseline: with a key it must be signed too.
+    with pytest.raises(InputError, match="a fingerprint, not a baseline"):
+        gate.check([Path(signed.path)], records=[Path(t2.source)], accept_paths=[Path(t2.source) / "fingerprint.json"])
+    cls = gate.make_baseline(tmp_path / "class-t2.json", source=Path(t2.source))
+    result = gate.check([Path(signed.path)], records=[Path(t2.source)], accept_paths=[Path(cls.path)])
+    assert result.passed and result.cases[0].verdict is check.Verdict.ACCEPTED
+    monkeypatch.setenv("BNAUDIT_SIGNING_KEY", "short")
+    with pytest.raises(UsageError, match="BNAUDIT_SIGNING_KEY is 5 bytes; use a random key of at least 32"):
+        gate.check([Path(signed.path)], records=[base_run])
+
+
+def test_check_without_a_key_loads_a_signed_baseline_and_says_it_was_not_checked(signed, base_run, monkeypatch):
+    monkeypatch.delenv("BNAUDIT_SIGNING_KEY", raising=False)
+    result = gate.check([Path(signed.path)], records=[base_run])
+    assert result.passed
+    assert result.warnings == (f"{signed.path} is signed, but BNAUDIT_SIGNING_KEY is not set: "
+                               "its signature was not checked",)
+    assert "warnings" not in result.to_dict()  # bnaudit.check/1 is unchanged
+
+
+def test_update_without_the_key_does_not_drop_a_signature_unless_forced(signed, base_run, monkeypatch):
+    monkeypatch.delenv("BNAUDIT_SIGNING_KEY", raising=False)
+    before = Path(signed.path).read_bytes()
+    with pytest.raises(InputError, match=r"is signed; set BNAUDIT_SIGNING_KEY to update it, or pass --force"):
+        write_baseline(signed.path, base_run, update=True)
+    assert Path(signed.path).read_bytes() == before
+    monkeypatch.setenv("BNAUDIT_SIGNING_KEY", KEY.decode())
+    again = gate.make_baseline(Path(signed.path), source=base_run, update=True)
+    assert again.signature is Signature.VERIFIED and again.created == signed.created and again.updated
+    assert write_baseline(signed.path, base_run, update=True, force=True).signature is Signature.UNSIGNED
 
 
 # --------------------------------------------------------------------------- prefixes
@@ -198,13 +391,24 @@ def test_a_changed_byte_is_refused_or_changes_nothing_that_is_checked(baseline, 
 def test_a_prefix_of_a_longer_run_is_the_shorter_run(make_run):
     """truncate(run of 3 epochs, 2) must be bit for bit the run of 2 epochs: what lets one baseline serve all."""
     short = record.load(make_run(2))
-    cut = check.truncate(record.load(make_run(EPOCHS)), 2)
+    cut = record.prefix(record.load(make_run(EPOCHS)), 2)
     assert cut.digest == short.digest
     assert np.array_equal(cut.row_digests, short.row_digests)
     assert np.array_equal(cut.step_rows, short.step_rows) and np.array_equal(cut.step_digests, short.step_digests)
-    assert cut.snapshots.tobytes() == short.snapshots.tobytes()
+    assert cut.keyframes.tobytes() == short.keyframes.tobytes()
     with pytest.raises(MismatchError):
-        check.truncate(short, EPOCHS)
+        record.prefix(short, EPOCHS)
+
+
+def test_a_prefix_drops_the_reference_divergence_and_keeps_the_other_blocks(make_run):
+    full = record.load(make_run(EPOCHS))
+    if full.divergence is None:
+        pytest.skip("no mpmath reference is stored for the default spec")
+    cut = record.prefix(full, 2)
+    assert cut.divergence is None and "divergence" not in cut.extra  # its rows are the longer run's
+    assert {k: v for k, v in full.extra.items() if k != "divergence"} == cut.extra
+    assert cut.audit is full.audit and cut.floor is full.floor
+    assert record.prefix(full, EPOCHS) is full
 
 
 # --------------------------------------------------------------------------- policies on real runs
@@ -225,9 +429,9 @@ def _rel_oracle(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _common_snapshots(baseline, fp):
-    rows = np.intersect1d(baseline.fingerprint.snapshot_rows, fp.snapshot_rows)
-    a = baseline.fingerprint.snapshots[np.isin(baseline.fingerprint.snapshot_rows, rows)]
-    b = fp.snapshots[np.isin(fp.snapshot_rows, rows)]
+    rows = np.intersect1d(baseline.fingerprint.keyframe_rows, fp.keyframe_rows)
+    a = baseline.fingerprint.keyframes[np.isin(baseline.fingerprint.keyframe_rows, rows)]
+    b = fp.keyframes[np.isin(fp.keyframe_rows, rows)]
     return a, b
 
 
@@ -278,6 +482,47 @@ def test_accept_class_passes_and_names_the_class(baseline, t2, base_run):
     assert check.check_case(baseline, t2, accept=[record.load(base_run)]).verdict is check.Verdict.DRIFT
 
 
+def _with_keyframe(fp: record.Fingerprint, row: int, column: int, value: float) -> record.Fingerprint:
+    """The run as a loader would give it had this one parameter been stored as ``value`` (float32 runs)."""
+    keyframes = fp.keyframes.copy()
+    keyframes[int(np.flatnonzero(fp.keyframe_rows == row)[0]), column] = np.float32(value)
+    return dataclasses.replace(fp, keyframes=keyframes)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_no_policy_passes_non_finite_parameters_where_the_baselines_are_finite(baseline, t2, value):
+    """ulps:2^53-1 lets every finite float32 through, yet not a NaN or an infinity (an infinity is only about
+    2^31 ulps from 1.0); nor does an accepted class, nor a divergence block that claims full accuracy."""
+    bad = _with_keyframe(t2, EPOCHS, 0, value)
+    for tolerance in (f"ulps:{check.MAX_ULPS}", "rel:1", "exact"):
+        case = check.check_case(baseline, bad, check.parse_tolerance(tolerance), accept=[bad])
+        assert case.verdict is check.Verdict.DRIFT, tolerance
+        if tolerance != "exact":
+            assert case.measured is not None and case.measured.nonfinite
+            assert case.measured.describe(case.tolerance.policy) == (
+                f"non-finite parameters where the baseline's are finite (linear1 at epoch row {EPOCHS})")
+            assert case.to_dict()["measured"]["value"] == "inf"
+    assert check.check_case(baseline, t2, check.parse_tolerance(f"ulps:{check.MAX_ULPS}")).passed
+    perfect = _with_block(bad, _divergence_block(["linear1"], [0, 1, 2, 3], np.full((1, 4), 24.0)))
+    case = check.check_case(baseline, perfect, check.parse_tolerance("bits:1"))
+    assert case.verdict is check.Verdict.INACCURATE and case.measured is not None
+    assert (case.measured.value, case.measured.layer, case.measured.row) == (0.0, "linear1 weights", EPOCHS)
+
+
+def test_the_baselines_digests_with_other_parameters_are_refused(baseline, base_run):
+    """A fingerprint's parameters are covered by its content hash, not its digests: a pair with equal digests
+    and different parameters means one file was edited (and its hash recomputed), never IDENTICAL."""
+    same = record.load(base_run)
+    assert check.check_case(baseline, same).verdict is check.Verdict.IDENTICAL
+    edited = _with_keyframe(same, 2, 5, np.nan)
+    for tolerance in ("exact", "ulps:16", "bits:1"):
+        with pytest.raises(InputError) as exc:
+            check.check_case(baseline, _with_block(edited, None), check.parse_tolerance(tolerance))
+        assert exc.value.message == (f"{baseline.path} / {same.source}: epoch row 2 has identical digests but "
+                                     "different parameter snapshots (an edited or corrupt input)")
+        assert int(exc.value.exit_code) == 3
+
+
 def test_refused_comparisons(baseline, make_run, t2):
     f64 = record.load(make_run(EPOCHS, dtype="float64"))
     with pytest.raises(MismatchError, match=r"float32 baseline.*float64 run"):
@@ -285,19 +530,22 @@ def test_refused_comparisons(baseline, make_run, t2):
     with pytest.raises(MismatchError, match=r"float32 baseline.*float64 run"):
         check.pair_candidates([baseline], [t2, f64])
     with pytest.raises(MismatchError, match="covers 3 epochs"):
-        check.plan_run(baseline, profile="full")
+        gate.plan_run(baseline, profile="full")
     with pytest.raises(UsageError, match="two baselines for dtype float32"):
         check.pair_candidates([baseline, baseline], [t2])
 
 
 def test_plan_reproduces_the_baseline_configuration_with_overrides(baseline):
-    spec, config = check.plan_run(baseline)
+    spec, config = gate.plan_run(baseline)
     assert spec.hash == baseline.fingerprint.spec.hash and config.epochs == EPOCHS
     assert config.controls.threads == 1 and config.controls.dtype == "float32"
-    _, config = check.plan_run(baseline, threads=2, isa="default", epochs=2)
+    _, config = gate.plan_run(baseline, threads=2, isa="default", epochs=2)
     assert (config.controls.threads, config.controls.isa, config.epochs) == (2, "default", 2)
     with pytest.raises(UsageError, match="--profile or --epochs"):
-        check.plan_run(baseline, profile="smoke", epochs=2)
+        gate.plan_run(baseline, profile="smoke", epochs=2)
+    assert gate.profile_epochs("smoke", 1000) == gate.SMOKE_EPOCHS and gate.profile_epochs("full", 1000) == 1000
+    with pytest.raises(UsageError, match="--profile 'nightly'"):
+        gate.profile_epochs("nightly", 1000)
 
 
 # --------------------------------------------------------------------------- bits
@@ -313,9 +561,18 @@ def _divergence_block(layers: list[str], rows: list[int], correct: np.ndarray) -
             "max_ulps": b64(zeros, "<f4"), "correct_bits": b64(correct, "<f2")}
 
 
+def _with_block(fp: record.Fingerprint, block: dict | None) -> record.Fingerprint:
+    """The run as a loader gives it with this divergence block in its extra (decoded once, as at load)."""
+    extra = {k: v for k, v in fp.extra.items() if k != "divergence"}
+    if block is None:
+        return dataclasses.replace(fp, extra=extra, divergence=None)
+    return dataclasses.replace(fp, extra={**extra, "divergence": block},
+                               divergence=DivergenceBlock.from_json(block, fp.source))
+
+
 def test_bits_policy_reads_the_fewest_correct_bits(baseline, t2):
     correct = np.array([[24.0, 20.5, 17.25, 15.0], [24.0, 22.0, 19.0, 12.5]])  # (series, rows)
-    run = dataclasses.replace(t2, extra={"divergence": _divergence_block(["linear1", "bn1"], [0, 1, 2, 3], correct)})
+    run = _with_block(t2, _divergence_block(["linear1", "bn1"], [0, 1, 2, 3], correct))
     case = check.check_case(baseline, run, check.parse_tolerance("bits:12"))
     assert case.verdict is check.Verdict.WITHIN
     assert case.measured is not None and (case.measured.value, case.measured.layer, case.measured.row) == (
@@ -328,12 +585,24 @@ def test_bits_policy_reads_the_fewest_correct_bits(baseline, t2):
 def test_bits_policy_without_a_reference_is_an_error_never_a_pass(baseline, base_run, t2):
     for fp in (record.load(base_run), t2):  # identical to the baseline or not: no reference, no verdict
         with pytest.raises(ReferenceFailure, match="no divergence from the mpmath reference"):
-            check.check_case(baseline, dataclasses.replace(fp, extra={}), check.parse_tolerance("bits:8"))
-    broken = dataclasses.replace(t2, extra={"divergence": {"schema": "bnaudit.divergence/1", "rows": "x"}})
-    with pytest.raises(InputError, match="divergence block"):
-        check.check_case(baseline, broken, check.parse_tolerance("bits:8"))
+            check.check_case(baseline, _with_block(fp, None), check.parse_tolerance("bits:8"))
+    empty = _with_block(t2, _divergence_block([], [], np.zeros((0, 0))))
+    with pytest.raises(ReferenceFailure, match="measured no epoch row"):
+        check.check_case(baseline, empty, check.parse_tolerance("bits:8"))
     with pytest.raises(UsageError, match="accept-class"):
         check.run_check([(baseline, t2)], check.parse_tolerance("bits:8"), accept=[t2])
+
+
+def test_a_malformed_divergence_block_fails_at_load_exit_3(t2_run, tmp_path):
+    """No check reads a block the loader did not decode: a malformed one is unusable input (InputError, exit 3)."""
+    raw = json.loads((t2_run / "fingerprint.json").read_text())
+    raw["extra"]["divergence"] = {"schema": "bnaudit.divergence/1", "rows": "x"}
+    raw["content_sha256"] = record.content_sha256(raw)  # sealed: only the block is wrong
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="divergence block") as exc:
+        record.load(path)
+    assert int(exc.value.exit_code) == 3
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +634,7 @@ def test_bits_policy_on_a_real_reference(make_run, baseline, small_reference, th
     rec = record.load_record(make_run(EPOCHS, threads=threads))
     block = divergence.from_record(rec, reference=small_reference)
     assert block is not None and block["rows"][:2] == [0, 1]
-    fp = dataclasses.replace(rec.fingerprint, extra={"divergence": block})
+    fp = _with_block(rec.fingerprint, block)
     hi, lo = small_reference.section("params")
     params = rec.arrays["params"].astype(np.float64)
     slices = rec.layout.param_slices()
@@ -378,9 +647,9 @@ def test_bits_policy_on_a_real_reference(make_run, baseline, small_reference, th
             err = np.abs((params[row, cols] - hi[i, cols]) - lo[i, cols]).max()
             scale = np.abs(hi[i, cols]).max()
             want = 24.0 if err == 0 else min(24.0, max(0.0, -np.log2(err / scale)))
-            got = measured.bits[measured.series.index(f"{name} weights"), measured.rows.index(row)]
+            got = measured.correct_bits[measured.names.index(f"{name} weights"), measured.rows.index(row)]
             assert abs(got - want) <= 0.02, (name, row, got, want)  # the block stores bits as float16
-    fewest = float(measured.bits.min())
+    fewest = float(measured.correct_bits.min())
     n = int(np.floor(fewest))
     assert 1 <= n <= 24, fewest
     case = check.check_case(baseline, fp, check.Tolerance(check.Policy.BITS, n))
@@ -390,12 +659,17 @@ def test_bits_policy_on_a_real_reference(make_run, baseline, small_reference, th
 
 
 def test_check_and_its_reports_import_neither_torch_nor_mpmath():
-    """A light CI job runs check without torch: the modules must not pull it (or mpmath) in."""
+    """A light CI job runs check without torch: the modules must not pull it (or mpmath) in.
+
+    Nor do they import ``launch``: only ``gate`` starts runs, and it imports ``launch`` when one starts.
+    """
     import subprocess
     import sys
 
-    code = ("import sys, bnaudit.check, bnaudit.report.junit, bnaudit.report.ci_summary; "
-            "heavy = sorted(m for m in ('torch', 'mpmath') if m in sys.modules); print(heavy); sys.exit(bool(heavy))")
+    code = ("import sys, bnaudit.check, bnaudit.baseline, bnaudit.gate, bnaudit.report.junit, "
+            "bnaudit.report.ci_summary; "
+            "heavy = sorted(m for m in ('torch', 'mpmath', 'bnaudit.launch') if m in sys.modules); "
+            "print(heavy); sys.exit(bool(heavy))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -403,9 +677,63 @@ def test_check_and_its_reports_import_neither_torch_nor_mpmath():
 def test_ulps_policy_refuses_a_run_ending_between_compared_rows(make_run, tmp_path):
     """A 4-epoch run against a 5-epoch baseline: parameters are compared at rows 0, 1, 2, 3 only,
     so a drift in epoch 3 would go unseen; the check refuses instead of passing."""
-    base = check.write_baseline(tmp_path / "b5.json", make_run(5), update=False)
+    base = write_baseline(tmp_path / "b5.json", make_run(5), update=False)
     run4 = record.load(make_run(4, threads=2))
-    if run4.digest == check.truncate(base.fingerprint, 4).digest:
+    if run4.digest == record.prefix(base.fingerprint, 4).digest:
         pytest.skip("this machine gives identical bits for 1 and 2 threads")
     with pytest.raises(UsageError, match="ends between them"):
         check.check_case(base, run4, check.parse_tolerance("ulps:1000000000"))
+
+
+def test_the_key_never_reaches_a_run_or_a_baseline(base_run, tmp_path, monkeypatch):
+    """A run records every BNAUDIT_ variable of its environment: the run a baseline or check starts gets no key,
+    and a record that holds the key (made by a run with the key exported) is not signed into a baseline."""
+    monkeypatch.setenv("BNAUDIT_SIGNING_KEY", KEY.decode())
+    made = gate.make_baseline(tmp_path / "run.json", options=gate.RunOptions(epochs=1))
+    assert made.signature is Signature.VERIFIED
+    assert KEY not in Path(made.path).read_bytes()
+    raw = json.loads((base_run / "fingerprint.json").read_text())
+    raw["environment"]["environment"] = {"BNAUDIT_SIGNING_KEY": KEY.decode()}
+    raw["content_sha256"] = record.content_sha256(raw)
+    leaky = tmp_path / "leaky" / "fingerprint.json"
+    leaky.parent.mkdir()
+    leaky.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="holds the value of BNAUDIT_SIGNING_KEY"):
+        gate.make_baseline(tmp_path / "leaky.json", source=leaky)
+    assert not (tmp_path / "leaky.json").exists()
+
+
+# --------------------------------------------------------------------------- bits: the recomputed block
+
+def _record_with(src: Path, dst: Path, edit) -> Path:
+    """A copy of a record folder with record.json edited and its content_sha256 recomputed (no key needed)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "record.json").read_text())
+    edit(meta)
+    meta["content_sha256"] = record.record_sha256(meta)
+    (dst / "record.json").write_text(json.dumps(meta, sort_keys=True, indent=1))
+    return dst
+
+
+def test_a_block_measured_against_another_reference_is_replaced_and_none_stored_is_exit_8(base_run, tmp_path,
+                                                                                          monkeypatch):
+    genuine = record.load(base_run)
+    if genuine.divergence is None:
+        pytest.skip("the run's process measured no divergence (no reference stored for the default spec)")
+    assert gate.with_reference(genuine).divergence.to_json() == genuine.divergence.to_json()
+
+    def other_reference(meta):
+        block = meta["extra"]["divergence"]
+        block["reference"]["digest"] = "0" * 64
+        block["correct_bits"] = base64.b64encode(np.full(len(block["series"]) * len(block["rows"]), 24.0,
+                                                         "<f2").tobytes()).decode()
+
+    older = record.load(_record_with(base_run, tmp_path / "older", other_reference))
+    fresh = gate.with_reference(older).divergence
+    assert fresh is not None and fresh.to_json() == genuine.divergence.to_json()  # judged on its arrays
+    monkeypatch.setattr(gate.divergence, "from_record", lambda rec, reference=None: None)
+    with pytest.raises(ReferenceFailure, match="cannot be recomputed from its arrays") as exc:
+        gate.with_reference(genuine)
+    assert int(exc.value.exit_code) == 8

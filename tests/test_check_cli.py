@@ -3,19 +3,30 @@
 Two commands run the experiment themselves (a smoke baseline and a smoke check, 5 epochs
 each); the rest check records made once per session (``make_run``, shared with other
 test files).  Candidates shorter than the baseline compare its prefix.
+
+The forgeries at the end are made the way someone without the signing key would make
+them: edit a record or a baseline, then recompute every checksum that needs no key.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import math
 import re
+import shutil
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from bnaudit import check, record
+from bnaudit import baseline as baseline_file
+from bnaudit import check, fileio, gate, record
+from bnaudit.baseline import load_baseline
 from bnaudit.cli.check import STEP_SUMMARY_VARIABLE
 
 EPOCHS = 3  # the records checked against the smoke baseline (a prefix of it)
@@ -34,7 +45,7 @@ def smoke_baseline(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def t2_run(make_run, smoke_baseline) -> Path:
     run = make_run(EPOCHS, threads=2)
-    base = check.truncate(check.load_baseline(smoke_baseline).fingerprint, EPOCHS)
+    base = record.prefix(load_baseline(smoke_baseline, key=None).fingerprint, EPOCHS)
     if record.load(run).digest == base.digest:
         pytest.skip("on this machine 2 threads give the same float32 bits as 1")
     return run
@@ -43,13 +54,14 @@ def t2_run(make_run, smoke_baseline) -> Path:
 @pytest.fixture(autouse=True)
 def _no_step_summary(monkeypatch):
     monkeypatch.delenv(STEP_SUMMARY_VARIABLE, raising=False)
+    monkeypatch.delenv(baseline_file.KEY_VARIABLE, raising=False)
 
 
 def _max_ulps(baseline: Path, run: Path) -> int:
     """Largest float32 ulp distance at the rows both carry parameters for (int32 sign-magnitude keys)."""
     a, b = record.load(baseline), record.load(run)
-    rows = np.intersect1d(a.snapshot_rows, b.snapshot_rows)
-    va, vb = a.snapshots[np.isin(a.snapshot_rows, rows)], b.snapshots[np.isin(b.snapshot_rows, rows)]
+    rows = np.intersect1d(a.keyframe_rows, b.keyframe_rows)
+    va, vb = a.keyframes[np.isin(a.keyframe_rows, rows)], b.keyframes[np.isin(b.keyframe_rows, rows)]
 
     def key(x):
         i = x.view(np.int32).astype(np.int64)
@@ -67,7 +79,7 @@ def test_smoke_check_on_the_baseline_machine_passes_exact(cli, smoke_baseline, t
     result = json.loads(out)
     assert result["schema"] == check.CHECK_SCHEMA and result["passed"] and result["failed_policy"] is None
     (case,) = result["cases"]
-    assert case["verdict"] == "identical" and case["epochs"] == check.SMOKE_EPOCHS
+    assert case["verdict"] == "identical" and case["epochs"] == gate.SMOKE_EPOCHS
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite is not None and suite.get("tests") == "1" and suite.get("failures") == "0"
     assert [tc.get("name") for tc in suite.iter("testcase")] == ["float32_t1_native_nondet"]
@@ -194,6 +206,12 @@ def _corrupt_variants(baseline: Path, tmp_path: Path) -> list[tuple[Path, str]]:
     p = tmp_path / "edited.json"
     p.write_text(json.dumps(edited))
     out.append((p, "does not match its sha256"))
+    for field, value in (("created", "2000-01-01T00:00:00+00:00"), ("made_from", "vetted-run"), ("updated", "now")):
+        edited = json.loads(text)
+        edited["extra"]["baseline"][field] = value  # the block's own metadata is sealed too
+        p = tmp_path / f"edited-{field}.json"
+        p.write_text(json.dumps(edited))
+        out.append((p, "does not match its sha256"))
     plain = dict(raw, extra={})
     p = tmp_path / "plain.json"
     p.write_text(json.dumps(plain))
@@ -226,7 +244,7 @@ def test_other_dtype_longer_run_or_other_spec_exit_4(cli, smoke_baseline, make_r
     code, out, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(f64))
     assert code == 4 and "is a float32 baseline" in err and "a float64 run" in err and not out
     code, _, err = cli("check", "--baseline", str(smoke_baseline), "--profile", "full")
-    assert code == 4 and f"covers {check.SMOKE_EPOCHS} epochs; cannot check 1000" in err
+    assert code == 4 and f"covers {gate.SMOKE_EPOCHS} epochs; cannot check 1000" in err
     short = tmp_path / "short.json"
     assert cli("baseline", "create", "--record", str(make_run(2)), "--out", str(short))[0] == 0
     code, out, err = cli("check", "--baseline", str(short), "--record", str(make_run(EPOCHS)))
@@ -251,8 +269,18 @@ def test_baseline_update_refuses_another_experiment_unless_forced(cli, smoke_bas
     assert target.read_bytes() == smoke_baseline.read_bytes()
     code, out, _ = cli("baseline", "update", "--out", str(target), "--record", str(f64), "--force")
     assert code == 0 and "float64_t1_native_nondet" in out
-    assert check.load_baseline(target).dtype == "float64"
+    assert load_baseline(target, key=None).dtype == "float64"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+def test_baseline_update_by_a_run_refuses_another_dtype_before_running_exit_4(cli, smoke_baseline, tmp_path):
+    target = tmp_path / "b.json"
+    target.write_bytes(smoke_baseline.read_bytes())
+    code, out, err = cli("baseline", "update", "--out", str(target), "--dtype", "float64")
+    assert code == 4 and not out
+    assert err.strip() == (f"bnaudit: error: {target} is a baseline of another experiment "
+                           "(different run dtype (float32 vs float64)); pass --force to replace it")
+    assert target.read_bytes() == smoke_baseline.read_bytes()
 
 
 # --------------------------------------------------------------------------- exit 5 and 8
@@ -294,3 +322,203 @@ def test_bits_policy_through_the_cli(cli, smoke_baseline, t2_run, tmp_path):
     assert code == 0 and "fewest correct bits 16.0 (bn3 activations at epoch row 3)" in out
     code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(fp), "--tolerance", "bits:17")
     assert code == 1 and "fewer than 17 correct bits" in out
+
+
+# --------------------------------------------------------------------------- schema 1
+
+def test_a_schema_1_baseline_exits_3_and_the_command_it_names_reseals_it(cli, smoke_baseline, make_run, tmp_path):
+    raw = json.loads(smoke_baseline.read_text())
+    block = raw["extra"].pop("baseline")
+    block = {k: v for k, v in block.items() if k != "signature"}
+    block.update(schema="bnaudit.baseline/1", sha256=fileio.canonical_sha256(raw))
+    raw["extra"]["baseline"] = block
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(raw, sort_keys=True, indent=1))
+    code, out, err = cli("check", "--baseline", str(old), "--record", str(make_run(EPOCHS)))
+    assert code == 3 and not out and len(err.strip().splitlines()) == 1
+    command = err.strip().split("re-seal it: ", 1)[1]
+    assert command == f"bnaudit baseline create --force --record {old} --out {old}"
+    assert cli(*command.split()[1:])[0] == 0
+    assert cli("check", "--baseline", str(old), "--record", str(make_run(EPOCHS)))[0] == 0
+
+
+# --------------------------------------------------------------------------- signed baselines
+
+KEY = "0123456789abcdef" * 4
+OTHER_KEY = "fedcba9876543210" * 4
+
+
+@pytest.fixture()
+def signed(cli, make_run, tmp_path, monkeypatch) -> Path:
+    """A 3-epoch baseline made with BNAUDIT_SIGNING_KEY set (the key is unset again afterwards)."""
+    out = tmp_path / "signed.json"
+    monkeypatch.setenv(baseline_file.KEY_VARIABLE, KEY)
+    code, text, err = cli("baseline", "create", "--record", str(make_run(EPOCHS)), "--out", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(text)["signed"] is True
+    monkeypatch.delenv(baseline_file.KEY_VARIABLE)
+    return out
+
+
+def _reseal(path: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """The baseline edited, with its fingerprint's content_sha256 and its seal recomputed (no key needed)."""
+    raw = json.loads(path.read_text())
+    edit(raw)
+    raw["content_sha256"] = record.content_sha256(raw)
+    raw["extra"]["baseline"]["sha256"] = baseline_file.seal(raw)
+    out.write_text(json.dumps(raw))
+    return out
+
+
+def test_with_the_key_set_check_accepts_only_baselines_signed_with_it(cli, signed, smoke_baseline, make_run,
+                                                                      tmp_path, monkeypatch):
+    run = str(make_run(EPOCHS))
+    monkeypatch.setenv(baseline_file.KEY_VARIABLE, OTHER_KEY)
+    other = tmp_path / "other-key.json"
+    assert cli("baseline", "create", "--record", run, "--out", str(other))[0] == 0
+    resealed = _reseal(signed, tmp_path / "resealed.json",
+                       lambda d: d["extra"]["baseline"].update(made_from="vetted-run"))
+    loosened = _reseal(signed, tmp_path / "loosened.json",  # a PR that moves the baseline to its own numbers
+                       lambda d: d["losses"]["train"].__setitem__(1, "3ff0000000000000"))
+    monkeypatch.setenv(baseline_file.KEY_VARIABLE, KEY)
+    code, out, err = cli("check", "--baseline", str(signed), "--record", run)
+    assert code == 0 and out.startswith("PASS ") and not err
+    for path, message in (
+            (smoke_baseline, f"{smoke_baseline}: not signed, and BNAUDIT_SIGNING_KEY is set"),
+            (other, f"{other}: signature does not match BNAUDIT_SIGNING_KEY (signed with another key, or edited "
+                    "and re-sealed without it)"),
+            (resealed, f"{resealed}: signature does not match"), (loosened, f"{loosened}: signature does not match")):
+        code, out, err = cli("check", "--baseline", str(path), "--record", run)
+        assert code == 3 and not out and len(err.strip().splitlines()) == 1, (path, err)
+        assert err.startswith(f"bnaudit: error: {message}"), err
+
+
+def test_without_the_key_a_signed_baseline_is_checked_and_the_log_says_its_signature_was_not(cli, signed,
+                                                                                               make_run):
+    code, out, err = cli("check", "--baseline", str(signed), "--record", str(make_run(EPOCHS)))
+    assert code == 0 and out.startswith("PASS float32_t1_native_nondet: bit-identical to baseline")
+    assert err == (f"bnaudit: warning: {signed} is signed, but BNAUDIT_SIGNING_KEY is not set: "
+                   "its signature was not checked\n")
+
+
+def test_a_short_key_exits_2(cli, signed, make_run, monkeypatch):
+    monkeypatch.setenv(baseline_file.KEY_VARIABLE, "hunter2")
+    code, out, err = cli("check", "--baseline", str(signed), "--record", str(make_run(EPOCHS)))
+    assert code == 2 and not out and "BNAUDIT_SIGNING_KEY is 7 bytes; use a random key of at least 32" in err
+
+
+# --------------------------------------------------------------------------- forged records
+
+def _forge(src: Path, dst: Path, *, params: np.ndarray | None = None, digests: bool = True,
+           edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """A copy of a record with new parameters or an edited record.json, every keyless checksum recomputed.
+
+    The sha256 of each changed file in record.json and record.json's content_sha256; with
+    ``digests`` also the epoch digests of the new parameters and the record's digest, as
+    ``record.verify_state_digests`` and ``load_record`` recompute them (the folder's
+    fingerprint.json is left as it was: a record folder is read from record.json).
+    """
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "record.json").read_text())
+    if params is not None:
+        files = {"params": params}
+        if digests:
+            rec = record.load_record(src)
+            epoch_digests = rec.arrays["epoch_digests"].copy()
+            column = {t.key: i for i, t in enumerate(rec.layout.epoch_tensors)}
+            offset = 0
+            for name, shape in rec.layout.params:
+                width = math.prod(shape)
+                for row in range(params.shape[0]):
+                    epoch_digests[row, column[name]] = record.digest(params[row, offset:offset + width].tobytes())
+                offset += width
+            files["epoch_digests"] = epoch_digests
+            meta["digest"] = record.overall_digest(meta["spec_hash"], meta["storage"],
+                                                   record.row_digests(epoch_digests), rec.arrays["step_rows"],
+                                                   rec.arrays["step_digests"])
+        for name, array in files.items():
+            blob = fileio.npy_bytes(array)
+            (dst / f"{name}.npy").write_bytes(blob)
+            meta["files"][f"{name}.npy"]["sha256"] = hashlib.sha256(blob).hexdigest()
+    if edit is not None:
+        edit(meta)
+    meta["content_sha256"] = record.record_sha256(meta)
+    (dst / "record.json").write_text(json.dumps(meta, sort_keys=True, indent=1))
+    return dst
+
+
+def _check(cli, baseline: Path, run: Path, tolerance: str = "exact") -> tuple[int, str, str]:
+    return cli("check", "--baseline", str(baseline), "--record", str(run), "--tolerance", tolerance)
+
+
+def test_parameters_replaced_at_a_row_no_fingerprint_carries_are_refused_at_load(cli, smoke_baseline, make_run,
+                                                                                 tmp_path):
+    """Row 4 of a 5-epoch run is in no fingerprint: only the epoch digests pin it."""
+    run = make_run(5)
+    params = record.load_record(run).arrays["params"].copy()
+    assert 4 not in record.load(run / "fingerprint.json").keyframe_rows
+    params[4, 0] = np.nextafter(params[4, 0], np.float32(np.inf))
+    forged = _forge(run, tmp_path / "forged", params=params, digests=False)
+    for tolerance in ("exact", "ulps:16", "bits:1"):
+        code, out, err = _check(cli, smoke_baseline, forged, tolerance)
+        assert code == 3 and not out, err
+        assert err.strip() == (f"bnaudit: error: {forged}: params.npy row 4 (linear1.weight) does not match its "
+                               "digest (edited or corrupt)")
+
+
+def test_an_edited_record_json_is_refused(cli, smoke_baseline, make_run, tmp_path):
+    forged = tmp_path / "threads"
+    shutil.copytree(make_run(EPOCHS), forged)
+    meta = json.loads((forged / "record.json").read_text())
+    meta["config"]["controls"]["threads"] = 2
+    (forged / "record.json").write_text(json.dumps(meta, sort_keys=True, indent=1))
+    code, out, err = _check(cli, smoke_baseline, forged)
+    assert code == 3 and not out
+    assert err.strip() == f"bnaudit: error: {forged}: record.json does not match its content_sha256 (edited or corrupt)"
+
+
+def _full_marks(meta: dict[str, Any]) -> None:
+    block = meta["extra"]["divergence"]
+    n = len(block["series"]) * len(block["rows"])
+    block["correct_bits"] = base64.b64encode(np.full(n, 24.0, "<f2").tobytes()).decode()
+
+
+def test_bits_recomputes_a_records_divergence_and_refuses_an_edited_block(cli, smoke_baseline, make_run, tmp_path):
+    run = make_run(EPOCHS)
+    carried = record.load(run).divergence
+    if carried is None:
+        pytest.skip("the run's process measured no divergence (no reference stored for the default spec)")
+    fewest = float(carried.correct_bits.min())
+    n = math.floor(fewest)
+    code, out, _ = _check(cli, smoke_baseline, run, f"bits:{n}")  # the genuine block is the recomputed one
+    assert code == 0 and f"fewest correct bits {fewest:.1f}" in out
+    assert _check(cli, smoke_baseline, run, f"bits:{n + 1}")[0] == 1
+    forged = _forge(run, tmp_path / "edited-block", edit=_full_marks)
+    for tolerance in (f"bits:{n + 1}", "bits:24"):
+        code, out, err = _check(cli, smoke_baseline, forged, tolerance)
+        assert code == 3 and not out
+        assert err.strip() == (f"bnaudit: error: {forged}: carries a divergence block that its own arrays do not "
+                               "give (edited?)")
+    assert _check(cli, smoke_baseline, forged)[0] == 0  # exact never reads the block: the arrays are genuine
+
+
+def test_nan_parameters_with_a_stale_honest_block_never_pass(cli, smoke_baseline, make_run, tmp_path):
+    """Once bits:1 passed a record of NaN parameters that kept the block of the run it was made from."""
+    run = make_run(EPOCHS)
+    if record.load(run).divergence is None:
+        pytest.skip("the run's process measured no divergence (no reference stored for the default spec)")
+    params = record.load_record(run).arrays["params"].copy()
+    params[1:, :10] = np.nan
+    forged = _forge(run, tmp_path / "nan", params=params)  # loads: every keyless checksum recomputed
+    verdicts = {t: _check(cli, smoke_baseline, forged, t) for t in ("exact", f"ulps:{check.MAX_ULPS}", "rel:1",
+                                                                    "bits:1")}
+    assert [verdicts[t][0] for t in verdicts] == [1, 1, 1, 3], verdicts
+    assert "non-finite parameters where the baseline's are finite (linear1 at epoch row 1)" in verdicts["rel:1"][1]
+    assert "carries a divergence block that its own arrays do not give" in verdicts["bits:1"][2]
+    # The same run as a bare fingerprint (no probe activations to recompute from), its block as stale.
+    rec = record.load_record(forged)
+    fp = tmp_path / "nan.json"
+    fp.write_text(json.dumps(record.fingerprint_dict(rec.meta, rec.arrays, rec.layout)))
+    for tolerance in ("bits:1", f"ulps:{check.MAX_ULPS}"):
+        code, out, _ = _check(cli, smoke_baseline, fp, tolerance)
+        assert code == 1 and out.startswith("FAIL ") and "non-finite parameters" in out, (tolerance, out)

@@ -101,3 +101,28 @@ def test_console_script_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bnaudit", "run", "--dtype", "nope"], capture_output=True, text=True)
     assert proc.returncode == ExitCode.USAGE
     assert proc.stderr.strip().startswith("bnaudit: error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_summary_renders_the_decoded_summary(monkeypatch):
+    """`bnaudit run`'s table reads the one decoded RunSummary: perturbation, chaos floor, missing reference."""
+    from rich.console import Console
+
+    from bnaudit.blocks import RunSummary
+    from bnaudit.report import run_summary
+
+    raw = {"out": "runs/x", "digest": "d" * 64, "spec_hash": "s" * 64, "epochs": 3, "train_loss": 1.5,
+           "test_loss": 2.25, "nonfinite": None, "train_seconds": 0.25, "process_seconds": 4.0, "cpu_model": None,
+           "config": {"controls": {"dtype": "float32", "threads": 2, "isa": "avx2", "deterministic": True},
+                      "epochs": 3, "perturb": {"tensor": "linear1.weight", "index": [0, 1], "ulps": -1}},
+           "effective": {"cpu_capability": "AVX2", "intra_op_threads": 2, "inter_op_threads": 2,
+                         "deterministic_algorithms": True, "threadpools": []},
+           "extra": {"perturbation": {"growth_rate": 2.5, "saturation_row": 3}}}
+    console = Console(record=True, width=160)
+    monkeypatch.setattr(run_summary, "console", console)
+    run_summary.render(RunSummary.from_json(raw))
+    text = console.export_text()
+    assert "dtype float32, threads 2, isa avx2, deterministic" in text
+    assert "linear1.weight[0, 1] moved -1 ulp" in text
+    assert "ln(divergence) grows 2.5 per epoch, saturates at the end of epoch 2" in text
+    assert "no stored mpmath reference for this spec and length" in text
+    assert "operator audit" not in text

@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from bnaudit import check, compare, record
+from bnaudit import compare, record
+from bnaudit.blocks import DivergenceBlock
 from bnaudit.errors import InputError, MismatchError
+from bnaudit.layout import TensorKey, keyframe_schedule
 from bnaudit.report import compare_view
 
 EPOCHS = 3
@@ -31,7 +33,7 @@ def load(runs, name: str, kind: str = "record") -> record.Fingerprint:
 KINDS = [("record", "record"), ("fingerprint", "fingerprint"), ("record", "fingerprint"), ("fingerprint", "record")]
 
 
-def oracle_first_step_tensor(a: record.Fingerprint, b: record.Fingerprint) -> tuple[int, int, record.TensorKey]:
+def oracle_first_step_tensor(a: record.Fingerprint, b: record.Fingerprint) -> tuple[int, int, TensorKey]:
     """First differing tensor of the traced steps, straight from the digest arrays."""
     for i in range(len(a.step_rows)):
         cols = np.flatnonzero(a.step_digests[i] != b.step_digests[i])
@@ -72,7 +74,7 @@ def test_one_ulp_perturbation_is_named_at_epoch_0_step_0(runs, ka, kb):
         # At the initial state only linear1 differs, by one float32 ulp of the moved value.
         row0 = div.max_ulps[0]
         assert row0[div.layers.index("linear1")] == 1 and row0.sum() == 1
-        moved = a.snapshots[0, 0]
+        moved = a.keyframes[0, 0]
         assert div.max_abs[0, 0] == abs(float(np.nextafter(moved, np.float32(np.inf))) - float(moved))
 
 
@@ -121,7 +123,7 @@ def test_record_and_fingerprint_divergences_agree_on_common_rows(runs):
     full = compare.compare_pair(load(runs, "t1"), load(runs, "t2")).divergence
     light = compare.compare_pair(load(runs, "t1", "fingerprint"), load(runs, "t2", "fingerprint")).divergence
     assert full is not None and light is not None
-    assert light.rows == tuple(record.fingerprint_rows(EPOCHS))
+    assert light.rows == tuple(keyframe_schedule(EPOCHS))
     idx = [full.rows.index(r) for r in light.rows]
     assert np.array_equal(full.max_ulps[idx], light.max_ulps) and np.array_equal(full.max_abs[idx], light.max_abs)
 
@@ -174,10 +176,10 @@ def test_inconsistent_digests_are_refused_as_an_edited_input(runs):
     groups[2, 3] ^= np.uint32(1)
     with pytest.raises(InputError, match="edited or corrupt"):
         compare.compare_pair(a, dataclasses.replace(a, group_digests=groups))
-    snaps = a.snapshots.copy()
+    snaps = a.keyframes.copy()
     snaps[1, 7] = np.nextafter(snaps[1, 7], np.float32(np.inf))
     with pytest.raises(InputError, match="parameter snapshots"):
-        compare.compare_pair(a, dataclasses.replace(a, snapshots=snaps))
+        compare.compare_pair(a, dataclasses.replace(a, keyframes=snaps))
 
 
 # --------------------------------------------------------------------------- timeline (property)
@@ -264,36 +266,33 @@ def test_environment_diff_lists_likely_causes_first(runs):
 def test_closer_to_reference_when_both_carry_a_reference_block(runs):
     a = load(runs, "t1", "fingerprint")
     b = load(runs, "t2", "fingerprint")
-    a, b = dataclasses.replace(a, extra={}), dataclasses.replace(b, extra={})
+    a, b = dataclasses.replace(a, divergence=None), dataclasses.replace(b, divergence=None)
     assert compare.compare_pair(a, b).closer_to_reference is None  # absent: no opinion
-    def block(rows, correct_bits):  # bnaudit.divergence/1: one weights series per layer, arrays base64
+
+    def block(rows, correct_bits, what="weights"):  # bnaudit.divergence/1: one series per layer, arrays base64
         layers = ["linear1", "bn1", "linear6"]
         table = np.array(correct_bits, dtype=float).T  # (series, rows)
         enc = lambda a, dt: base64.b64encode(np.ascontiguousarray(a, dtype=dt).tobytes()).decode()  # noqa: E731
-        return {"schema": "bnaudit.divergence/1", "rows": rows, "storage": "float32", "precision_bits": 24,
-                "reference": {}, "series": [{"layer": name, "what": "weights"} for name in layers],
-                "max_abs": enc(np.zeros_like(table), "<f4"), "max_rel": enc(np.zeros_like(table), "<f4"),
-                "max_ulps": enc(np.zeros_like(table), "<f4"), "correct_bits": enc(table, "<f2")}
+        raw = {"schema": "bnaudit.divergence/1", "rows": rows, "storage": "float32", "precision_bits": 24,
+               "reference": {}, "series": [{"layer": name, "kind": "linear", "what": what} for name in layers],
+               "max_abs": enc(np.zeros_like(table), "<f4"), "max_rel": enc(np.zeros_like(table), "<f4"),
+               "max_ulps": enc(np.zeros_like(table), "<f4"), "correct_bits": enc(table, "<f2")}
+        return DivergenceBlock.from_json(raw, "test")
 
-    block_a = block([0, 3], [[24, 24, 24], [20, 18, 9]])
-    block_b = block([0, 1, 3], [[24, 24, 24], [23, 23, 23], [19, 18, 11]])
-    ra = dataclasses.replace(a, extra={"divergence": block_a})
-    rb = dataclasses.replace(b, extra={"divergence": block_b})
+    ra = dataclasses.replace(a, divergence=block([0, 3], [[24, 24, 24], [20, 18, 9]]))
+    rb = dataclasses.replace(b, divergence=block([0, 1, 3], [[24, 24, 24], [23, 23, 23], [19, 18, 11]]))
     assert compare.compare_pair(ra, rb).closer_to_reference == {"linear1": "a", "bn1": "tie", "linear6": "b"}
     assert compare.compare_pair(rb, ra).closer_to_reference == {"linear1": "b", "bn1": "tie", "linear6": "a"}
-    broken = dataclasses.replace(b, extra={"divergence": {"rows": "x", "correct_bits": 3}})
-    assert compare.compare_pair(ra, broken).closer_to_reference is None
     # Only weights series vote (the one definition, divergence.closer, that matrix and reports share) ...
-    activations = block([0, 3], [[24, 24, 24], [1, 1, 1]])
-    for series in activations["series"]:
-        series["what"] = "activations"
-    only_activations = dataclasses.replace(a, extra={"divergence": activations})
+    activations = block([0, 3], [[24, 24, 24], [1, 1, 1]], what="activations")
+    only_activations = dataclasses.replace(a, divergence=activations)
     assert compare.compare_pair(only_activations, rb).closer_to_reference is None
-    # ... and a block with NaN bits is unreadable: no opinion here, an input error for check's bits:N.
-    nan = dataclasses.replace(a, extra={"divergence": block([0, 3], [[24, 24, 24], [float("nan"), 18, 9]])})
-    assert compare.compare_pair(nan, rb).closer_to_reference is None
+    # ... no common row, no opinion ...
+    late = dataclasses.replace(a, divergence=block([5], [[20, 18, 9]]))
+    assert compare.compare_pair(late, rb).closer_to_reference is None
+    # ... and a block with NaN bits never decodes: a file carrying one does not load.
     with pytest.raises(InputError, match="NaN"):
-        check.reference_bits(nan)
+        block([0, 3], [[24, 24, 24], [float("nan"), 18, 9]])
 
 
 # --------------------------------------------------------------------------- many inputs
@@ -354,5 +353,5 @@ def test_divergence_cells_are_log10_with_identical_marked():
     picked = compare_view.selected_rows(list(range(1001)))
     assert picked[0] == 0 and picked[-1] == 1000 and len(picked) <= compare_view.MAX_COLUMNS
     # A full record and a fingerprint of the same 1000-epoch run show the same round columns.
-    light = record.fingerprint_rows(1000)
+    light = keyframe_schedule(1000)
     assert picked == [light[i] for i in compare_view.selected_rows(light)] == [0, 1, 3, 10, 30, 100, 300, 1000]

@@ -121,3 +121,18 @@ def test_the_installed_command_runs_without_torch_or_mpmath(runs, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3 and proc.stdout == ""
     one_error_line(proc.stderr)
+
+
+def test_comparison_json_reads_back_strictly(cli, runs):
+    """`--json` output reads back into the same comparison; anything else is one InputError line."""
+    from bnaudit.errors import InputError
+    from bnaudit.report import compare_view
+
+    code, out, _ = cli("compare", str(runs["t1"]), str(runs["perturb"]), "--json")
+    assert code == 1
+    assert compare_view.to_json(compare_view.from_json(out)) == out.strip()
+    for bad, message in (('{"schema": NaN}', "not JSON"), ("[1]", "top level is not an object"),
+                         ('{"schema": "bnaudit.compare/0"}', "schema is not bnaudit.compare/1"),
+                         ('{"schema": "bnaudit.compare/1", "kind": "pair"}', "malformed pair comparison")):
+        with pytest.raises(InputError, match=message):
+            compare_view.from_json(bad)

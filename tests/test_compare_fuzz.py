@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnaudit import record
+from bnaudit import fileio
 from bnaudit.cli import main
 from bnaudit.errors import ExitCode
 
@@ -139,7 +139,7 @@ def test_pinned_hostile_files(base, content):
 def test_oversized_file(base):
     path = base["work"] / "huge.json"
     with open(path, "wb") as fh:  # sparse: the size check refuses it before reading
-        fh.truncate(record.MAX_JSON_BYTES + 1)
+        fh.truncate(fileio.MAX_JSON_BYTES + 1)
     code, out, err = run_cli("compare", str(base["fp"]), str(path))
     assert code == ExitCode.BAD_INPUT and "larger than" in err
     check_outcome(code, out, err)

@@ -11,8 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnaudit import bits, controls, divergence, frozen, launch, record, runner
+from bnaudit import bits, controls, divergence, fileio, frozen, launch, record, runner
+from bnaudit.blocks import DivergenceBlock
 from bnaudit.errors import InputError
+from bnaudit.layout import TraceLayout, probe_schedule
 from bnaudit.reference import build, store
 from bnaudit.spec import default_spec
 
@@ -26,7 +28,7 @@ def setup(tmp_path_factory):
     fz = frozen.load(spec)
     ref = build.build(spec, fz, tmp_path_factory.mktemp("ref") / "r", precision=128, check_precision=192,
                       epochs=EPOCHS)
-    layout = record.TraceLayout.for_spec(spec)
+    layout = TraceLayout.for_spec(spec)
     torch.set_num_threads(1)
     blocks = {}
     for dtype in ("float64", "float32", "bfloat16"):
@@ -38,9 +40,14 @@ def setup(tmp_path_factory):
     return spec, ref, blocks
 
 
+def _bits_by_series(block):
+    d = DivergenceBlock.from_json(block, "test")
+    return {name: list(d.correct_bits[k]) for k, name in enumerate(d.names)}
+
+
 def test_more_precision_gives_more_correct_bits_at_every_layer(setup):
     spec, _, blocks = setup
-    b64, b32, b16 = (divergence.layer_bits(blocks[d]) for d in ("float64", "float32", "bfloat16"))
+    b64, b32, b16 = (_bits_by_series(blocks[d]) for d in ("float64", "float32", "bfloat16"))
     assert set(b64) == {f"{n} {w}" for n, _, _, _ in spec.layers() for w in ("weights", "activations")}
     for series in b64:
         for row, (x64, x32, x16) in enumerate(zip(b64[series], b32[series], b16[series])):
@@ -51,12 +58,12 @@ def test_more_precision_gives_more_correct_bits_at_every_layer(setup):
 def test_caps_and_row_zero(setup):
     _, _, blocks = setup
     for dtype, cap in (("float64", 53), ("float32", 24), ("bfloat16", 8)):
-        d = divergence.decode_block(blocks[dtype])
-        assert d["precision_bits"] == cap and (d["correct_bits"] <= cap).all()
-        weights = [i for i, s in enumerate(d["series"]) if s["what"] == "weights"]
+        d = DivergenceBlock.from_json(blocks[dtype], "test")
+        assert d.precision_bits == cap and (d.correct_bits <= cap).all()
+        weights = [i for i, s in enumerate(d.series) if s.what == "weights"]
         # row 0: the run holds the frozen init rounded to its dtype: within half an ulp, all bits kept
-        assert (d["max_ulps"][weights, 0] == 0).all(), f"{dtype}: initial weights are the rounded init"
-        assert (d["correct_bits"][weights, 0] >= cap - 1).all()
+        assert (d.max_ulps[weights, 0] == 0).all(), f"{dtype}: initial weights are the rounded init"
+        assert (d.correct_bits[weights, 0] >= cap - 1).all()
     loss = blocks["float64"]["losses"]
     assert loss["rows"] == [0, 1, 2] and min(loss["train_bits"]) > 35
 
@@ -67,8 +74,9 @@ def test_block_is_json_and_names_the_reference(setup):
     assert json.loads(json.dumps(block)) == block
     assert block["reference"]["digest"] == ref.digest and block["reference"]["precision"] == 128
     assert block["rows"] == [0, 1, 2]
-    summary = divergence.half_bits_summary(block)
-    assert summary["linear1 weights"] is None  # 24-bit float32 keeps > 12 bits over two epochs
+    decoded = DivergenceBlock.from_json(block, "test")
+    assert decoded.series[0].name == "linear1 weights"
+    assert decoded.series[0].half_bits_row is None  # 24-bit float32 keeps > 12 bits over two epochs
 
 
 def test_record_folder_from_a_launched_run(tmp_path, setup):
@@ -85,14 +93,14 @@ def test_no_reference_gives_none(tmp_path, monkeypatch):
     from bnaudit.spec import from_dict
 
     spec = from_dict({"model": {"hidden_units": 3}}, base=default_spec())
-    layout = record.TraceLayout.for_spec(spec)
+    layout = TraceLayout.for_spec(spec)
     assert divergence.versus_reference(spec, "float32", np.zeros((2, layout.n_params), "<f4"), [0, 1],
                                        np.zeros((2, 1)), layout) is None
 
 
 def _synthetic_reference(spec, epochs: int, rng) -> store.StoredReference:
     cols = store.Columns.for_spec(spec)
-    rows = record.snapshot_rows(epochs)
+    rows = probe_schedule(epochs)
     hi = rng.normal(size=(len(rows), cols.total))
     lo = hi * 2.0**-60 * rng.uniform(-1, 1, size=hi.shape)
     return store.StoredReference(path=store.folder_for(spec), spec=spec, frozen="0" * 64, precision=512,
@@ -105,7 +113,7 @@ def test_block_for_1000_epochs_is_under_100_kB():
     spec = default_spec()
     rng = np.random.default_rng(0)
     ref = _synthetic_reference(spec, 1000, rng)
-    layout = record.TraceLayout.for_spec(spec)
+    layout = TraceLayout.for_spec(spec)
     p_hi, _ = ref.section("params")
     a_hi, _ = ref.section("probe")
     params = np.zeros((1001, layout.n_params), "<f4")
@@ -114,23 +122,23 @@ def test_block_for_1000_epochs_is_under_100_kB():
                                         losses=np.ones((1001, 2)), reference=ref)
     size = len(json.dumps(block))
     assert size < 100_000, f"{size} bytes"
-    assert len(block["rows"]) == len(record.snapshot_rows(1000))
+    assert len(block["rows"]) == len(probe_schedule(1000))
 
 
 def test_exact_run_keeps_every_bit_and_one_bit_off_costs_bits():
     spec = default_spec()
     ref = _synthetic_reference(spec, 3, np.random.default_rng(1))
-    layout = record.TraceLayout.for_spec(spec)
+    layout = TraceLayout.for_spec(spec)
     p_hi, _ = ref.section("params")
     a_hi, _ = ref.section("probe")
     params = p_hi.copy()
     params[3] = bits.step_ulps(params[3], 2**20, "float64")  # every parameter 2^20 ulps off at row 3
     block = divergence.versus_reference(spec, "float64", params, ref.rows, a_hi.copy(), layout, reference=ref)
-    d = divergence.decode_block(block)
-    weights = [i for i, s in enumerate(d["series"]) if s["what"] == "weights"]
-    assert (d["correct_bits"][:, :3] == 53).all() and (d["max_ulps"][:, :3] == 0).all()
-    assert (d["max_ulps"][weights, 3] == 2**20).all()
-    assert ((d["correct_bits"][weights, 3] > 30) & (d["correct_bits"][weights, 3] < 34)).all()
+    d = DivergenceBlock.from_json(block, "test")
+    weights = [i for i, s in enumerate(d.series) if s.what == "weights"]
+    assert (d.correct_bits[:, :3] == 53).all() and (d.max_ulps[:, :3] == 0).all()
+    assert (d.max_ulps[weights, 3] == 2**20).all()
+    assert ((d.correct_bits[weights, 3] > 30) & (d.correct_bits[weights, 3] < 34)).all()
 
 
 def test_half_bits_rows():
@@ -157,7 +165,7 @@ def test_rendering(setup):
     from bnaudit.report import reference_view
 
     console = Console(record=True, width=160)
-    reference_view.render_divergence(setup[2]["bfloat16"], out=console)
+    reference_view.render_divergence(DivergenceBlock.from_json(setup[2]["bfloat16"], "test"), out=console)
     reference_view.render_divergence(None, out=console)
     text = console.export_text()
     assert "correct bits vs the mpmath reference (bfloat16, cap 8)" in text
@@ -165,9 +173,26 @@ def test_rendering(setup):
     assert "reference: none for this spec" in text
 
 
-@pytest.mark.parametrize("damage", ["schema", "rows", "max_abs"])
+@pytest.mark.parametrize("damage", ["schema", "rows", "max_abs", "negative bits", "bits above the cap", "series"])
 def test_malformed_blocks_are_rejected(setup, damage):
     block = dict(setup[2]["float32"])
-    block[damage] = {"schema": "nope", "rows": [0], "max_abs": "!!"}[damage]
-    with pytest.raises(InputError):
-        divergence.decode_block(block)
+    n = len(block["series"]) * len(block["rows"])
+    block.update({
+        "schema": {"schema": "nope"}, "rows": {"rows": [0]}, "max_abs": {"max_abs": "!!"},
+        "negative bits": {"correct_bits": fileio.b64encode(np.full(n, -1, "<f2"))},
+        "bits above the cap": {"correct_bits": fileio.b64encode(np.full(n, 25, "<f2"))},
+        "series": {"series": [{"layer": 1}]},
+    }[damage])
+    with pytest.raises(InputError, match="divergence block"):
+        DivergenceBlock.from_json(block, "test")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_block_round_trips_exactly(setup, dtype):
+    """The one decoder and the one encoder: from_json(to_json(x)) is x, to the bit."""
+    block = setup[2][dtype]
+    decoded = DivergenceBlock.from_json(block, "test")
+    assert decoded.to_json() == block
+    again = DivergenceBlock.from_json(json.loads(json.dumps(decoded.to_json())), "test")
+    for k in ("max_abs", "max_rel", "max_ulps", "correct_bits"):
+        assert getattr(again, k).tobytes() == getattr(decoded, k).tobytes(), k

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,20 +16,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bnaudit import envinfo, matrix
-from bnaudit.controls import MKL_CBWR_BRANCHES
+from bnaudit import envinfo
+from bnaudit.cli import lists
+from bnaudit.controls import MKL_CBWR_BRANCHES, Controls
 from bnaudit.errors import ExitCode, OutputError, RunFailed, UsageError
+from bnaudit.matrix import folder
+from bnaudit.matrix import plan as mplan
+from bnaudit.matrix.execute import threads_honoured
+from bnaudit.matrix.findings import findings
+from bnaudit.matrix.results import Change, ControlVerdict, IsaAgreement, Largest, MachinePair, MatrixSummary
+from bnaudit.matrix.summary import run_matrix
 from bnaudit.spec import default_spec, load_spec
 
 # --------------------------------------------------------------------------- parsing
 
 
 def test_mkl_cbwr_strict_binds_to_the_branch_before_it():
-    assert matrix.parse_mkl_cbwr("COMPATIBLE,AVX2,STRICT") == ("COMPATIBLE", "AVX2,STRICT")
-    assert matrix.parse_mkl_cbwr("inherit, none ,avx2,strict") == (None, "none", "AVX2,STRICT")
+    assert lists.parse_mkl_cbwr("COMPATIBLE,AVX2,STRICT") == ("COMPATIBLE", "AVX2,STRICT")
+    assert lists.parse_mkl_cbwr("inherit, none ,avx2,strict") == (None, "none", "AVX2,STRICT")
     for bad in ("STRICT", "inherit,STRICT", "AVX2,STRICT,STRICT", "AVX2,,SSE2"):
         with pytest.raises(UsageError):
-            matrix.parse_mkl_cbwr(bad)
+            lists.parse_mkl_cbwr(bad)
 
 
 @given(st.lists(st.tuples(st.sampled_from([b for b in MKL_CBWR_BRANCHES if b != "STRICT"]), st.booleans()),
@@ -35,7 +44,7 @@ def test_mkl_cbwr_strict_binds_to_the_branch_before_it():
 def test_mkl_cbwr_lists_round_trip(values):
     text = ",".join(f"{b},STRICT" if strict else b for b, strict in values)
     expected = tuple(dict.fromkeys(f"{b},STRICT" if strict else b for b, strict in values))
-    assert matrix.parse_mkl_cbwr(text) == expected
+    assert lists.parse_mkl_cbwr(text) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -43,14 +52,14 @@ def test_mkl_cbwr_lists_round_trip(values):
     ("true,both", (True, False)),
 ])
 def test_deterministic_values(text, expected):
-    assert matrix.parse_deterministic(text) == expected
+    assert lists.parse_deterministic(text) == expected
 
 
 @pytest.mark.parametrize("call", [
-    lambda: matrix.parse_deterministic("maybe"),
-    lambda: matrix.parse_threads("1,two"),
-    lambda: matrix.split_list("float32,,float64", "--dtype"),
-    lambda: matrix.split_list(" ", "--dtype"),
+    lambda: lists.parse_deterministic("maybe"),
+    lambda: lists.parse_threads("1,two"),
+    lambda: lists.split_list("float32,,float64", "--dtype"),
+    lambda: lists.split_list(" ", "--dtype"),
 ])
 def test_bad_lists_are_usage_errors(call):
     with pytest.raises(UsageError):
@@ -58,17 +67,23 @@ def test_bad_lists_are_usage_errors(call):
 
 
 def test_onednn_and_cpu_lists():
-    assert matrix.parse_onednn("inherit,sse41,AVX2") == (None, "SSE41", "AVX2")
-    assert matrix.parse_cpu_models("native,Haswell,none") == (None, "Haswell")
+    assert lists.parse_onednn("inherit,sse41,AVX2") == (None, "SSE41", "AVX2")
+    assert lists.parse_cpu_models("native,Haswell,none") == (None, "Haswell")
+
+
+def test_every_grid_axis_has_a_parser_and_only_given_options_count():
+    assert tuple(lists.PARSERS) == mplan.CONTROL_FIELDS
+    assert lists.grid_values(dtype="float32, float64,float32", threads=None, mkl_cbwr="avx2,strict") == {
+        "dtype": ("float32", "float64"), "mkl_cbwr": ("AVX2,STRICT",)}
 
 
 # --------------------------------------------------------------------------- planning
 
 
 def test_grid_is_the_cartesian_product_with_unique_folders():
-    grid = matrix.Grid(dtype=("float32", "float64"), threads=(1, 2), isa=("default", "avx2"),
+    grid = mplan.Grid(dtype=("float32", "float64"), threads=(1, 2), isa=("default", "avx2"),
                        deterministic=(False, True), mkl_cbwr=(None, "AVX2,STRICT"))
-    plan = matrix.make_plan([matrix.Variant("default", default_spec())], grid, epochs=2, check_cpu=False)
+    plan = mplan.make_plan([mplan.Variant("default", default_spec())], grid, epochs=2, check_cpu=False)
     assert len(plan.runs) == 2 * 2 * 2 * 2 * 2
     combos = {(r.config.controls.dtype, r.config.controls.threads, r.config.controls.isa,
                r.config.controls.deterministic, r.config.controls.mkl_cbwr) for r in plan.runs}
@@ -80,14 +95,14 @@ def test_grid_is_the_cartesian_product_with_unique_folders():
 
 def test_bad_values_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(UsageError, match="unknown dtype"):
-        matrix.make_plan([matrix.Variant("d", default_spec())], matrix.Grid(dtype=("float16",)), epochs=1)
+        mplan.make_plan([mplan.Variant("d", default_spec())], mplan.Grid(dtype=("float16",)), epochs=1)
     with pytest.raises(UsageError, match="unknown MKL_CBWR"):
-        matrix.make_plan([matrix.Variant("d", default_spec())], matrix.Grid(mkl_cbwr=("AVX9",)), epochs=1)
+        mplan.make_plan([mplan.Variant("d", default_spec())], mplan.Grid(mkl_cbwr=("AVX9",)), epochs=1)
 
 
 def test_seed_machines_preset_and_its_no_bn_spec(tmp_path):
-    plan = matrix.preset_plan("seed-machines", default_spec(), epochs=None, overrides={})
-    assert plan.epochs == matrix.SEED_MACHINES_EPOCHS
+    plan = mplan.preset_plan("seed-machines", default_spec(), epochs=None, overrides={})
+    assert plan.epochs == mplan.SEED_MACHINES_EPOCHS
     assert [v.name for v in plan.variants] == ["bn", "no-bn"]
     bn, no_bn = (v.spec for v in plan.variants)
     assert bn.model.batchnorm and not no_bn.model.batchnorm
@@ -96,21 +111,129 @@ def test_seed_machines_preset_and_its_no_bn_spec(tmp_path):
     assert {r.config.controls.cpu_model for r in plan.runs} == {"seed-i7", "seed-i5", None}
     # The spec file the preset writes reads back to the same experiment.
     path = tmp_path / "no-bn.toml"
-    path.write_text(matrix.spec_toml(no_bn))
+    path.write_text(folder.spec_toml(no_bn))
     assert load_spec(path).hash == no_bn.hash
     with pytest.raises(UsageError, match="unknown preset"):
-        matrix.preset_plan("nope", default_spec(), epochs=None, overrides={})
-    shorter = matrix.preset_plan("seed-machines", default_spec(), epochs=5, overrides={"dtype": ("float32",)})
+        mplan.preset_plan("nope", default_spec(), epochs=None, overrides={})
+    shorter = mplan.preset_plan("seed-machines", default_spec(), epochs=5, overrides={"dtype": ("float32",)})
     assert shorter.epochs == 5 and len(shorter.runs) == 6
+
+
+def test_the_grid_has_one_axis_per_control():
+    fields = tuple(f.name for f in dataclasses.fields(Controls))
+    assert mplan.CONTROL_FIELDS == fields == tuple(f.name for f in dataclasses.fields(mplan.Grid))
+
+
+def test_plan_id_names_the_same_folder_as_before():
+    """The default --out is reports/matrix/grid-<plan id>: a changed id would not resume an old folder."""
+    plan = mplan.make_plan([mplan.Variant("default", default_spec())], mplan.Grid(threads=(1, 2)), epochs=3)
+    assert default_spec().short_hash == "2351aff3d25e"
+    assert plan.plan_id == "44a5666346fb"  # written by the single-module matrix.py before the package split
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def _seed_summary() -> MatrixSummary:
+    """A hand-made seed-machines summary touching every kind of sentence."""
+    first = Change(epoch=0, step=0, phase="forward", layer="linear1", tensor="linear1.out",
+                   where="epoch 0, step 0, phase forward, layer linear1, tensor linear1.out", a="a", b="b")
+    later = Change(epoch=1, step=None, phase="eval", layer="bn1", tensor=None,
+                   where="end of epoch 1 (phase eval), layer bn1 (eval group)", a="a", b="b")
+    controls = {"dtype": "float32", "threads": 1, "isa": "native", "deterministic": False, "onednn_isa": None,
+                "mkl_cbwr": None}
+    f64 = {**controls, "dtype": "float64"}
+    machines = (
+        MachinePair(variant="bn", a="bn/x", b="bn/y", cpu_a="seed-i7", cpu_b="seed-i5", controls=controls,
+                    identical=False, first=first, growth_rate=1.95, saturation_epoch=7, series=((0, 1e-8), (8, 2.94)),
+                    closer_to_reference={"linear1": "a", "bn1": "b", "linear2": "tie"},
+                    final_train_loss=(1.075, 1.172)),
+        MachinePair(variant="no-bn", a="no-bn/x", b="no-bn/y", cpu_a="seed-i7", cpu_b="seed-i5", controls=controls,
+                    identical=False, first=later, growth_rate=0.573, saturation_epoch=None, series=(),
+                    closer_to_reference=None, final_train_loss=(0.886, 0.903),
+                    float64_distance=((0, 0.0, 0.0), (1, 1e-7, 2e-7), (2, 3e-6, 1e-6))),
+        MachinePair(variant="no-bn", a="no-bn/p", b="no-bn/q", cpu_a="seed-i7", cpu_b="seed-i5", controls=f64,
+                    identical=True, first=None, growth_rate=None, saturation_epoch=None, series=(),
+                    closer_to_reference=None, final_train_loss=(0.5, 0.5)),
+        MachinePair(variant="bn", a="bn/p", b="bn/q", cpu_a="seed-i7", cpu_b="seed-i5", controls=f64,
+                    identical=False, first=first, growth_rate=80.0, saturation_epoch=None,
+                    series=((2, float("inf")),), closer_to_reference=None, final_train_loss=(0.5, float("nan"))),
+    )
+    verdicts = (
+        ControlVerdict(variant="bn", control="threads", values=(1, 2), pairs=4, differing=3,
+                       largest=Largest(max_abs=0.000119, max_ulps=2424307, row=3, layer="linear1", a="a", b="b"),
+                       first=first, firsts=(("forward bn1 bn1.out", 3),),
+                       by_dtype=(("float32", 2, 2), ("float64", 1, 2))),
+        ControlVerdict(variant="bn", control="mkl_cbwr", values=(None, "none", "AVX2,STRICT"), pairs=2, differing=0,
+                       largest=None, first=None, firsts=()),
+        ControlVerdict(variant="no-bn", control="dtype", values=("float32", "float64"), pairs=2, differing=2,
+                       largest=Largest(max_abs=0.5, max_ulps=None, row=1, layer="bn1", a="a", b="b"),
+                       first=None, firsts=()),
+    )
+    isa = (IsaAgreement(variant="bn", a="default", b="avx2", compared=2, agree=()),
+           IsaAgreement(variant="bn", a="avx2", b="avx512", compared=3,
+                        agree=({"threads": 1, "deterministic": True}, {}, {"onednn_isa": None, "cpu_model": None})))
+    return MatrixSummary(plan_id="p", preset="seed-machines", folder="f", epochs=8,
+                         variants=(("bn", "h1"), ("no-bn", "h2")), grid={"dtype": ["float32", "float64"]}, runs=(),
+                         classes=(), verdicts=verdicts, isa_agreement=isa, machines=machines, wall_seconds=None,
+                         notes=())
+
+
+# Written by the single-module matrix.py (before the package split) for the summary above.
+SEED_FINDINGS = (
+    "[bn] threads changes the bits in 3 of 4 pairs (float32: 2/2, float64: 1/2); first change: epoch 0, step 0, "
+    "phase forward, layer linear1, tensor linear1.out; largest divergence 0.000119 (2424307 ulps) in linear1 at "
+    "epoch row 3",
+    "[bn] mkl cbwr (inherit, none, AVX2,STRICT) does not change the bits (2 pairs compared, all identical)",
+    "[no-bn] dtype changes the bits in 2 of 2 pairs; largest divergence 0.5 in bn1 at epoch row 1",
+    "[bn] --isa default and --isa avx2 never agree bit for bit (2 combinations of the other controls tried)",
+    "[bn] --isa avx2 and --isa avx512 agree bit for bit in 3 of 3 combinations: threads=1, deterministic=on; "
+    "the grid's settings; onednn_isa=inherit, cpu_model=native",
+    "[bn] seed-i7 and seed-i5 (float32, 1 thread(s), isa native) first part at epoch 0, step 0, phase forward, "
+    "layer linear1, tensor linear1.out; the gap grows by ln 1.95 per epoch (x7.03 per epoch), saturates at epoch "
+    "7, largest parameter difference 2.94 at epoch 8; closer to the mpmath reference: seed-i7 in 1 layers, "
+    "seed-i5 in 1, tied in 1",
+    "[no-bn] seed-i7 and seed-i5 (float32, 1 thread(s), isa native) first part at end of epoch 1 (phase eval), "
+    "layer bn1 (eval group); the gap grows by ln 0.573 per epoch (x1.77 per epoch), does not saturate within the "
+    "run; closeness to the mpmath reference: not available (no reference divergence in the records)",
+    "[no-bn] seed-i7 and seed-i5 agree bit for bit (float64, 1 thread(s), isa native)",
+    "[bn] seed-i7 and seed-i5 (float64, 1 thread(s), isa native) first part at epoch 0, step 0, phase forward, "
+    "layer linear1, tensor linear1.out; the gap grows by ln 80 per epoch, does not saturate within the run, "
+    "largest parameter difference inf at epoch 2; closeness to the mpmath reference: not available (no reference "
+    "divergence in the records)",
+    "seed machines, float32: with BN the i7 (Haswell) and the i5 (IvyBridge) part at epoch 0, step 0, phase "
+    "forward, layer linear1, tensor linear1.out, and the gap grows by ln 1.95 per epoch (x7.03 per epoch), "
+    "saturates at epoch 7, largest parameter difference 2.94 at epoch 8; without BN they part at end of epoch 1 "
+    "(phase eval), layer bn1 (eval group), and the gap grows by ln 0.573 per epoch (x1.77 per epoch), does not "
+    "saturate within the run; so without BN they part elsewhere, but the gap grows 3.4 times faster (in ln units "
+    "per epoch) with BN; final train MSE with BN 1.075 (i7) vs 1.172 (i5), without BN 0.886 vs 0.903",
+    "seed machines, float32, with BN: closer to the mpmath reference: seed-i7 in 1 layers, seed-i5 in 1, tied in 1",
+    "seed machines, float32, without BN: no mpmath reference divergence in the records; distance from the float64 "
+    "run on the same CPU (i7 vs i5) by epoch row: 1: 1e-07 vs 2e-07; 2: 3e-06 vs 1e-06: the i7 is closer at 1 of "
+    "2 rows, the i5 at 1",
+    "seed machines, float64: with BN the i7 (Haswell) and the i5 (IvyBridge) part at epoch 0, step 0, phase "
+    "forward, layer linear1, tensor linear1.out, and the gap grows by ln 80 per epoch, does not saturate within "
+    "the run, largest parameter difference inf at epoch 2; without BN they are bit-identical; so BN decides "
+    "whether they part at all; final train MSE with BN 0.5 (i7) vs nan (i5), without BN 0.5 vs 0.5",
+)
+
+
+def test_findings_say_what_the_tables_say():
+    summary = _seed_summary()
+    assert findings(summary) == SEED_FINDINGS
+    # Non-finite numbers are strings in the JSON, which stays strict.
+    fast = summary.to_dict()["machines"][3]
+    assert fast["series"] == [[2, "inf"]] and fast["final_train_loss"] == [0.5, "nan"]
+    json.dumps(summary.to_dict(), allow_nan=False)
 
 
 def test_threads_read_back_check():
     good = {"intra_op_threads": 2, "threadpools": [{"user_api": "openmp", "internal_api": "openmp", "num_threads": 2},
                                                    {"user_api": "blas", "internal_api": "openblas", "num_threads": 8}]}
-    assert matrix.threads_honoured(2, good) is None
-    assert "intra-op" in matrix.threads_honoured(1, good)
+    assert threads_honoured(2, good) is None
+    assert "intra-op" in threads_honoured(1, good)
     bad = {"intra_op_threads": 2, "threadpools": [{"user_api": "openmp", "internal_api": "openmp", "num_threads": 1}]}
-    assert "openmp pool has 1 threads" in matrix.threads_honoured(2, bad)
+    assert "openmp pool has 1 threads" in threads_honoured(2, bad)
 
 
 # --------------------------------------------------------------------------- real grids
@@ -244,16 +367,16 @@ def test_a_failed_configuration_is_reported_and_retried(tmp_path, monkeypatch):
             raise RunFailed("the run process exited with code -9: killed")
         return real(spec, config, out, **kw)
 
-    plan = matrix.make_plan([matrix.Variant("d", default_spec())], matrix.Grid(dtype=("float32", "float64")),
+    plan = mplan.make_plan([mplan.Variant("d", default_spec())], mplan.Grid(dtype=("float32", "float64")),
                             epochs=1, audit_every=0)
     monkeypatch.setattr(launch, "run", flaky)
-    first = matrix.run_matrix(plan, tmp_path / "m", render_markdown=lambda s: "x\n")
+    first = run_matrix(plan, tmp_path / "m", render_markdown=lambda s: "x\n")
     status = {r.key: (r.status, r.error) for r in first.runs}
     assert status["float64_t1_native_nondet"] == ("failed", "the run process exited with code -9: killed")
     assert status["float32_t1_native_nondet"] == ("ran", None)
     assert not first.complete and any("failed" in n for n in first.notes)
     monkeypatch.setattr(launch, "run", real)
-    second = matrix.run_matrix(plan, tmp_path / "m", render_markdown=lambda s: "x\n")
+    second = run_matrix(plan, tmp_path / "m", render_markdown=lambda s: "x\n")
     assert {r.key: r.status for r in second.runs} == {"float32_t1_native_nondet": "resumed",
                                                       "float64_t1_native_nondet": "ran"}
     assert second.complete
@@ -287,19 +410,19 @@ def test_interrupt_exits_130_and_says_how_to_resume(cli, tmp_path, monkeypatch):
 
 
 def test_one_matrix_per_folder_and_a_dead_owners_lock_is_taken_over(cli, tmp_path):
-    folder = tmp_path / "m"
-    folder.mkdir()
+    where = tmp_path / "m"
+    where.mkdir()
     # A lock file left by a process that died (its pid, no flock held): taken over.
-    (folder / ".matrix.lock").write_text("999999999")
-    with matrix.FolderLock(folder):
-        assert (folder / ".matrix.lock").read_text() == str(os.getpid())
-        with pytest.raises(OutputError, match=rf"in use by another bnaudit matrix \(pid {os.getpid()}\)"), \
-                matrix.FolderLock(folder):
+    (where / ".matrix.lock").write_text("999999999")
+    with folder.lock(where):
+        assert (where / ".matrix.lock").read_text() == str(os.getpid())
+        busy = re.escape(f"matrix folder {where} is in use by another bnaudit (pid {os.getpid()})")
+        with pytest.raises(OutputError, match=busy), folder.lock(where):
             pass
         # the CLI says so in one line, and runs nothing
-        code, _, stderr = cli("matrix", "--epochs", "1", "--out", str(folder))
-        assert code == ExitCode.OUTPUT and stderr.count("\n") == 1 and "in use by another bnaudit matrix" in stderr
-        assert not (folder / "runs").exists()
-    assert not (folder / ".matrix.lock").exists()
-    with matrix.FolderLock(folder):  # free again once released
+        code, _, stderr = cli("matrix", "--epochs", "1", "--out", str(where))
+        assert code == ExitCode.OUTPUT and stderr.count("\n") == 1 and "in use by another bnaudit (pid" in stderr
+        assert not (where / "runs").exists()
+    assert not (where / ".matrix.lock").exists()
+    with folder.lock(where):  # free again once released
         pass

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnaudit import record
+from bnaudit import fileio, record
 from bnaudit.errors import InputError, OutputError
+from bnaudit.layout import keyframe_schedule
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,8 @@ def test_record_and_its_fingerprint_round_trip(run_dir):
     assert np.array_equal(fp.row_digests, rec.fingerprint.row_digests)
     assert np.array_equal(fp.group_digests, rec.fingerprint.group_digests)
     assert np.array_equal(fp.step_digests, rec.fingerprint.step_digests)
-    rows = record.fingerprint_rows(3)
-    assert fp.snapshots.tobytes() == rec.arrays["params"][rows].tobytes()
+    rows = keyframe_schedule(3)
+    assert fp.keyframes.tobytes() == rec.arrays["params"][rows].tobytes()
     assert fp.train_loss.tobytes() == rec.arrays["losses"][:, 0].tobytes()
     # Re-deriving the fingerprint from the loaded record gives the same file content.
     again = record.fingerprint_dict(rec.meta, rec.arrays, rec.layout)
@@ -97,7 +98,7 @@ def test_truncated_or_garbled_fingerprints_never_load(run_dir, tmp_path, cut, ju
 
 def test_oversized_and_non_object_files(tmp_path):
     big = tmp_path / "big.json"
-    big.write_bytes(b" " * (record.MAX_JSON_BYTES + 1))
+    big.write_bytes(b" " * (fileio.MAX_JSON_BYTES + 1))
     with pytest.raises(InputError, match="larger than any fingerprint"):
         record.load(big)
     for text in ("[]", "NaN", '"x"', "{\"schema\": 1}"):
@@ -110,8 +111,8 @@ def test_oversized_and_non_object_files(tmp_path):
 def test_output_folder_is_never_overwritten_by_default(run_dir):
     from bnaudit.errors import OutputError
 
-    with pytest.raises(OutputError, match="already holds files"):
-        record.prepare_output(run_dir, force=False)
+    with pytest.raises(OutputError, match="already holds a record; choose another folder or pass --force"):
+        fileio.prepare_output(run_dir, force=False, kind="record")
 
 
 def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
@@ -119,21 +120,88 @@ def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with record.atomic_folder(out, "test") as tmp:
+    with fileio.atomic_folder(out, "test") as tmp:
         assert tmp.parent == tmp_path and not out.joinpath("new.txt").exists()
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"], "the old folder's files are gone"
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "no temporary folder left"
 
-    with pytest.raises(KeyboardInterrupt), record.atomic_folder(out, "test") as tmp:
+    with pytest.raises(KeyboardInterrupt), fileio.atomic_folder(out, "test") as tmp:
         (tmp / "half.txt").write_text("half")
         raise KeyboardInterrupt
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"], "an interrupted write leaves the old folder"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
     with pytest.raises(OutputError, match=r"^cannot write test to .*out: ") as info, \
-            record.atomic_folder(out, "test") as tmp:
+            fileio.atomic_folder(out, "test") as tmp:
         (tmp / "missing" / "x").write_text("no such folder")
     assert "\n" not in info.value.message
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _forge_params(src, dst, row: int, column: int) -> None:
+    """Move one stored parameter by one unit in the last place; re-seal params.npy's sha256 and record.json.
+
+    What a forger who recomputes every unkeyed hash does: only the digests, which every
+    fingerprint and baseline of the genuine run summarises, are left to catch it.
+    """
+    shutil.copytree(src, dst)
+    params = np.load(dst / "params.npy")
+    params[row, column] = np.nextafter(params[row, column], np.float32(np.inf))
+    blob = fileio.npy_bytes(params)
+    (dst / "params.npy").write_bytes(blob)
+    meta = json.loads((dst / "record.json").read_text())
+    import hashlib
+
+    meta["files"]["params.npy"]["sha256"] = hashlib.sha256(blob).hexdigest()
+    meta["content_sha256"] = record.record_sha256(meta)
+    (dst / "record.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("row", [4, 5])
+def test_values_edited_at_any_row_are_refused_even_with_their_sha256_updated(make_run, tmp_path, row):
+    """Row 4 is one the fingerprint of a 6-epoch run does not carry exactly; row 5 is one it does."""
+    assert 4 not in keyframe_schedule(6) and 5 in keyframe_schedule(6)
+    _forge_params(make_run(6), tmp_path / "forged", row, 7)
+    with pytest.raises(InputError, match=rf"params.npy row {row} \(linear1.weight\) does not match its digest"):
+        record.load_record(tmp_path / "forged")
+
+
+def test_pipes_and_devices_are_refused_without_reading(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(InputError, match="not a regular file"):
+            record.load(path)
+        with pytest.raises(InputError, match="not a regular file"):
+            fileio.read_npy(path, "0" * 64, against="test")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["config"]["controls"].update(threads=2),
+    lambda m: m["environment"].update(cpu_model="another CPU"),
+    lambda m: m.update(frozen="0" * 64),
+    lambda m: m["extra"].update(note="added"),
+    lambda m: m.update(nonfinite={"epoch": 0}),
+])
+def test_edited_record_facts_are_refused(run_dir, tmp_path, edit):
+    shutil.copytree(run_dir, tmp_path / "r")
+    meta = json.loads((tmp_path / "r" / "record.json").read_text())
+    edit(meta)
+    (tmp_path / "r" / "record.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"record\.json does not match its content_sha256"):
+        record.load(tmp_path / "r")
+
+
+def test_records_of_the_unsealed_schema_are_refused_with_a_reason(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "r")
+    meta = json.loads((tmp_path / "r" / "record.json").read_text())
+    meta["schema"] = "bnaudit.record/1"
+    del meta["content_sha256"]
+    (tmp_path / "r" / "record.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"older bnaudit \(bnaudit.record/1\).*use its fingerprint.json"):
+        record.load(tmp_path / "r")
+    assert record.load(tmp_path / "r" / "fingerprint.json").digest == record.load(run_dir).digest

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bnaudit import frozen, record
+from bnaudit import frozen
 from bnaudit.cli import main
 from bnaudit.errors import ExitCode, InputError, Interrupted, ReferenceFailure
+from bnaudit.layout import probe_schedule
 from bnaudit.reference import build, engine, store
 from bnaudit.spec import default_spec, from_dict
 
@@ -55,7 +57,7 @@ def _stop_after_row(row):
 def test_built_reference_loads_with_its_layout(built, spec_and_inputs):
     ref, events = built
     spec, fz = spec_and_inputs
-    assert list(ref.rows) == [0, 1, 2] == record.snapshot_rows(2)
+    assert list(ref.rows) == [0, 1, 2] == probe_schedule(2)
     cols = store.Columns.for_spec(spec)
     assert ref.hi.shape == (3, cols.total) and ref.lo.shape == (3, cols.total)
     assert ref.precision == PREC and ref.check_precision == CHECK and ref.frozen == fz.digest
@@ -244,7 +246,7 @@ def test_verify_detects_tampering(tmp_path, capsys, built):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["values_hi.npy"] = hashlib.sha256((copy / "values_hi.npy").read_bytes()).hexdigest()
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ReferenceFailure, match=r"row 1 value 5 \(params\) differs"):
+    with pytest.raises(ReferenceFailure, match=r"row 1 value 5 \(params\) differs from its recomputation: stored "):
         build.verify(store.read(copy), frozen.load(_small_spec()), epochs=1)
 
 
@@ -271,21 +273,253 @@ def test_custom_spec_reference_is_cached_by_spec_hash(tmp_path, monkeypatch):
     fz = frozen.load(spec)
     folder = store.folder_for(spec)
     assert folder == tmp_path / "cache" / "reference" / spec.hash
-    first = build.build_cached(spec, fz, epochs=1)
-    assert first.path == folder and first.epochs == 1
-    stamp = (folder / "manifest.json").stat().st_mtime_ns
-    again = build.build_cached(spec, fz, epochs=1)
-    assert (folder / "manifest.json").stat().st_mtime_ns == stamp and again.digest == first.digest
+    assert not store.exists(spec)
+    first = build.build(spec, fz, folder, epochs=1)
+    assert store.exists(spec) and store.load(spec).path == folder == first.path
+    assert store.load(spec).digest == first.digest and first.epochs == 1
 
 
 def test_shipped_default_reference():
     """The reference in reference/mpmath/<hash>: manifest, size, agreement, and its first row recomputed."""
     spec = default_spec()
     fz = frozen.load(spec)
-    if not store.exists(spec):
-        pytest.skip("no shipped reference in this checkout")
+    assert store.exists(spec), "the committed reference of the default spec is missing from reference/mpmath"
     ref = store.load(spec)
-    assert store.size_bytes(ref.path) < 16 * 1024 * 1024
+    assert sum(p.stat().st_size for p in ref.path.iterdir()) < 16 * 1024 * 1024
     assert (ref.agreement >= 30).all(), f"precisions agree on only {ref.agreement.min()} digits"
-    assert list(ref.rows) == record.snapshot_rows(ref.epochs)
-    assert build.verify(ref, fz, epochs=0) == [0]
+    assert list(ref.rows) == probe_schedule(ref.epochs)
+    assert build.verify(ref, fz, epochs=0, random_rows=0).rows == [0]
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, spec_and_inputs):
+    """The work folder of a 2-epoch build interrupted once row 1 was stored (state.json: row 1, state.prev.json: 0)."""
+    spec, fz = spec_and_inputs
+    out = tmp_path_factory.mktemp("ckpt") / "r"
+    with pytest.raises(Interrupted):
+        build.build(spec, fz, out, precision=PREC, check_precision=CHECK, epochs=2, progress=_stop_after_row(1))
+    work = build.work_folder(out)
+    assert sorted(p.name for p in work.iterdir()) == ["job.json", "rows", "state.json", "state.prev.json"]
+    assert sorted(p.name for p in (work / "rows").iterdir()) == ["000000.npz", "000001.npz"]
+    return work
+
+
+def _resume_damaged(tmp_path, checkpoint, spec_and_inputs, damage, jobs=1):
+    """Copy the interrupted build's checkpoint, ``damage(work)`` it, resume; return (computed rows, note, out)."""
+    spec, fz = spec_and_inputs
+    out = tmp_path / "r"
+    work = build.work_folder(out)
+    shutil.copytree(checkpoint, work)
+    damage(work)
+    seen = []
+    build.build(spec, fz, out, precision=PREC, check_precision=CHECK, epochs=2, jobs=jobs,
+                progress=lambda d, t, info: seen.append(dict(info)))
+    assert not work.exists()
+    return [i["row"] for i in seen if i.get("agreement") is not None], seen[0]["note"], out
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # what a kill inside a write leaves
+
+
+def _alter_value(path: Path, k: int = 3) -> None:
+    """Rewrite a row file with one value one ulp away: a well-formed file with a wrong value."""
+    with np.load(path) as z:
+        fields = {name: z[name] for name in z.files}
+    fields["hi"][k] = np.nextafter(fields["hi"][k], np.inf)
+    np.savez(path, **fields)
+
+
+def test_a_truncated_temporary_row_file_is_ignored(tmp_path, built, checkpoint, spec_and_inputs):
+    """A kill inside the row write leaves a hidden temporary file (it used to be read: BadZipFile)."""
+    ref, _ = built
+
+    def leftovers(work):
+        for name in (".000002.tmp.npz", ".000002.npz.partial-k1ll3d"):
+            (work / "rows" / name).write_bytes(b"PK\x03\x04 half a zip")
+        (work / ".state.json.partial-k1ll3d").write_text('{"epoch": 2, "ma')
+
+    computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs, leftovers)
+    assert computed == [2] and note is None
+    assert _file_hashes(out) == _file_hashes(ref.path)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_truncated_last_row_falls_back_one_row(tmp_path, built, checkpoint, spec_and_inputs, jobs):
+    ref, _ = built
+    computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs,
+                                          lambda work: _truncate(work / "rows" / "000001.npz"), jobs=jobs)
+    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: row 1 was unreadable (not an .npz: "
+                    "truncated or corrupt); resumed from row 0")
+    assert computed == [1, 2]
+    assert _file_hashes(out) == _file_hashes(ref.path), "resumed build differs from an uninterrupted one"
+
+
+def test_an_altered_last_row_is_refused_and_recomputed(tmp_path, built, checkpoint, spec_and_inputs):
+    """The issue's case: a row changed after it was written no longer reaches the final reference."""
+    ref, _ = built
+    computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs,
+                                          lambda work: _alter_value(work / "rows" / "000001.npz"))
+    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: row 1 was changed after it was written "
+                    "(its sha256 is not the one recorded); resumed from row 0")
+    assert computed == [1, 2]
+    assert _file_hashes(out) == _file_hashes(ref.path)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x00garbage\xff", b'{"epoch": 1, "steps": 40, "main": ["1a:'])
+def test_garbage_in_state_json_falls_back_to_the_previous_state(tmp_path, built, checkpoint, spec_and_inputs,
+                                                                 garbage):
+    ref, _ = built
+    computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs,
+                                          lambda work: (work / "state.json").write_bytes(garbage))
+    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: state.json was unreadable (not JSON: "
+                    "truncated or corrupt); resumed from row 0")
+    assert computed == [1, 2]
+    assert _file_hashes(out) == _file_hashes(ref.path)
+
+
+def test_an_edited_exact_state_is_refused(tmp_path, built, checkpoint, spec_and_inputs):
+    """One hex digit of a mantissa changed: still JSON, another trajectory; the seal refuses it."""
+    ref, _ = built
+
+    def edit(work):
+        doc = json.loads((work / "state.json").read_text())
+        man, exp = doc["main"][0].split(":")
+        doc["main"][0] = f"{man[:-1]}{'1' if man[-1] != '1' else '3'}:{exp}"
+        (work / "state.json").write_text(json.dumps(doc, sort_keys=True))
+
+    computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs, edit)
+    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: state.json was changed after it was written "
+                    "(its seal does not match its content); resumed from row 0")
+    assert computed == [1, 2] and _file_hashes(out) == _file_hashes(ref.path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter", "delete"])
+def test_a_damaged_earlier_row_starts_the_build_over(tmp_path, built, checkpoint, spec_and_inputs, damage):
+    ref, _ = built
+    row0 = Path("rows") / "000000.npz"
+    act = {"truncate": lambda w: _truncate(w / row0), "alter": lambda w: _alter_value(w / row0, k=0),
+           "delete": lambda w: (w / row0).unlink()}[damage]
+    was = {"truncate": "was unreadable (not an .npz: truncated or corrupt)",
+           "alter": "was changed after it was written (its sha256 is not the one recorded)",
+           "delete": "was missing"}[damage]
+    computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs, act)
+    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: row 0 {was}; the build starts over from "
+                    "row 0 (only the last row can be recomputed from the checkpoint)")
+    assert computed == [0, 1, 2]
+    assert _file_hashes(out) == _file_hashes(ref.path)
+
+
+def test_both_states_unreadable_start_the_build_over(tmp_path, built, checkpoint, spec_and_inputs):
+    ref, _ = built
+
+    def both(work):
+        (work / "state.json").write_text("{}")
+        (work / "state.prev.json").unlink()
+
+    computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs, both)
+    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: state.json was changed after it was written "
+                    "(its seal does not match its content); state.prev.json was missing; the build starts over "
+                    "from row 0")
+    assert computed == [0, 1, 2] and _file_hashes(out) == _file_hashes(ref.path)
+
+
+def test_an_unreadable_job_starts_the_build_over(tmp_path, built, checkpoint, spec_and_inputs):
+    ref, _ = built
+    computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs,
+                                          lambda work: (work / "job.json").write_text("{"))
+    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: job.json was unreadable; the build starts "
+                    "over from row 0")
+    assert computed == [0, 1, 2] and _file_hashes(out) == _file_hashes(ref.path)
+
+
+def test_cli_damaged_checkpoint_is_one_note_line(tmp_path, capsys, built, checkpoint):
+    ref, _ = built
+    out = tmp_path / "cli"
+    shutil.copytree(checkpoint, build.work_folder(out))
+    _truncate(build.work_folder(out) / "rows" / "000001.npz")
+    code = main(["reference", "build", "--spec", _spec_file(tmp_path), "--epochs", "2", "--precision", str(PREC),
+                 "--check-precision", str(CHECK), "--out", str(out), "--jobs", "1"])
+    assert code == 0
+    assert capsys.readouterr().err == (f"bnaudit: note: build checkpoint in {tmp_path / '.cli.partial'}: row 1 was "
+                                       "unreadable (not an .npz: truncated or corrupt); resumed from row 0\n")
+    assert _file_hashes(out) == _file_hashes(ref.path)
+
+
+# --------------------------------------------------------------------------- verify: random rows and all rows
+
+@pytest.fixture(scope="module")
+def built6(tmp_path_factory, spec_and_inputs):
+    """A 6-epoch reference (rows 0..6): room for rows beyond the verified prefix."""
+    spec, fz = spec_and_inputs
+    return build.build(spec, fz, tmp_path_factory.mktemp("ref6") / "r6", precision=PREC, check_precision=CHECK,
+                       epochs=6)
+
+
+def _tampered_copy(ref, folder: Path, row: int, k: int) -> store.StoredReference:
+    """A copy of ``ref`` with value k of ``row`` one ulp off and a manifest that agrees (sha256 recomputed)."""
+    shutil.copytree(ref.path, folder)
+    hi = np.load(folder / "values_hi.npy")
+    hi[ref.row_index()[row], k] = np.nextafter(hi[ref.row_index()[row], k], np.inf)
+    np.save(folder / "values_hi.npy", hi)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["values_hi.npy"] = hashlib.sha256((folder / "values_hi.npy").read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return store.read(folder)
+
+
+def test_verify_draws_spread_rows_reproducibly_by_seed(built6, spec_and_inputs):
+    _, fz = spec_and_inputs
+    first = build.verify(built6, fz, epochs=1, random_rows=2, within=6, seed=11)
+    again = build.verify(built6, fz, epochs=1, random_rows=2, within=6, seed=11)
+    assert first.drawn == again.drawn and first.seed == 11 and first.pool == (2, 6)
+    assert first.rows == [0, 1, *first.drawn]
+    # one row from each of the stretches 2..3 and 4..6 of the pool, whatever the seed
+    draws = {tuple(build._spread_draw([2, 3, 4, 5, 6], 2, build.random.Random(s))) for s in range(20)}
+    assert all(a in (2, 3) and b in (4, 5, 6) for a, b in draws) and len(draws) > 1
+    # without a seed one is chosen and returned; the bound limits the pool
+    free = build.verify(built6, fz, epochs=2, random_rows=1, within=4)
+    assert free.pool == (3, 4) and free.drawn[0] in (3, 4) and 0 <= free.seed < 1_000_000
+    assert build.verify(built6, fz, epochs=2, random_rows=5, within=4, seed=0).drawn == [3, 4]
+
+
+def test_verify_random_rows_and_all_catch_a_row_the_prefix_misses(tmp_path, built6, spec_and_inputs):
+    _, fz = spec_and_inputs
+    bad = _tampered_copy(built6, tmp_path / "bad", row=5, k=7)
+    assert build.verify(bad, fz, epochs=2, random_rows=0).rows == [0, 1, 2], "the old default could not see it"
+    seed = next(s for s in range(100) if 5 in build._spread_draw([3, 4, 5, 6], 2, build.random.Random(s)))
+    message = r"row 5 value 7 \(params\) differs from its recomputation: stored \S+ \+ \S+, recomputed \S+ \+ \S+$"
+    with pytest.raises(ReferenceFailure, match=message) as info:
+        build.verify(bad, fz, epochs=2, random_rows=2, within=6, seed=seed)
+    assert info.value.exit_code == ExitCode.REFERENCE and "\n" not in info.value.message
+    with pytest.raises(ReferenceFailure, match=message):
+        build.verify(bad, fz, epochs=None)
+
+
+def test_cli_verify_all_and_random_lines(tmp_path, capsys, built6):
+    spec_file, folder = _spec_file(tmp_path), str(built6.path)
+    assert main(["reference", "verify", "--spec", spec_file, "--reference", folder, "--epochs", "all"]) == 0
+    line = capsys.readouterr().out
+    assert re.fullmatch(rf"reference {re.escape(folder)} verified: manifest sha256 OK, all 7 stored rows \(0\.\.6\) "
+                        rf"recomputed from epoch 0 at {PREC} bits match bit for bit \(\d+\.\d s\); 6 epochs stored, "
+                        r"precisions agree on >= \d+\.\d digits\n", line), line
+    assert main(["reference", "verify", "--spec", spec_file, "--reference", folder, "--seed", "11",
+                 "--random-rows", "2"]) == 0
+    drawn = build.verify(built6, frozen.load(_small_spec()), epochs=2, random_rows=2, seed=11).drawn
+    line = capsys.readouterr().out
+    assert f"rows 0..2 and {drawn[0]}, {drawn[1]} (drawn from rows 3..6, --seed 11) recomputed" in line, line
+    assert main(["reference", "verify", "--spec", spec_file, "--reference", folder, "--epochs", "1",
+                 "--random-rows", "0"]) == 0
+    assert "manifest sha256 OK, rows 0..1 recomputed from epoch 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--epochs", "some"], ["--epochs", "-1"], ["--random-rows", "-1"],
+                                  ["--seed", "-3"]])
+def test_cli_verify_bad_options_exit_2(tmp_path, capsys, built6, args):
+    code = main(["reference", "verify", "--spec", _spec_file(tmp_path), "--reference", str(built6.path), *args])
+    assert code == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("bnaudit: error: ") and err.count("\n") == 1
+

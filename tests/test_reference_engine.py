@@ -323,3 +323,157 @@ def test_dot_and_sum_are_the_exact_value_rounded_once(terms, prec):
     exact_floats = sum(Fraction(x) * Fraction(y) for x, y in zip(xs, ys))
     got = engine._dot_fixed(ctx, engine._fixed_floats(xs), engine._fixed_floats(ys))
     assert got._mpf_ == from_rational(exact_floats.numerator, exact_floats.denominator, prec, "n")
+
+
+# --------------------------------------------------------------------------- pinned details
+
+def test_relu_passes_the_gradient_only_where_the_input_is_positive():
+    """torch's threshold_backward: ReLU'(0) = 0, as ReLU'(x < 0)."""
+    ctx = engine.new_context(64)
+    mpf = ctx.mpf
+    relu = engine.ReLU("relu1")
+    x = [[mpf(-0.5), mpf(0), mpf(2)], [mpf(0), mpf("1e-30"), mpf(-3)]]
+    out, cache = relu.forward(ctx, x)
+    assert out == [[0, 0, 2], [0, mpf("1e-30"), 0]], f"forward: {out}"
+    grad, params = relu.backward(ctx, cache, [[mpf(5), mpf(6), mpf(7)], [mpf(8), mpf(9), mpf(10)]], True)
+    assert grad == [[0, 0, 7], [0, 9, 0]], f"backward: ReLU'(0) must be 0, got {grad}"
+    assert params == {} and relu.params() == {} and relu.eval(ctx, x) == out
+
+
+def test_linear_layer_pinned_forward_backward_and_input_gradient():
+    ctx = engine.new_context(64)
+    mpf = ctx.mpf
+    lin = engine.Linear("linear1", [[mpf(1), mpf(2)], [mpf(-1), mpf(0.5)]], [mpf(0.25), mpf(-1)])
+    x = [[mpf(3), mpf(-2)], [mpf(0.5), mpf(4)]]
+    out, cache = lin.forward(ctx, x)
+    assert out == [[-0.75, -5], [8.75, 0.5]] and lin.eval(ctx, x) == out, f"forward: {out}"
+    g = [[mpf(1), mpf(2)], [mpf(-3), mpf(0.5)]]
+    grad_in, grads = lin.backward(ctx, cache, g, True)
+    # dL/dW[o][i] = sum_n g[n][o] x[n][i]; dL/db[o] = sum_n g[n][o]; dL/dx[n][i] = sum_o g[n][o] W[o][i]
+    assert grads == {"weight": [[1.5, -14], [6.25, -2]], "bias": [-2, 2.5]}, f"backward: {grads}"
+    assert grad_in == [[-1, 3], [-3.5, -5.75]], f"backward input: {grad_in}"
+    assert lin.backward(ctx, cache, g, False)[0] is None
+    assert lin.params() == {"weight": lin.weight, "bias": lin.bias}
+
+
+def test_batchnorm_eval_and_probe_use_the_right_statistics():
+    ctx = engine.new_context(128)
+    mpf = ctx.mpf
+    bn = engine.BatchNorm1d("bn1", [mpf(2)], [mpf(0.5)], [mpf(1)], [mpf(3)], mpf(1), mpf("0.25"))
+    # eval: (x - running_mean) / sqrt(running_var + eps) * weight + bias = (x - 1) / 2 * 2 + 0.5
+    assert bn.eval(ctx, [[mpf(5)], [mpf(-1)]]) == [[4.5], [-1.5]]
+    assert bn.running_mean == [1] and bn.running_var == [3], "eval must not update the running statistics"
+    out, _ = bn.forward(ctx, [[mpf(1)], [mpf(3)]], update_running=False)
+    # batch mean 2, biased variance 1, eps 1: xhat = -+1/sqrt(2)
+    tol = mpf(2) ** -120
+    assert abs(out[0][0] - (0.5 - 2 / ctx.sqrt(2))) < tol and abs(out[1][0] - (0.5 + 2 / ctx.sqrt(2))) < tol
+    assert bn.running_mean == [1] and bn.running_var == [3], "update_running=False must not update"
+    _, cache = bn.forward(ctx, [[mpf(1)], [mpf(3)]])
+    grad_in, grads = bn.backward(ctx, cache, [[mpf(1)], [mpf(-1)]], False)
+    assert grad_in is None and set(grads) == {"weight", "bias"}, "no input gradient when none is needed"
+    assert bn.backward(ctx, cache, [[mpf(1)], [mpf(-1)]], True)[0] is not None
+    # running = 0.75 running + 0.25 batch (unbiased variance 2)
+    assert bn.running_mean == [1.25] and bn.running_var == [2.75]
+    assert bn.params() == {"weight": bn.weight, "bias": bn.bias}
+
+
+def test_probe_leaves_the_state_alone_and_equals_a_train_forward(default_inputs):
+    spec, fz = default_inputs
+    net = engine.Network(spec, engine.new_context(96), fz.init, fz.inputs, fz.targets)
+    state = [engine.to_exact(v) for v in net.flat_state()]
+    x = net.inputs[:10]
+    probe = net.probe(x)
+    assert [engine.to_exact(v) for v in net.flat_state()] == state, "probe changed the state"
+    outs, _ = net.forward(x)
+    assert probe == outs
+    assert [engine.to_exact(v) for v in net.flat_buffers()] != state[len(net.flat_parameters()):], \
+        "the train-mode forward updates the running statistics"
+
+
+def test_learning_rate_follows_the_schedule_and_momentum_the_second_step(default_inputs):
+    spec, fz = default_inputs
+    assert spec.lr_at(250) == 0.0025 and spec.lr_at(249) == 0.01
+    order = fz.batches[0][: 2 * spec.train.batch_size]
+    a = engine.Network(spec, engine.new_context(128), fz.init, fz.inputs, fz.targets)
+    b = engine.Network(spec, engine.new_context(128), fz.init, fz.inputs, fz.targets)
+    losses = a.train_epoch(250, order)
+    assert len(losses) == 2 and a.steps == 2
+    bs = spec.train.batch_size
+    for s in range(2):
+        idx = [int(i) for i in order[s * bs:(s + 1) * bs]]
+        loss, grads, _ = b.gradients([b.inputs[i] for i in idx], [b.targets[i] for i in idx])
+        if s == 0:
+            first = grads
+        b.sgd_step(grads, b.ctx.mpf(0.0025))
+        assert loss == losses[s], f"step {s}: loss differs"
+    assert [engine.to_exact(v) for v in a.flat_state()] == [engine.to_exact(v) for v in b.flat_state()]
+    # torch's momentum: the buffer of the second step is 0.9 buf + grad, the first step's is grad itself
+    name = "linear6.bias"
+    assert b.momentum_buffer is not None
+    one = engine.Network(spec, engine.new_context(128), fz.init, fz.inputs, fz.targets)
+    assert one.flat_momentum() is None
+    one.sgd_step(first, one.ctx.mpf(0.0025))
+    assert one.momentum_buffer[name] == first[name]
+    assert one.flat_parameters()[-1] == one.ctx.mpf(fz.init[len(one.flat_parameters()) - 1]) - one.ctx.mpf(
+        0.0025) * first[name][0]
+
+
+def test_wrong_state_sizes_are_refused(default_inputs):
+    spec, fz = default_inputs
+    ctx = engine.new_context(64)
+    with pytest.raises(ValueError, match="initial state has 1520 values, the spec needs 1521"):
+        engine.Network(spec, ctx, fz.init[:-1], fz.inputs, fz.targets)
+    net = engine.Network(spec, ctx, fz.init, fz.inputs, fz.targets)
+    n_p, n_b = len(net.flat_parameters()), len(net.flat_buffers())
+    assert (n_p, n_b) == (1361, 160)
+    with pytest.raises(ValueError, match="state has 3 values, expected 1521 or 2882"):
+        net.load_flat_state([ctx.one] * 3, 0)
+    # a state without momentum buffers (before the first step) loads as such
+    values = [ctx.mpf(i) for i in range(n_p + n_b)]
+    net.load_flat_state(values, 7)
+    assert net.momentum_buffer is None and net.flat_momentum() is None and net.steps == 7
+    assert net.flat_parameters() == values[:n_p] and net.flat_buffers() == values[n_p:]
+    assert net.layers[0].weight[1][0] == 5 and net.layers[1].running_var[0] == n_p + 16
+    full = values + [ctx.mpf(-i) for i in range(n_p)]
+    net.load_flat_state(full, 9)
+    assert net.flat_state() == full and net.momentum_buffer["linear1.weight"][1][0] == -5
+
+
+def test_exact_text_and_double_double_pinned():
+    ctx = engine.new_context(200)
+    assert engine.to_exact(ctx.mpf(0.75)) == "3:-2" and engine.to_exact(ctx.mpf(-3)) == "-3:0"
+    assert engine.to_exact(ctx.zero) == "0:0"
+    third = ctx.one / 3
+    assert engine.to_exact(third) == f"{(2**201 + 1) // 3:x}:-201", "1/3 rounded to 200 bits"
+    assert engine.from_exact(ctx, "-3:0") == -3 and engine.from_exact(ctx, "a:-3") == 1.25
+    for special in (ctx.inf, ctx.ninf, ctx.nan):
+        with pytest.raises(ValueError, match="has no exact mantissa/exponent form"):
+            engine.to_exact(special)
+    hi, lo = engine.double_double(third)
+    assert (hi.hex(), lo.hex()) == ("0x1.5555555555555p-2", "0x1.5555555555555p-56")
+    assert engine.double_double(ctx.one + ctx.mpf(2) ** -60) == (1.0, 2.0**-60)
+
+
+def test_exact_integer_vectors_pinned():
+    ctx = engine.new_context(64)
+    assert engine._fixed([ctx.mpf(0.75), ctx.mpf(-2), ctx.zero]) == ([3, -8, 0], -2)
+    assert engine._fixed([]) == ([], 0) and engine._fixed([ctx.zero, ctx.zero]) == ([0, 0], 0)
+    assert engine._fixed_floats([0.75, -2.0, 0.0]) == ([3, -8, 0], -2) and engine._fixed_floats([]) == ([], 0)
+    assert engine._fixed_floats([2.0**-1074, 1.0]) == ([1, 2**1074], -1074)
+    assert engine._dot_fixed(ctx, ([3, -8], -2), ([1, 1], 0)) == -1.25
+    assert engine._sum_fixed(ctx, ([3, -8], -2)) == -1.25
+    # one rounding, to the context's precision: 1 + 2^-70 is 1 at 64 bits
+    assert engine._sum(ctx, [ctx.one, ctx.mpf(2) ** -70]) == 1
+    assert engine._sum(engine.new_context(80), [ctx.one, ctx.mpf(2) ** -70]) != 1
+    assert engine.new_context(77).prec == 77
+
+
+def test_helpers_keep_shapes():
+    assert engine._flatten([[1, 2], [3, 4]]) == [1, 2, 3, 4] and engine._flatten([1, 2]) == [1, 2]
+    assert engine._flatten([]) == []
+    assert engine._shape_like([[0, 0, 0], [0, 0, 0]], range(6)) == [[0, 1, 2], [3, 4, 5]]
+    assert engine._shape_like([0, 0], [7, 8]) == [7, 8]
+    assert engine._map(lambda v: -v, [[1, 2], [3, 4]]) == [[-1, -2], [-3, -4]]
+    assert engine._map(lambda v: -v, [1, 2]) == [-1, -2]
+    assert engine._map2(lambda a, b: a - b, [[5, 6]], [[1, 2]]) == [[4, 4]]
+    assert engine._map2(lambda a, b: a - b, [5, 6], [1, 2]) == [4, 4]

@@ -52,6 +52,14 @@ def chromium_args(profile: Path) -> list[str]:
             "--disable-dev-shm-usage", f"--user-data-dir={profile}"]
 
 
+def reseal(folder: Path, meta: dict) -> None:
+    """Write an edited record.json with its checksum recomputed, as a run that measured this would have."""
+    from bnaudit import record
+
+    meta["content_sha256"] = record.record_sha256(meta)
+    (folder / "record.json").write_text(json.dumps(meta))
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -198,7 +206,7 @@ def real_operator_audit(rec, rows: list[int]) -> dict:
 def test_reference_and_audit_blocks_are_drawn(runs: dict[str, Path], tmp_path: Path) -> None:
     """Records that carry a reference divergence and an operator audit get their heatmap and audit figure."""
     from bnaudit import record
-    from bnaudit.report import build
+    from bnaudit.report import writer
 
     copy = tmp_path / "withref"
     shutil.copytree(runs["t1"], copy)
@@ -210,8 +218,8 @@ def test_reference_and_audit_blocks_are_drawn(runs: dict[str, Path], tmp_path: P
     meta = json.loads((copy / "record.json").read_text())
     meta["extra"] = {"divergence": divergence_block(rows, layers, bits_of, 24),
                      "operator_audit": real_operator_audit(rec, [0, EPOCHS])}
-    (copy / "record.json").write_text(json.dumps(meta))
-    out = build.write_report([copy], tmp_path / "rep")
+    reseal(copy, meta)
+    out = writer.write_report([copy], tmp_path / "rep")
     names = {Path(f).stem for f in out.files if f.endswith(".png")}
     assert {"heatmap_reference", "operator_audit", "growth"} <= names, names
     ref = out.report.references["float32_t1_native_nondet"]
@@ -225,31 +233,49 @@ def test_reference_and_audit_blocks_are_drawn(runs: dict[str, Path], tmp_path: P
     assert "fewest correct bits (final)" in md
 
 
-def test_unreadable_blocks_are_noted_not_fatal(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_malformed_blocks_are_refused_at_load(runs: dict[str, Path], tmp_path: Path, cli) -> None:
+    """A block is decoded once, when its record loads: a malformed one refuses the input, naming it."""
+    for extra in ({"divergence": {"schema": "bnaudit.divergence/1", "rows": "x"}}, {"operator_audit": [1, 2]}):
+        copy = tmp_path / "odd"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(runs["t1"], copy)
+        meta = json.loads((copy / "record.json").read_text())
+        meta["extra"] = extra
+        reseal(copy, meta)
+        code, _, err = cli("report", str(copy), "--out", str(tmp_path / "rep"))
+        assert code == ExitCode.BAD_INPUT and str(copy) in err and "block" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "rep").exists()
+
+
+def test_skipped_audit_is_noted(runs: dict[str, Path], tmp_path: Path) -> None:
     from bnaudit.report import build
 
-    copy = tmp_path / "oddref"
+    copy = tmp_path / "skipped"
     shutil.copytree(runs["t1"], copy)
     meta = json.loads((copy / "record.json").read_text())
-    meta["extra"] = {"divergence": {"schema": "bnaudit.divergence/1", "rows": "x"}, "operator_audit": [1, 2]}
-    (copy / "record.json").write_text(json.dumps(meta))
+    meta["extra"] = {"operator_audit": {
+        "schema": "bnaudit.audit/1", "every": 10, "storage": "float32", "rows": [], "errors": {},
+        "max_amplification": {}, "flags": [], "n_flags": 0, "thresholds": {"mean_over_std": 100},
+        "skipped": "bf16-mixed runs are not audited"}}
+    reseal(copy, meta)
     report = build.build_report([copy])
-    assert not report.references and not report.audits
-    assert any("divergence block" in n and "not drawn" in n for n in report.notes), report.notes
-    assert any("operator-audit block is malformed" in n for n in report.notes), report.notes
+    assert not report.audits
+    assert f"{copy}: operator audit skipped (bf16-mixed runs are not audited)" in report.notes, report.notes
 
 
 def test_perturbed_run_alone_draws_its_own_chaos_floor(runs: dict[str, Path], tmp_path: Path) -> None:
     """A --perturb record carries its twin's divergence (worker block): the 1-ulp line needs no twin input."""
     from bnaudit import record
-    from bnaudit.report import build
+    from bnaudit.report import writer
 
     fp = record.load(runs["perturb"])
-    assert "perturbation" in fp.extra, "the worker records the chaos floor in every perturbed record"
-    out = build.write_report([runs["perturb"]], tmp_path / "rep")
+    assert fp.floor is not None, "the worker records the chaos floor in every perturbed record"
+    out = writer.write_report([runs["perturb"]], tmp_path / "rep")
     (label,) = out.report.floors
+    assert label == fp.label == "float32_t1_native_nondet_perturb"
     floor = out.report.floors[label]
     assert floor.max_abs[0] > 0 and len(floor.rows) == EPOCHS + 1
+    np.testing.assert_array_equal(floor.max_abs, fp.floor.max_abs)
     assert "figures/growth.png" in out.files
 
 
@@ -336,11 +362,92 @@ def test_report_without_out_or_terminal_is_a_usage_error(cli, runs: dict[str, Pa
 
 
 def test_report_code_imports_neither_torch_nor_mpmath() -> None:
-    code = ("import sys; import bnaudit.report.build, bnaudit.report.figures, bnaudit.report.html, "
-            "bnaudit.report.markdown, bnaudit.report.terminal, bnaudit.cli.report; "
+    code = ("import sys; import bnaudit.report.model, bnaudit.report.build, bnaudit.report.tables, "
+            "bnaudit.report.figures, bnaudit.report.html, bnaudit.report.markdown, bnaudit.report.terminal, "
+            "bnaudit.report.writer, bnaudit.cli.report; "
             "bad = [m for m in ('torch', 'mpmath') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+FORMATS = ("figures", "html", "markdown", "terminal")
+
+
+def report_imports() -> dict[str, set[str]]:
+    """bnaudit.report module -> the bnaudit.report modules it imports anywhere in its file (functions too)."""
+    import ast
+
+    folder = Path(__file__).resolve().parent.parent / "bnaudit" / "report"
+    names = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+    out: dict[str, set[str]] = {}
+    for name in names:
+        found: set[str] = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "bnaudit.report":
+                found.update(a.name for a in node.names if a.name in names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bnaudit.report."):
+                found.add(node.module.rpartition(".")[2])
+            elif isinstance(node, ast.Import):
+                found.update(a.name.rpartition(".")[2] for a in node.names if a.name.startswith("bnaudit.report."))
+        out[name] = found - {name}
+    return out
+
+
+def test_formats_depend_only_on_the_model_and_tables() -> None:
+    """pip-audit's formats and diffoscope's presenters: no format imports another, nor the build or the writer.
+
+    ``escape`` (untrusted text made literal for each output) is a leaf every view may use.
+    """
+    graph = report_imports()
+    assert graph["model"] == set(), graph["model"]
+    assert graph["escape"] == set(), graph["escape"]
+    assert graph["tables"] <= {"model"}, graph["tables"]
+    for name in FORMATS:
+        assert graph[name] <= {"model", "tables", "escape"}, f"{name} imports {sorted(graph[name])}"
+    assert graph["build"] <= {"model"}, graph["build"]
+    done: set[str] = set()
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, "import cycle in bnaudit.report: " + " -> ".join((*path, node))
+        if node not in done:
+            for nxt in sorted(graph[node]):
+                visit(nxt, (*path, node))
+            done.add(node)
+
+    for node in sorted(graph):
+        visit(node, ())
+
+
+def test_class_colours_are_matplotlibs_tab20() -> None:
+    """The colours HTML swatches and figures share, against matplotlib's own palette."""
+    import matplotlib.pyplot as plt
+    from matplotlib import colors as mcolors
+
+    from bnaudit.report.tables import CLASS_COLOURS
+
+    tab20 = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    assert CLASS_COLOURS == tuple(mcolors.to_hex(c) for c in list(tab20[0::2]) + list(tab20[1::2]))
+
+
+def test_runs_are_labelled_by_their_fingerprint(runs: dict[str, Path], tmp_path: Path) -> None:
+    """One configuration label everywhere: ``Fingerprint.label`` (an emulated CPU keeps its model's case)."""
+    import dataclasses
+
+    from bnaudit import controls
+    from bnaudit.report import build, model
+
+    assert model.CONTROL_KEYS == tuple(f.name for f in dataclasses.fields(controls.Controls))
+    copy = tmp_path / "haswell"
+    shutil.copytree(runs["t1"], copy)
+    meta = json.loads((copy / "record.json").read_text())
+    meta["config"]["controls"]["cpu_model"] = "Haswell"
+    reseal(copy, meta)
+    report = build.build_report([runs["t1"], copy])
+    assert [r.label for r in report.runs] == ["float32_t1_native_nondet", "float32_t1_native_nondet_cpu-Haswell"]
+    assert report.varying_controls == ["cpu_model"]
+    assert report.runs[1].config_text.endswith("cpu_model Haswell")
+    assert [c.members for c in report.classes] == [("float32_t1_native_nondet",
+                                                    "float32_t1_native_nondet_cpu-Haswell")]
 
 
 @settings(max_examples=60, deadline=None)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
 
-from bnaudit import record
+from bnaudit import bits, record, worker
+from bnaudit.layout import TensorKey, digest
 
 
-def _first_differing_tensor(a: record.Fingerprint, b: record.Fingerprint) -> tuple[str, record.TensorKey]:
+def _first_differing_tensor(a: record.Fingerprint, b: record.Fingerprint) -> tuple[str, TensorKey]:
     """Earliest differing tensor: initial-state row, then epoch-0 steps, then epoch rows."""
     assert a.epoch_digests is not None and b.epoch_digests is not None
     init = np.flatnonzero(a.epoch_digests[0] != b.epoch_digests[0])
@@ -45,7 +47,7 @@ def test_one_ulp_perturbation_changes_the_fingerprint_and_names_the_parameter(ma
     assert when == "init" and tensor.layer == "bn2" and tensor.key == "bn2.weight"
     cols = base.params[[n for n, _ in base.params].index("bn2.weight")]
     assert cols == ("bn2.weight", (16,))
-    a, b = base.snapshots[0], moved.snapshots[0]
+    a, b = base.keyframes[0], moved.keyframes[0]
     differing = np.flatnonzero(a.view("<u4") != b.view("<u4"))
     assert differing.size == 1
     assert int(b.view("<u4")[differing[0]]) - int(a.view("<u4")[differing[0]]) == 1
@@ -101,13 +103,13 @@ def test_epoch_digests_are_sha256_of_the_stored_values(make_run, dtype):
             offset = 0
             for name, shape in names:
                 size = int(np.prod(shape))
-                want = record.digest(values[row, offset:offset + size].tobytes())
+                want = digest(values[row, offset:offset + size].tobytes())
                 assert digests[row, keys.index(name)] == want, (row, name)
                 offset += size
     if dtype == "float32":  # the eval losses, computed in float32, are stored exactly as float64
         for row in range(4):
             losses = rec.arrays["losses"][row].astype(storage)
-            assert digests[row, keys.index("eval.loss")] == record.digest(losses.tobytes())
+            assert digests[row, keys.index("eval.loss")] == digest(losses.tobytes())
     assert digests[0, keys.index("loss.steps")] == 0, "no steps before epoch 0: no tensor"
 
 
@@ -121,7 +123,7 @@ def test_bf16_runs_are_labelled_pure_or_mixed(make_run):
 
 def test_nonfinite_values_are_recorded_not_fatal(make_run, tmp_path):
     path = tmp_path / "hot.toml"
-    path.write_text("[train]\nlr = 1e30\n")
+    path.write_text("[train]\nlr = 10.0\n")  # the largest rate a spec accepts; it overflows in epoch 0
     rec = record.load_record(make_run(2, spec_path=path))
     nf = rec.meta["nonfinite"]
     assert nf is not None and nf["epoch"] == 0
@@ -144,3 +146,32 @@ def test_perturbed_run_measures_the_chaos_floor_against_a_faithful_twin(make_run
     assert floor["max_ulps"][0] == 1
     assert floor["max_ulps"][-1] > 1
     assert floor["growth_rate"] is not None and floor["growth_rate"] > 0
+    decoded = moved.fingerprint.floor  # the block's one decoder reads what the worker wrote
+    assert decoded is not None and decoded.max_ulps == tuple(floor["max_ulps"])
+
+
+def test_sgd_without_momentum_runs_and_digests_no_momentum_buffer(make_run, tmp_path):
+    """torch's SGD keeps no momentum buffer at momentum 0: the record says "no tensor" (digest 0)."""
+    path = tmp_path / "plain-sgd.toml"
+    path.write_text("[train]\nmomentum = 0.0\n")
+    rec = record.load_record(make_run(1, spec_path=path))
+    step_cols = [i for i, t in enumerate(rec.layout.step_tensors) if t.key.endswith(".momentum_buffer")]
+    epoch_cols = [i for i, t in enumerate(rec.layout.epoch_tensors) if t.key.endswith(".momentum_buffer")]
+    assert step_cols and (rec.arrays["step_digests"][:, step_cols] == 0).all()
+    assert epoch_cols and (rec.arrays["epoch_digests"][:, epoch_cols] == 0).all()
+    assert rec.arrays["params"][0].tobytes() != rec.arrays["params"][1].tobytes(), "the steps still train"
+
+
+def test_chaos_floor_takes_layer_divergences_rules_for_nan_and_inf():
+    """Identical bits (NaN, inf) are 0 apart; NaN on one side only is an infinite |Δ| and NAN_DISTANCE ulps."""
+    nan, inf = np.float32(np.nan), np.float32(np.inf)
+    twin_rows = [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [nan, inf, 3.0], [1.0, 2.0, 3.0]]
+    moved_rows = [[1.0, 2.0, 3.0], [1.0, 2.0, np.nextafter(np.float32(3.0), np.float32(4.0))], [nan, inf, 3.5],
+                  [nan, 2.0, 3.5]]
+    twin = types.SimpleNamespace(params=np.array(twin_rows, dtype="<f4"), epoch_digests=np.ones((4, 2), np.uint64))
+    moved = types.SimpleNamespace(params=np.array(moved_rows, dtype="<f4"))
+    floor = worker.chaos_floor(twin, moved, "float32")  # type: ignore[arg-type]
+    # Golden |Δ| per row: 0, one float32 ulp at 3 (2^-22), 0.5 (the NaN and inf pairs are identical), inf.
+    assert floor["max_abs"] == [format(np.float64(v).view("<u8"), "016x") for v in (0.0, 2.0**-22, 0.5, np.inf)]
+    assert floor["max_ulps"] == [0, 1, 1 << 21, int(bits.NAN_DISTANCE)]
+    assert len(floor["twin_digest_rows"]) == 4

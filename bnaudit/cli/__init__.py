@@ -79,7 +79,3 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(code, int):
         return code
     return int(ExitCode.OK)
-
-
-def entry() -> None:
-    sys.exit(main())

@@ -13,7 +13,7 @@ from bnaudit.cli._options import SpecOption
 from bnaudit.controls import DTYPES, ISAS
 
 if TYPE_CHECKING:
-    from bnaudit.check import Baseline
+    from bnaudit.baseline import Baseline
 
 STEP_SUMMARY_VARIABLE = "GITHUB_STEP_SUMMARY"
 
@@ -58,18 +58,20 @@ def check(
 ) -> int:
     """Run the experiment (or take --record) and hold it to a baseline under a tolerance policy.
 
-    Exit 0 within policy, 1 drift beyond it, 2 bad option, 3 unusable input, 4 refused
-    comparison (another experiment or dtype), 8 bits:N without a reference divergence.
+    Exit 0 within policy, 1 drift beyond it, 2 bad option, 3 unusable input (edited, or
+    with BNAUDIT_SIGNING_KEY set: unsigned or wrongly signed), 4 refused comparison
+    (another experiment or dtype), 8 bits:N without a reference divergence.
     """
-    from bnaudit import check as core
-    from bnaudit import envinfo
+    from bnaudit import envinfo, gate
     from bnaudit.report import ci_summary
     from bnaudit.report import junit as junit_report
 
-    options = core.RunOptions(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic, epochs=epochs,
+    options = gate.RunOptions(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic, epochs=epochs,
                               profile=profile, spec=spec)
-    result = core.gate(baseline or [], records=run_record or [], options=options, tolerance=tolerance,
-                       accept_paths=accept_class or [], out=out, announce=None if as_json else _announce)
+    result = gate.check(baseline or [], records=run_record or [], options=options, tolerance=tolerance,
+                        accept_paths=accept_class or [], out=out, announce=None if as_json else _announce)
+    for warning in result.warnings:
+        typer.echo(f"bnaudit: warning: {warning}", err=True)
     if junit is not None:
         junit_report.write(junit, result)
     summary_file = envinfo.environ().get(STEP_SUMMARY_VARIABLE)
@@ -88,17 +90,19 @@ baseline_app = typer.Typer(help="Baselines for bnaudit check: a vetted fingerpri
 
 
 def _render_baseline(b: Baseline, verb: str, as_json: bool) -> None:
-    from bnaudit.check import case_name
+    from bnaudit.baseline import Signature
 
+    unsigned = Signature.UNSIGNED
     fp = b.fingerprint
     if as_json:
-        typer.echo(json.dumps({"baseline": b.path, "case": case_name(fp), "dtype": b.dtype, "epochs": fp.epochs,
+        typer.echo(json.dumps({"baseline": b.path, "case": fp.controls.label(), "dtype": b.dtype, "epochs": fp.epochs,
                                "digest": fp.digest, "spec_hash": fp.spec.hash, "created": b.created,
-                               "updated": b.updated, "made_from": b.made_from,
+                               "updated": b.updated, "made_from": b.made_from, "signed": b.signature is not unsigned,
                                "cpu_model": fp.environment.get("cpu_model")}, indent=1, sort_keys=True))
     else:
-        typer.echo(f"{verb} baseline {b.path}: {case_name(fp)}, {fp.epochs} epochs, spec {fp.spec.short_hash}, "
-                   f"digest {fp.digest[:16]}, from {b.made_from} on {fp.environment.get('cpu_model', 'unknown CPU')}")
+        typer.echo(f"{verb} baseline {b.path}: {fp.controls.label()}, {fp.epochs} epochs, spec {fp.spec.short_hash}, "
+                   f"digest {fp.digest[:16]}, from {b.made_from} on {fp.environment.get('cpu_model', 'unknown CPU')}"
+                   f"{'' if b.signature is unsigned else ', signed'}")
 
 
 OutOption = Annotated[Path, typer.Option(metavar="FILE", help="The baseline file to write.")]
@@ -125,11 +129,11 @@ def _baseline_command(update: bool, doc: str) -> Callable[..., int]:
         force: ForceOption = False,
         as_json: JsonOption = False,
     ) -> int:
-        from bnaudit import check as core
+        from bnaudit import gate
 
-        options = core.RunOptions(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
+        options = gate.RunOptions(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
                                   epochs=epochs, profile=profile, spec=spec)
-        b = core.make_baseline(out, source=run_record, options=options, update=update, force=force,
+        b = gate.make_baseline(out, source=run_record, options=options, update=update, force=force,
                                announce=_announce)
         _render_baseline(b, "updated" if update else "wrote", as_json)
         return 0

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from bnaudit.cli.run import SpecOption, _epoch_list
+from bnaudit.cli import lists
+from bnaudit.cli._options import SpecOption
+from bnaudit.cli.run import _epoch_list
 from bnaudit.controls import DTYPES, ISAS
 
 ListOption = str | None
@@ -47,35 +48,29 @@ def matrix(
     as_markdown: Annotated[bool, typer.Option("--markdown", help="Print the summary as Markdown.")] = False,
 ) -> int:
     """Run every combination of the given controls, each in its own process, and say which change the bits."""
-    from bnaudit import matrix as mx
+    from bnaudit import fileio
     from bnaudit.errors import RunFailed
+    from bnaudit.matrix import plan as mplan
+    from bnaudit.matrix.summary import run_matrix
     from bnaudit.report import matrix_view
     from bnaudit.spec import load_spec
 
     experiment = load_spec(spec)
-    given: dict[str, Any] = {
-        "dtype": None if dtype is None else tuple(mx.split_list(dtype, "--dtype")),
-        "threads": None if threads is None else mx.parse_threads(threads),
-        "isa": None if isa is None else tuple(mx.split_list(isa, "--isa")),
-        "deterministic": None if deterministic is None else mx.parse_deterministic(deterministic),
-        "onednn_isa": None if onednn_isa is None else mx.parse_onednn(onednn_isa),
-        "mkl_cbwr": None if mkl_cbwr is None else mx.parse_mkl_cbwr(mkl_cbwr),
-        "cpu_model": None if cpu_model is None else mx.parse_cpu_models(cpu_model),
-    }
-    overrides = {k: v for k, v in given.items() if v is not None}
+    overrides = lists.grid_values(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
+                                  onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model)
     trace = _epoch_list(trace_epochs)
     if preset is not None:
-        plan = mx.preset_plan(preset, experiment, epochs=epochs, overrides=overrides, trace_epochs=trace,
-                              audit_every=audit_every)
+        plan = mplan.preset_plan(preset, experiment, epochs=epochs, overrides=overrides, trace_epochs=trace,
+                                 audit_every=audit_every)
     else:
-        plan = mx.make_plan([mx.Variant("default" if spec is None else Path(spec).stem, experiment)],
-                            mx.Grid(**overrides), epochs=epochs, trace_epochs=trace, audit_every=audit_every)
+        plan = mplan.make_plan([mplan.Variant("default" if spec is None else Path(spec).stem, experiment)],
+                               mplan.Grid(**overrides), epochs=epochs, trace_epochs=trace, audit_every=audit_every)
     target = out if out is not None else Path("reports") / "matrix" / f"{preset or 'grid'}-{plan.plan_id}"
     with matrix_view.progress(plan, enabled=not (as_json or as_markdown)) as on_event:
-        summary = mx.run_matrix(plan, target, render_markdown=matrix_view.markdown, jobs=jobs, force=force,
-                                on_event=on_event)
+        summary = run_matrix(plan, target, render_markdown=matrix_view.markdown, jobs=jobs, force=force,
+                             on_event=on_event)
     if as_json:
-        typer.echo(json.dumps(summary.to_dict(), indent=1, sort_keys=True))
+        typer.echo(fileio.dumps(summary.to_dict()), nl=False)
     elif as_markdown:
         typer.echo(matrix_view.markdown(summary))
     else:

@@ -22,7 +22,7 @@ def report(
     4 runs of different experiments (refused), 5 --out exists (use --force) or cannot be written.
     """
     from bnaudit.errors import UsageError
-    from bnaudit.report import build
+    from bnaudit.report import build, escape, writer
     from bnaudit.report import terminal as terminal_view
 
     if out is None and not terminal:
@@ -30,10 +30,11 @@ def report(
     if out is None:
         content = build.build_report(inputs)
     else:
-        written = build.write_report(inputs, out, force=force)
+        written = writer.write_report(inputs, out, force=force)
         content = written.report
         n_figs = sum(1 for f in written.files if f.endswith(".png"))
-        typer.echo(f"wrote {written.out}/index.html, report.md and {n_figs} figures in {written.seconds:.1f} s")
+        typer.echo(f"wrote {escape.printable(written.out)}/index.html, report.md and {n_figs} figures in "
+                   f"{written.seconds:.1f} s")
     if terminal:
         terminal_view.render(content)
     return 0

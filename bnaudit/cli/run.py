@@ -53,6 +53,7 @@ def run(
 ) -> int:
     """Run the experiment under controlled numerics and write its record and fingerprint."""
     from bnaudit import controls, launch
+    from bnaudit.blocks import RunSummary
     from bnaudit.report import run_summary
     from bnaudit.spec import load_spec
 
@@ -72,7 +73,7 @@ def run(
     if as_json:
         typer.echo(json.dumps(summary, indent=1, sort_keys=True))
     else:
-        run_summary.render(summary)
+        run_summary.render(RunSummary.from_json(summary))
     return 0
 
 
@@ -102,12 +103,13 @@ def frozen_build(
 ) -> int:
     """(Re)generate the frozen inputs of a spec, with their sha256 manifest."""
     from bnaudit import frozen
+    from bnaudit.report import escape
     from bnaudit.spec import load_spec
 
     experiment = load_spec(spec)
     folder = frozen.write(experiment, out if out is not None else frozen.folder_for(experiment))
     loaded = frozen.read(folder, experiment)
-    typer.echo(f"wrote {folder} (spec {experiment.short_hash}, frozen digest {loaded.digest[:16]})")
+    typer.echo(f"wrote {escape.printable(folder)} (spec {experiment.short_hash}, frozen digest {loaded.digest[:16]})")
     return 0
 
 

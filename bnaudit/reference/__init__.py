@@ -1,4 +1,4 @@
-"""The mpmath high-precision reference: engine, build, stored trajectory (see issue 3).
+"""The mpmath high-precision reference: engine, build, stored trajectory.
 
 ``engine`` computes the experiment in mpmath (no torch); ``build`` runs it at two
 precisions (the second one in ``check_process`` with ``--jobs 2``) and writes the

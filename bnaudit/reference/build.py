@@ -2,7 +2,7 @@
 
 The experiment is run twice in mpmath, at ``precision`` bits (the stored trajectory)
 and at ``check_precision`` bits (an independent recomputation), epoch by epoch in
-lock step.  At every stored row (``record.snapshot_rows``) the two are compared value
+lock step.  At every stored row (``layout.probe_schedule``) the two are compared value
 by value: the agreement of a row is the smallest number of decimal digits on which
 they agree, -log10(|a - b| / |b|), over the row's parameters, running statistics,
 probe activations and losses.
@@ -25,51 +25,62 @@ process, the wall time about half.  A child that dies or fails is one ReferenceF
 line (exit code 8); the checkpoint stays, so a rerun resumes.
 
 Resuming.  The build works in ``.<out name>.partial/`` beside the output: ``job.json``
-(what is being built), ``state.json`` (the exact state of both trajectories after the
-last stored row: every mpf as mantissa:exponent, so resuming continues bit for bit) and
-``rows/<row>.npz`` (the finished rows).  An interrupted build, rerun with the same
-options, starts after the last finished row.  When every row is done the reference is
+(what is being built), ``rows/<row>.npz`` (the finished rows), ``state.json`` (the exact
+state of both trajectories after the last stored row, every mpf as mantissa:exponent so
+that resuming continues bit for bit, and the sha256 of every finished row file; sealed
+by a sha256 of the rest) and ``state.prev.json`` (the same one row earlier).  An
+interrupted build, rerun with the same options, starts after the last finished row.  A
+damaged checkpoint is one note, never an error: a changed or unreadable last row or
+state.json falls back to state.prev.json and recomputes one row; a damaged earlier row
+starts the build over (the exact state is kept for the last row only: a few hundred kB
+per row would be hundreds of MB over the run).  When every row is done the reference is
 written to a temporary folder, its manifest last, and renamed into place.
+
+Verifying.  The stored rows are double-doubles, not exact states, so a row can only be
+recomputed by replaying the stored precision from epoch 0: ``verify`` replays up to the
+last row it checks, the first epochs and a few rows drawn at random, or all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import io
 import json
 import math
 import os
 import pickle
+import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mpmath
 import numpy as np
 
-from bnaudit import record
-from bnaudit.errors import Interrupted, OutputError, ReferenceFailure, UsageError
+from bnaudit import fileio
+from bnaudit.errors import InputError, Interrupted, OutputError, ReferenceFailure, UsageError
 from bnaudit.frozen import FrozenInputs
+from bnaudit.layout import probe_indices
 from bnaudit.reference import engine, store
+from bnaudit.reference.store import (
+    DEFAULT_CHECK_PRECISION,
+    DEFAULT_PRECISION,
+    MIN_AGREEMENT_DIGITS,
+    VERIFY_RANDOM_ROWS,
+    VERIFY_RANDOM_WITHIN,
+)
 from bnaudit.spec import ExperimentSpec
 
-DEFAULT_PRECISION = 512
-"""Bits of the stored trajectory.  Measured on the default spec: the 512- and 640-bit
-trajectories agree on 151 digits at row 0 and on >= 136.6 digits (454 bits) at every
-stored row to epoch 1000, so chaos cost about 50 bits over the run (most of it in the
-first 100 epochs, 0.2-0.5 bits per epoch there).  Cost per operation hardly depends on
-the precision at these sizes (Python overhead dominates), so the margin is cheap."""
-DEFAULT_CHECK_PRECISION = 640
-"""Bits of the recomputation that certifies it (must differ from the precision)."""
-MIN_AGREEMENT_DIGITS = 30.0
-"""Decimal digits both precisions must agree on at every stored row (~100 bits)."""
-JOB_SCHEMA = "bnaudit.reference-job/2"  # 2: signed exact state text
+JOB_SCHEMA = "bnaudit.reference-job/3"  # 3: sealed state with the sha256 of every row; state.prev.json
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
 """progress(epochs_done, epochs_total, info): info has "row", "agreement", "seconds"."""
@@ -98,7 +109,7 @@ class Trajectory:
         self.spec = spec
         self.ctx = engine.new_context(prec)
         self.net = engine.Network(spec, self.ctx, frozen.init, frozen.inputs, frozen.targets)
-        self.probe_x = [self.net.inputs[int(i)] for i in record.probe_indices(spec)]
+        self.probe_x = [self.net.inputs[int(i)] for i in probe_indices(spec)]
 
     def row_values(self) -> list[Any]:
         """Parameters, buffers, probe activations (blocks per module, sample-major), losses."""
@@ -281,48 +292,242 @@ def trajectory(spec: ExperimentSpec, frozen: FrozenInputs, *, precision: int, ch
 
 # --------------------------------------------------------------------------- the build
 
+STATE_FILES = ("state.json", "state.prev.json")
+"""The checkpoint after the last stored row, and the one before it (the fallback)."""
+
+
 def _job(spec: ExperimentSpec, frozen: FrozenInputs, precision: int, check_precision: int,
          min_digits: float) -> dict[str, Any]:
     return {"schema": JOB_SCHEMA, "spec_hash": spec.hash, "frozen": frozen.digest, "precision": precision,
             "check_precision": check_precision, "min_digits": min_digits}
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class _Resume:
+    """A checkpoint that was read back whole: the state, its file text and the finished rows it names."""
+
+    state: dict[str, Any]
+    """The sealed state document: "epoch", "steps", "main", "check", "rows" (row -> sha256 of its file), ..."""
+    text: str
+    """Its file text (becomes state.prev.json when the next row is stored)."""
+    done: dict[int, RowResult]
+    row_seconds: dict[int, float]
+    """Build time (wall seconds) it took to reach each finished row."""
+
+
+class _Unreadable(Exception):
+    """A checkpoint file that cannot be used: what ``was`` wrong with it (the end of a one-line note)."""
+
+    def __init__(self, was: str, row: int = -1) -> None:
+        super().__init__(was)
+        self.was, self.row = was, row
+
+    @classmethod
+    def reading(cls, path: Path, exc: InputError, row: int = -1) -> _Unreadable:
+        """From fileio's error for a file that could not be read at all."""
+        if not path.exists():
+            return cls("was missing", row)
+        return cls(f"was unreadable ({exc.message.removeprefix(f'{path}: ')})", row)
+
+
+def _seal(doc: dict[str, Any]) -> str:
+    """The file text of a state document with its "seal": the sha256 of the rest.
+
+    The exact state is a few hundred kB of hexadecimal mantissas; a flipped digit still
+    parses, and would resume a different trajectory.  The seal makes any change to it (or to
+    the row table) one refusal instead.
+    """
+    body = {k: v for k, v in doc.items() if k != "seal"}
+    return json.dumps(body | {"seal": fileio.canonical_sha256(body)}, sort_keys=True)
+
+
+def _checkpoint(work: Path, result: RowResult, state: dict[str, Any], hashes: dict[str, str],
+                prev_text: str | None) -> str:
+    """Store one finished row, then the state that resumes after it; return that state's text.
+
+    The order is what makes every interruption resumable.  The row file comes first (a
+    row that state.json does not list yet is just recomputed), then the previous state
+    as state.prev.json, then state.json; each is written under a hidden temporary name
+    and renamed into place, so each file is old or new, never partial.  A power cut can
+    still persist a rename before the data; then state.json or the last row is damaged
+    and the resume falls back one row, to state.prev.json.  The sha256 of each row file
+    in the sealed state lets a resume refuse a row changed after it was written.
+    """
+    buf = io.BytesIO()
+    np.savez(buf, row=np.int64(result.row), hi=result.hi, lo=result.lo, agreement=np.float64(result.agreement),
+             worst=np.str_(result.worst), seconds=np.float64(state["seconds"]))
+    blob = buf.getvalue()
+    fileio.write_bytes_atomic(work / "rows" / f"{result.row:06d}.npz", blob)
+    hashes[str(result.row)] = hashlib.sha256(blob).hexdigest()
+    text = _seal(state | {"rows": dict(hashes)})
+    if prev_text is not None:
+        fileio.write_text_atomic(work / STATE_FILES[1], prev_text)
+    fileio.write_text_atomic(work / STATE_FILES[0], text)
+    return text
 
 
 def work_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def _load_done(work: Path, job: dict[str, Any], columns: store.Columns) -> tuple[dict[str, Any] | None,
-                                                                                  dict[int, RowResult]]:
-    """The checkpoint and finished rows of an earlier build of the same job (or nothing).
+def _state_limit(job: dict[str, Any], columns: store.Columns) -> int:
+    """Most bytes a state file can hold: both precisions' exact state (hex mantissas) and the row table."""
+    digits = max(int(job["precision"]), int(job["check_precision"])) // 4 + 32
+    return 2 * (2 * columns.n_params + columns.n_buffers) * digits + (4 << 20)
 
-    The checkpoint's "row_seconds" maps each finished row to the build time it took to reach it.
-    """
+
+def _read_state(path: Path, limit: int) -> tuple[dict[str, Any], str]:
+    """A state document and its text; _Unreadable if it is missing, not JSON, unsealed or malformed."""
     try:
-        if json.loads((work / "job.json").read_text()) != job:
-            return None, {}
-        state = json.loads((work / "state.json").read_text())
-    except (OSError, ValueError):
-        return None, {}
-    state.setdefault("row_seconds", {})
-    done: dict[int, RowResult] = {}
-    for path in sorted((work / "rows").glob("*.npz")):
+        blob = fileio.read_bounded(path, "build checkpoint", limit)
+    except InputError as exc:
+        raise _Unreadable.reading(path, exc) from None
+    try:
+        doc = fileio.parse_json(blob, str(path), "build checkpoint")
+    except InputError:
+        raise _Unreadable("was unreadable (not JSON: truncated or corrupt)") from None
+    if doc.get("seal") != fileio.canonical_sha256({k: v for k, v in doc.items() if k != "seal"}):
+        raise _Unreadable("was changed after it was written (its seal does not match its content)")
+    ints = all(isinstance(doc.get(k), int) and not isinstance(doc.get(k), bool) and doc[k] >= 0
+               for k in ("epoch", "steps"))
+    texts = all(isinstance(doc.get(k), list) and all(isinstance(t, str) for t in doc[k]) for k in ("main", "check"))
+    table = doc.get("rows")
+    if not (ints and texts and isinstance(table, dict) and str(doc["epoch"]) in table
+            and all(k.isdigit() and isinstance(v, str) for k, v in table.items())):
+        raise _Unreadable("was unreadable (malformed)")
+    return doc, blob.decode("utf-8")
+
+
+def _read_row(path: Path, sha256: str, row: int, columns: store.Columns) -> tuple[RowResult, float | None]:
+    """One finished row, refused (_Unreadable) unless its bytes are the ones the checkpoint recorded."""
+    try:
+        blob = fileio.read_bounded(path, "build checkpoint row", 16 * columns.total + (64 << 10))
+    except InputError as exc:
+        raise _Unreadable.reading(path, exc, row) from None
+    # Parsed before the hash is compared only to tell a truncated file from an altered one.
+    try:
+        loaded = np.load(io.BytesIO(blob), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with loaded as z:
+            r = RowResult(int(z["row"]), z["hi"].copy(), z["lo"].copy(), float(z["agreement"]), str(z["worst"]))
+            seconds = float(z["seconds"]) if "seconds" in z.files else None
+    except (OSError, ValueError, TypeError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile):
+        raise _Unreadable("was unreadable (not an .npz: truncated or corrupt)", row) from None
+    if hashlib.sha256(blob).hexdigest() != sha256:
+        raise _Unreadable("was changed after it was written (its sha256 is not the one recorded)", row)
+    if r.row != row or r.hi.shape != (columns.total,) or r.lo.shape != (columns.total,):
+        raise _Unreadable("was unreadable (another row or layout)", row)
+    return r, seconds
+
+
+def _read_rows(work: Path, table: dict[str, str], columns: store.Columns) -> tuple[dict[int, RowResult],
+                                                                                  dict[int, float]]:
+    """Every row a state lists (rows/NNNNNN.npz by name: a hidden temporary file is never read)."""
+    done, seconds = {}, {}
+    for row in sorted(int(k) for k in table):
+        done[row], s = _read_row(work / "rows" / f"{row:06d}.npz", table[str(row)], row, columns)
+        if s is not None:
+            seconds[row] = s
+    return done, seconds
+
+
+def _load_done(work: Path, job: dict[str, Any], columns: store.Columns) -> tuple[_Resume | None, str | None]:
+    """The checkpoint of an earlier build of the same job to resume from (or None), and a line on what was wrong.
+
+    state.json is used when it and every row it lists read back as written; else
+    state.prev.json (one row earlier), whose rows are the same but the last.  A damaged
+    row before the last cannot be recomputed from a checkpoint (only the last row's exact
+    state is kept), so then the build starts over.
+    """
+    where = f"build checkpoint in {work}"
+    if not any((work / name).exists() for name in STATE_FILES):
+        return None, None  # nothing finished yet (or no earlier build): nothing to say
+    try:
+        same_job = fileio.read_json(work / "job.json", "build job") == job
+    except InputError:
+        return None, f"{where}: job.json was unreadable; the build starts over from row 0"
+    if not same_job:
+        return None, f"{where} was for other options or another bnaudit version; the build starts over from row 0"
+    problems: list[str] = []
+    for name in STATE_FILES:
         try:
-            with np.load(path, allow_pickle=False) as z:
-                r = RowResult(int(z["row"]), z["hi"].copy(), z["lo"].copy(), float(z["agreement"]), str(z["worst"]))
-                seconds = float(z["seconds"]) if "seconds" in z.files else None
-        except (OSError, ValueError, KeyError):
+            state, text = _read_state(work / name, _state_limit(job, columns))
+        except _Unreadable as exc:
+            problems += [f"{name} {exc.was}"]
             continue
-        if r.row <= int(state.get("epoch", -1)) and r.hi.shape == (columns.total,):
-            done[r.row] = r
-            if seconds is not None:
-                state["row_seconds"][str(r.row)] = seconds
-    return state, done
+        try:
+            done, seconds = _read_rows(work, state["rows"], columns)
+        except _Unreadable as exc:
+            problem = f"row {exc.row} {exc.was}"
+            if exc.row != state["epoch"]:
+                return None, (f"{where}: {problem}; the build starts over from row 0 (only the last row "
+                              "can be recomputed from the checkpoint)")
+            problems += [problem] if problem not in problems else []  # both states end at the same row
+            continue
+        note = f"{where}: {'; '.join(problems)}; resumed from row {state['epoch']}" if problems else None
+        return _Resume(state, text, done, seconds), note
+    return None, f"{where}: {'; '.join(problems)}; the build starts over from row 0"
+
+
+def _open_work(out: Path, work: Path, job: dict[str, Any], columns: store.Columns, rows: list[int],
+               epochs: int) -> tuple[_Resume | None, str | None]:
+    """The checkpoint to resume or take a prefix from, or a fresh work folder (None); and a note on the old one."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        resume, note = _load_done(work, job, columns)
+        if resume is not None and int(resume.state["epoch"]) > epochs and not all(r in resume.done for r in rows):
+            resume = None  # a longer build's checkpoint without this schedule's last row: cannot go back
+        if resume is None:
+            shutil.rmtree(work, ignore_errors=True)
+            (work / "rows").mkdir(parents=True)
+            fileio.write_text_atomic(work / "job.json", json.dumps(job, sort_keys=True))
+        else:  # temporary files a kill left (never read, but not to pile up either)
+            for leftover in [*work.glob(".*"), *(work / "rows").glob(".*")]:
+                if leftover.is_file():
+                    leftover.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
+    return resume, note
+
+
+@dataclass
+class _Clock:
+    """Build time: earlier sessions' (from the checkpoint) plus this one's, the check process's CPU included."""
+
+    seconds_before: float = 0.0
+    cpu_before: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    cpu_started: float = field(default_factory=time.process_time)
+    child_cpu: float = 0.0
+    """CPU seconds of this session's check process so far (0 in one process)."""
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def cpu_seconds(self) -> float:
+        return self.cpu_before + time.process_time() - self.cpu_started + self.child_cpu
+
+
+def _compute_rows(spec: ExperimentSpec, frozen: FrozenInputs, work: Path, resume: _Resume | None,
+                  done: dict[int, RowResult], clock: _Clock, *, progress: ProgressFn | None, n_rows: int,
+                  **options: Any) -> None:
+    """Compute every row after the checkpoint (all of them without one), storing each as it is finished."""
+    exact = None if resume is None else {k: resume.state[k] for k in ("epoch", "steps", "main", "check")}
+    hashes: dict[str, str] = {} if resume is None else dict(resume.state["rows"])
+    prev_text = None if resume is None else resume.text
+    try:
+        for result, st in trajectory(spec, frozen, resume=exact, **options):
+            clock.child_cpu = st.pop("check_cpu_seconds")
+            st["seconds"], st["cpu_seconds"] = clock.seconds(), clock.cpu_seconds()
+            prev_text = _checkpoint(work, result, st, hashes, prev_text)
+            done[result.row] = result
+            if progress is not None:
+                progress(result.row, options["epochs"], {"row": result.row, "agreement": result.agreement,
+                                                         "worst": result.worst, "seconds": st["seconds"]})
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted with {len(done)} of {n_rows} stored rows done; rerun the same "
+                          f"command to resume from the checkpoint in {work}") from None
 
 
 def build(spec: ExperimentSpec, frozen: FrozenInputs, out: Path, *, precision: int = DEFAULT_PRECISION,
@@ -331,79 +536,55 @@ def build(spec: ExperimentSpec, frozen: FrozenInputs, out: Path, *, precision: i
           force: bool = False, jobs: int = 1) -> store.StoredReference:
     """Build (or resume building) the reference of ``spec`` into ``out``; return it loaded.
 
-    ``jobs=2`` computes the two precisions in two processes (bit-identical result).
+    ``jobs=2`` computes the two precisions in two processes (bit-identical result).  A
+    damaged checkpoint is never an error: the first progress call's info has a one-line
+    "note" saying what was unreadable and where the build resumed (or that it starts over).
     """
     out = Path(out)
     epochs = spec.train.epochs if epochs is None else epochs
     if not 1 <= epochs <= spec.train.epochs:
         raise UsageError(f"--epochs must be between 1 and the spec's {spec.train.epochs}, got {epochs}")
     check_options(precision, check_precision, min_digits, jobs)
-    if (out / "manifest.json").exists() and not force:
-        raise OutputError(f"{out} already holds a reference; pass --force to rebuild it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a folder")
-    columns = store.Columns.for_spec(spec)
-    job = _job(spec, frozen, precision, check_precision, min_digits)
-    work = work_folder(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        state, done = _load_done(work, job, columns)
-        if state is None:
-            shutil.rmtree(work, ignore_errors=True)
-            (work / "rows").mkdir(parents=True)
-            _write_json_atomic(work / "job.json", job)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
+    with fileio.OutputLock.beside(out, f"--out {out}"):  # one build per folder: the checkpoint is its alone
+        if (out / "manifest.json").exists() and not force and fileio.folder_kind(out) == "reference":
+            raise OutputError(f"{out} already holds a reference; pass --force to rebuild it")
+        fileio.prepare_output(out, force=True, kind="reference")  # never a folder bnaudit did not write
+        return _build(spec, frozen, out, precision=precision, check_precision=check_precision, epochs=epochs,
+                      min_digits=min_digits, progress=progress, jobs=jobs)
+
+
+def _build(spec: ExperimentSpec, frozen: FrozenInputs, out: Path, *, precision: int, check_precision: int,
+           epochs: int, min_digits: float, progress: ProgressFn | None, jobs: int) -> store.StoredReference:
+    """``build``, under the output's lock, once the output is known to be the build's to write."""
     rows = store.reference_rows(spec, epochs)
-    started, cpu_started, last_child_cpu = time.perf_counter(), time.process_time(), 0.0
-    seconds_before = float(state.get("seconds", 0.0)) if state else 0.0
-    cpu_before = float(state.get("cpu_seconds", 0.0)) if state else 0.0
+    work = work_folder(out)
+    resume, note = _open_work(out, work, _job(spec, frozen, precision, check_precision, min_digits),
+                              store.Columns.for_spec(spec), rows, epochs)
+    done = {} if resume is None else dict(resume.done)
     # Every row already finished (a shorter prefix of an interrupted longer build): write it as is.
-    prefix_ready = state is not None and all(r in done for r in rows)
-    if state is not None and not prefix_ready and int(state["epoch"]) > epochs:
-        state, done = None, {}
-        shutil.rmtree(work / "rows", ignore_errors=True)
-        (work / "rows").mkdir(parents=True)
-    resume = state if state is not None and not prefix_ready else None
-    first_todo = epochs if prefix_ready else int(resume["epoch"]) if resume else 0
+    prefix_ready = resume is not None and all(r in done for r in rows)
+    longer = resume is not None and int(resume.state["epoch"]) > epochs
+    clock = _Clock() if resume is None else _Clock(float(resume.state.get("seconds", 0.0)),
+                                                   float(resume.state.get("cpu_seconds", 0.0)))
+    first_todo = epochs if prefix_ready else int(resume.state["epoch"]) if resume else 0
     if progress is not None:
-        progress(first_todo, epochs, {"row": first_todo, "agreement": None, "seconds": seconds_before,
-                                      "resumed": state is not None})
+        progress(first_todo, epochs, {"row": first_todo, "agreement": None, "seconds": clock.seconds_before,
+                                      "resumed": resume is not None, "note": note})
     if not prefix_ready:
-        try:
-            for result, st in trajectory(spec, frozen, precision=precision, check_precision=check_precision,
-                                         epochs=epochs, min_digits=min_digits, resume=resume, jobs=jobs):
-                try:
-                    tmp = work / "rows" / f".{result.row:06d}.tmp.npz"
-                    st["seconds"] = seconds_before + time.perf_counter() - started
-                    child_cpu = st.pop("check_cpu_seconds")
-                    st["cpu_seconds"] = cpu_before + time.process_time() - cpu_started + child_cpu
-                    last_child_cpu = child_cpu
-                    np.savez(tmp, row=np.int64(result.row), hi=result.hi, lo=result.lo,
-                             agreement=np.float64(result.agreement), worst=np.str_(result.worst),
-                             seconds=np.float64(st["seconds"]))
-                    os.replace(tmp, work / "rows" / f"{result.row:06d}.npz")
-                    _write_json_atomic(work / "state.json", st)
-                except OSError as exc:
-                    raise OutputError(f"cannot write the build checkpoint in {work}: {exc.strerror or exc}") from None
-                done[result.row] = result
-                if progress is not None:
-                    progress(result.row, epochs, {"row": result.row, "agreement": result.agreement,
-                                                  "worst": result.worst, "seconds": st["seconds"]})
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted with {len(done)} of {len(rows)} stored rows done; rerun the same "
-                              f"command to resume from the checkpoint in {work}") from None
+        _compute_rows(spec, frozen, work, resume, done, clock, progress=progress, n_rows=len(rows),
+                      precision=precision, check_precision=check_precision, epochs=epochs,
+                      min_digits=min_digits, jobs=jobs)
     missing = [r for r in rows if r not in done]
     if missing:
         raise ReferenceFailure(f"build checkpoint in {work} lacks rows {missing[:5]}; delete it and rebuild")
-    seconds = seconds_before + time.perf_counter() - started
-    cpu_seconds: float | None = cpu_before + time.process_time() - cpu_started + last_child_cpu
-    if prefix_ready and state is not None:
-        seconds = float(state["row_seconds"].get(str(epochs), seconds_before))
-        cpu_seconds = None if int(state["epoch"]) > epochs else cpu_seconds
+    seconds = clock.seconds()
+    cpu_seconds: float | None = clock.cpu_seconds()
+    if prefix_ready and resume is not None:
+        seconds = resume.row_seconds.get(epochs, clock.seconds_before)
+        cpu_seconds = None if longer else cpu_seconds
     write(out, spec, frozen, [done[r] for r in rows], precision=precision, check_precision=check_precision,
           epochs=epochs, min_digits=min_digits, seconds=seconds, cpu_seconds=cpu_seconds, jobs=jobs)
-    if not (state is not None and int(state["epoch"]) > epochs):
+    if not longer:
         shutil.rmtree(work, ignore_errors=True)  # keep the checkpoint of a longer build we took a prefix of
     return store.read(out, spec)
 
@@ -416,7 +597,7 @@ def write(out: Path, spec: ExperimentSpec, frozen: FrozenInputs, results: list[R
 
     hi = np.stack([r.hi for r in results]).astype("<f8")
     lo = np.stack([r.lo for r in results]).astype("<f8")
-    blobs = {"values_hi.npy": store.npy_bytes(hi), "values_lo.npy": store.npy_bytes(lo)}
+    blobs = {"values_hi.npy": fileio.npy_bytes(hi), "values_lo.npy": fileio.npy_bytes(lo)}
     files = {name: store._sha(b) for name, b in sorted(blobs.items())}
     manifest = {
         "schema": store.REFERENCE_SCHEMA,
@@ -443,7 +624,7 @@ def write(out: Path, spec: ExperimentSpec, frozen: FrozenInputs, results: list[R
         },
         "files": files,
     }
-    with record.atomic_folder(out, "the reference") as tmp:
+    with fileio.atomic_folder(out, "the reference") as tmp:
         for name, blob in blobs.items():
             (tmp / name).write_bytes(blob)
         (tmp / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=1) + "\n")
@@ -456,38 +637,77 @@ def _columns_dict(spec: ExperimentSpec) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- verification
 
-def verify(ref: store.StoredReference, frozen: FrozenInputs, *, epochs: int = 2) -> list[int]:
-    """Recompute the first ``epochs`` epochs; every stored row up to there must match bit for bit.
+@dataclass(frozen=True)
+class Verification:
+    """What a verify recomputed: every row in ``rows`` matched bit for bit."""
 
-    Returns the rows checked; raises ReferenceFailure naming the first mismatch.
+    rows: list[int]
+    """Every row recomputed, ascending."""
+    epochs: int
+    """Every stored row up to this epoch was recomputed."""
+    drawn: list[int]
+    """The rows drawn at random after it."""
+    pool: tuple[int, int] | None
+    """First and last stored row they were drawn from (None: none drawn)."""
+    seed: int
+    """Seed of the draw (``--seed`` repeats it)."""
+    seconds: float
+    """Wall time of the recomputation."""
+
+
+def _spread_draw(pool: list[int], k: int, rng: random.Random) -> list[int]:
+    """k of ``pool``, one at random from each of k consecutive stretches of it (all of it when k >= its size).
+
+    Stratified rather than k independent draws, so that the rows spread over the range
+    every time: one early, one late, and the replay always runs to near its end.
+    """
+    if k >= len(pool):
+        return list(pool)
+    bounds = [len(pool) * i // k for i in range(k + 1)]
+    return [rng.choice(pool[bounds[i]:bounds[i + 1]]) for i in range(k)]
+
+
+def _compare(ref: store.StoredReference, row: int, values: list[Any]) -> None:
+    """ReferenceFailure naming the first value of ``row`` whose double-double differs from the stored one."""
+    i = ref.row_index()[row]
+    pairs = [engine.double_double(v) for v in values]
+    hi = np.array([p[0] for p in pairs], dtype="<f8")
+    lo = np.array([p[1] for p in pairs], dtype="<f8")
+    differs = (hi.view("<u8") != ref.hi[i].view("<u8")) | (lo.view("<u8") != ref.lo[i].view("<u8"))
+    if differs.any():
+        k = int(np.flatnonzero(differs)[0])
+        raise ReferenceFailure(
+            f"reference {ref.path}: row {row} value {k} ({_section_of(k, ref.columns)}) differs from its "
+            f"recomputation: stored {float(ref.hi[i, k])!r} + {float(ref.lo[i, k])!r}, "
+            f"recomputed {float(hi[k])!r} + {float(lo[k])!r}")
+
+
+def verify(ref: store.StoredReference, frozen: FrozenInputs, *, epochs: int | None = 2,
+           random_rows: int = VERIFY_RANDOM_ROWS, within: int = VERIFY_RANDOM_WITHIN,
+           seed: int | None = None) -> Verification:
+    """Recompute stored rows from epoch 0 at the stored precision; each must match bit for bit.
+
+    The rows: every stored row up to ``epochs`` (None: every row), and ``random_rows``
+    more drawn from the stored rows after it up to epoch ``within`` (``_spread_draw``);
+    ``seed`` repeats a draw (without it one is chosen, and returned).  Only the stored
+    precision is replayed: the stored values are its double-doubles, and replaying the
+    check precision too would double the time to re-derive agreement figures the build
+    certified.  Raises ReferenceFailure naming the first row and value that differ.
     """
     if frozen.digest != ref.frozen:
         raise ReferenceFailure(f"reference {ref.path} was built from other frozen inputs "
                                f"({ref.frozen[:12]} != {frozen.digest[:12]})")
-    epochs = min(epochs, ref.epochs)
-    index = ref.row_index()
-    checked = []
-    for result, _ in trajectory(ref.spec, frozen, precision=ref.precision, check_precision=ref.check_precision,
-                                epochs=epochs, min_digits=ref.min_digits):
-        i = index[result.row]
-        same = (np.array_equal(result.hi.view("<u8"), ref.hi[i].view("<u8"))
-                and np.array_equal(result.lo.view("<u8"), ref.lo[i].view("<u8")))
-        if not same:
-            bad = int(np.flatnonzero((result.hi.view("<u8") != ref.hi[i].view("<u8"))
-                                     | (result.lo.view("<u8") != ref.lo[i].view("<u8")))[0])
-            raise ReferenceFailure(f"reference {ref.path}: row {result.row} value {bad} "
-                                   f"({_section_of(bad, ref.columns)}) differs from its recomputation")
-        checked.append(result.row)
-    return checked
-
-
-def build_cached(spec: ExperimentSpec, frozen: FrozenInputs, *, epochs: int | None = None,
-                 progress: ProgressFn | None = None, jobs: int | None = None) -> store.StoredReference:
-    """The reference of a spec from the cache, built there first if needed (custom specs)."""
-    folder = store.folder_for(spec)
-    if store.exists(spec, folder):
-        ref = store.read(folder, spec)
-        if epochs is None or ref.epochs >= epochs:
-            return ref
-    return build(spec, frozen, folder, epochs=epochs, progress=progress, force=True,
-                 jobs=default_jobs() if jobs is None else jobs)
+    if (epochs is not None and epochs < 0) or random_rows < 0:
+        raise UsageError("--epochs and --random-rows must not be negative")
+    prefix = ref.epochs if epochs is None else min(epochs, ref.epochs)
+    seed = random.SystemRandom().randrange(1_000_000) if seed is None else seed
+    stored = [int(r) for r in ref.rows]
+    pool = [r for r in stored if prefix < r <= within] if random_rows else []
+    drawn = sorted(_spread_draw(pool, random_rows, random.Random(seed)))
+    check = sorted({r for r in stored if r <= prefix} | set(drawn))
+    started = time.perf_counter()
+    replay = Trajectory(ref.spec, frozen, ref.precision)
+    for row, values in replay.walk(frozen, 0, check[-1], set(check), resumed=False):
+        _compare(ref, row, values)
+    return Verification(rows=check, epochs=prefix, drawn=drawn, pool=(pool[0], pool[-1]) if pool else None,
+                        seed=seed, seconds=time.perf_counter() - started)

@@ -17,7 +17,7 @@ record), the BN running statistics (spec.buffers() order), the probe activations
 probe.npy of a record), and the eval-mode train and test MSE.
 
 Rows are epoch rows (0: initial state, e+1: end of epoch e) from
-``record.snapshot_rows(epochs)``: every row up to 100, then every 10th (and the last).
+``layout.probe_schedule(epochs)``: every row up to 100, then every 10th (and the last).
 
 The default spec's reference ships in ``reference/mpmath/<short spec hash>/``; a custom
 spec's is built on demand into the cache (``bnaudit.frozen.cache_root()/reference/<spec
@@ -28,17 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bnaudit import record
+from bnaudit import fileio
 from bnaudit.errors import InputError, ReferenceFailure
 from bnaudit.frozen import cache_root, shipped_root
+from bnaudit.layout import TraceLayout, probe_schedule
 from bnaudit.spec import ExperimentSpec, default_spec
 
 REFERENCE_SCHEMA = "bnaudit.reference/1"
@@ -46,6 +45,25 @@ ARRAY_FILES = ("values_hi.npy", "values_lo.npy")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_ARRAY_BYTES = 256 * 1024 * 1024
 SECTIONS = ("params", "buffers", "probe", "losses")
+DEFAULT_PRECISION = 512
+"""Bits of the stored trajectory.  Measured on the default spec: the 512- and 640-bit
+trajectories agree on 151 digits at row 0 and on >= 136.6 digits (454 bits) at every
+stored row to epoch 1000, so chaos cost about 50 bits over the run (most of it in the
+first 100 epochs, 0.2-0.5 bits per epoch there).  Cost per operation hardly depends on
+the precision at these sizes (Python overhead dominates), so the margin is cheap."""
+DEFAULT_CHECK_PRECISION = 640
+"""Bits of the recomputation that certifies it (must differ from the precision)."""
+MIN_AGREEMENT_DIGITS = 30.0
+"""Decimal digits both precisions must agree on at every stored row (~100 bits)."""
+VERIFY_RANDOM_ROWS = 3
+"""Rows the default verify draws at random beyond its first epochs."""
+VERIFY_RANDOM_WITHIN = 40
+"""The epoch up to which they are drawn.  Every check replays from epoch 0 (the reference
+keeps double-double rows, not the exact state), so a row at epoch e costs e epochs: on the
+default spec at 512 bits about 0.35 s per epoch and 0.2 s per recomputed row of a free core
+(the shipped build: 770 CPU s for both precisions over 1000 epochs), 0.6 and 0.4 s of a
+contended one.  40 epochs keep the default verify at 15-30 s of CPU (measured: 26 s, 76 s
+wall on two cores loaded 4x).  Later rows: ``epochs=None`` (--epochs all)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +81,7 @@ class Columns:
 
     @classmethod
     def for_spec(cls, spec: ExperimentSpec) -> Columns:
-        layout = record.TraceLayout.for_spec(spec)
+        layout = TraceLayout.for_spec(spec)
         return cls(n_params=layout.n_params, n_buffers=layout.n_buffers,
                    n_probe=sum(layout.probe_width) * spec.train.batch_size)
 
@@ -157,14 +175,10 @@ def read(folder: Path, spec: ExperimentSpec | None = None) -> StoredReference:
     where = f"reference {folder}"
     path = folder / "manifest.json"
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise InputError(f"{where}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except InputError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InputError(f"{where}: unreadable manifest ({str(exc)[:80]})") from None
-    if not isinstance(raw, dict) or raw.get("schema") != REFERENCE_SCHEMA:
+        raw = fileio.read_json(path, "reference manifest", max_bytes=MAX_MANIFEST_BYTES)
+    except InputError as exc:
+        raise InputError(f"{where}: unreadable manifest ({exc.message})") from None
+    if raw.get("schema") != REFERENCE_SCHEMA:
         raise InputError(f"{where}: manifest schema is not {REFERENCE_SCHEMA}")
 
     def field(key: str, kind: type | tuple[type, ...]) -> Any:
@@ -202,7 +216,7 @@ def read(folder: Path, spec: ExperimentSpec | None = None) -> StoredReference:
         raise InputError(f"{where}: manifest does not list {', '.join(ARRAY_FILES)}")
     arrays = {}
     for name in ARRAY_FILES:
-        arr = record.read_npy(folder / name, files[name], against="the manifest", max_bytes=MAX_ARRAY_BYTES)
+        arr = fileio.read_npy(folder / name, files[name], against="the manifest", max_bytes=MAX_ARRAY_BYTES)
         if arr.dtype != np.dtype("<f8") or arr.shape != (len(rows), columns.total):
             raise InputError(f"{where}: {name} expected <f8 {(len(rows), columns.total)}, "
                              f"found {arr.dtype.str} {arr.shape}")
@@ -217,19 +231,6 @@ def read(folder: Path, spec: ExperimentSpec | None = None) -> StoredReference:
 
 
 def reference_rows(spec: ExperimentSpec, epochs: int) -> list[int]:
-    """The stored rows of a reference built to ``epochs``: the run's snapshot schedule."""
-    return record.snapshot_rows(epochs)
+    """The stored rows of a reference built to ``epochs``: the probe schedule."""
+    return probe_schedule(epochs)
 
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def size_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
-
-
-def digits_to_bits(digits: float) -> float:
-    return digits / math.log10(2)

@@ -2,7 +2,9 @@
 
 The plain lines are what a CI log shows and what JUnit failures carry; the Markdown is
 appended to the file named by ``GITHUB_STEP_SUMMARY`` (GitHub shows it on the run's page).
-Both come from the same ``check.CheckResult``.
+Both come from the same ``check.CheckResult``.  The plain texts quote paths, labels and a
+record's values with their control characters made visible (``escape.printable``): each is
+one line, and a terminal shows it as it is.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from bnaudit.check import CaseResult, CheckResult, Policy, Verdict
 from bnaudit.errors import OutputError
+from bnaudit.report import escape
 
 ENV_SHOWN = 3
 """Environment differences named in a plain line (the most likely causes come first)."""
@@ -20,7 +23,7 @@ _NOT_CAUSES = ("config.epochs", "config.trace_epochs", "config.audit_every")
 
 def _short(value: Any, width: int = 48) -> str:
     text = repr(value) if not isinstance(value, str) else value
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return escape.printable(text if len(text) <= width else text[: width - 3] + "...")
 
 
 def causes(case: CaseResult, limit: int = ENV_SHOWN) -> list[str]:
@@ -45,13 +48,13 @@ def first_text(case: CaseResult) -> str:
         text += f", {d.fraction_differing:.1%} of elements differ"
     if d.max_ulps is not None:
         text += f", max {d.max_ulps} ulps"
-    return text
+    return escape.printable(text)
 
 
 def measured_text(case: CaseResult) -> str:
     if case.measured is None:
         return "-"
-    return case.measured.describe(case.tolerance.policy)
+    return escape.printable(case.measured.describe(case.tolerance.policy))
 
 
 def _span(case: CaseResult) -> str:
@@ -62,6 +65,10 @@ def _span(case: CaseResult) -> str:
 
 def case_line(case: CaseResult) -> str:
     """One plain line: PASS/FAIL, the case, the verdict, and where it first diverged."""
+    return escape.printable(_case_line(case))
+
+
+def _case_line(case: CaseResult) -> str:
     head = f"{'PASS' if case.passed else 'FAIL'} {case.name}"
     tol = case.tolerance
     if case.verdict is Verdict.IDENTICAL:
@@ -104,7 +111,11 @@ def lines(result: CheckResult) -> list[str]:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return escape.markdown(text, cell=True)
+
+
+def _code(text: str, *, cell: bool = False) -> str:
+    return escape.markdown_code(text, cell=cell)
 
 
 _MARK = {Verdict.IDENTICAL: "✅ identical", Verdict.ACCEPTED: "✅ accepted class", Verdict.WITHIN: "✅ within policy",
@@ -114,21 +125,22 @@ _MARK = {Verdict.IDENTICAL: "✅ identical", Verdict.ACCEPTED: "✅ accepted cla
 def markdown(result: CheckResult) -> str:
     """The step summary: outcome, a table with one row per case, and the likely causes of failures."""
     status = "PASS" if result.passed else "FAIL"
-    out = [f"## bnaudit check: {status} (policy `{result.tolerance}`)", ""]
+    out = [f"## bnaudit check: {status} (policy {_code(str(result.tolerance))})", ""]
     if result.accept_classes:
-        out += ["Accepted classes: " + ", ".join(f"`{_cell(a)}`" for a in result.accept_classes), ""]
+        out += ["Accepted classes: " + ", ".join(_code(a) for a in result.accept_classes), ""]
     out += ["| case | verdict | epochs | measured | first divergence | baseline |",
             "|---|---|---|---|---|---|"]
     for c in result.cases:
-        verdict = _MARK[c.verdict] + (f" (`{_cell(c.accepted_by)}`)" if c.accepted_by else "")
-        out.append(f"| `{_cell(c.name)}` | {verdict} | {c.epochs} | {_cell(measured_text(c))} | "
-                   f"{_cell(first_text(c))} | `{_cell(c.baseline)}` |")
+        verdict = _MARK[c.verdict] + (f" ({_code(c.accepted_by, cell=True)})" if c.accepted_by else "")
+        out.append(f"| {_code(c.name, cell=True)} | {verdict} | {c.epochs} | {_cell(measured_text(c))} | "
+                   f"{_cell(first_text(c))} | {_code(c.baseline, cell=True)} |")
     for c in result.failed:
         found = causes(c, limit=10)
         if found:
-            out += ["", f"<details><summary>{_cell(c.name)}: environment differences, likely causes first"
+            # Raw HTML: GitHub reads no Markdown inside <summary>, so the name is HTML-escaped.
+            out += ["", f"<details><summary>{escape.html(c.name)}: environment differences, likely causes first"
                         "</summary>", ""]
-            out += [f"- `{_cell(x)}`" for x in found]
+            out += [f"- {_code(x)}" for x in found]
             out += ["", "</details>"]
     out += ["", summary_line(result), ""]
     return "\n".join(out) + "\n"

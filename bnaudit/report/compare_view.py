@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bnaudit import fileio
 from bnaudit.compare import (
     ClassPair,
     Difference,
@@ -32,6 +33,7 @@ from bnaudit.compare import (
     PairComparison,
 )
 from bnaudit.errors import InputError
+from bnaudit.report import escape
 
 SCHEMA = "bnaudit.compare/1"
 MAX_COLUMNS = 10
@@ -55,7 +57,7 @@ def selected_rows(rows: Sequence[int], max_columns: int = MAX_COLUMNS) -> list[i
     """Indexes into ``rows`` of the columns to show: all if they fit, else round, roughly log-spaced rows.
 
     Round rows (1-2-5, then 1-3, then powers of ten) are rows every fingerprint carries too
-    (``record.fingerprint_rows``), so a record and a fingerprint show the same columns.
+    (``layout.keyframe_schedule``), so a record and a fingerprint show the same columns.
     The first and the last row are always shown.
     """
     n = len(rows)
@@ -174,13 +176,14 @@ def render(result: Result, console: Console | None = None) -> None:
 def _render_pair(c: PairComparison, console: Console) -> None:
     style = "bold green" if c.identical else "bold red"
     console.print(f"[bold]bnaudit compare[/bold]: [{style}]{_verdict(c)}[/{style}]", highlight=False)
-    console.print(f"  a  {c.a}  ({c.labels[0]})", highlight=False, markup=False)
-    console.print(f"  b  {c.b}  ({c.labels[1]})", highlight=False, markup=False)
-    console.print(f"  compared: {compared_text(c)}", highlight=False, markup=False)
+    # Paths, labels and names from the files are Text: rich would read them as markup and emoji codes.
+    console.print(escape.terminal(f"  a  {c.a}  ({c.labels[0]})"))
+    console.print(escape.terminal(f"  b  {c.b}  ({c.labels[1]})"))
+    console.print(escape.terminal(f"  compared: {compared_text(c)}"))
     for d in c.spec_differences:
-        console.print(f"  spec differs (allowed): {d}", highlight=False, markup=False)
+        console.print(escape.terminal(f"  spec differs (allowed): {d}"))
     if not c.identical:
-        console.print(f"[bold]first difference[/bold]: {first_text(c.first)}", highlight=False)
+        console.print(Text.assemble(("first difference", "bold"), ": ", escape.terminal(first_text(c.first))))
     _render_env(c, console)
     if c.divergence is not None and c.divergence.rows:
         headers, body = divergence_table(c.divergence)
@@ -188,23 +191,23 @@ def _render_pair(c: PairComparison, console: Console) -> None:
                       "(= identical)", highlight=False)
         table = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 1, 0, 1))
         for i, h in enumerate(headers):
-            table.add_column(Text(h), justify="left" if i == 0 else "right", no_wrap=True)
+            table.add_column(escape.terminal(h), justify="left" if i == 0 else "right", no_wrap=True)
         for row in body:
-            table.add_row(*(Text(cell) for cell in row), style="bold" if row[0] == "all" else None)
+            table.add_row(*(escape.terminal(cell) for cell in row), style="bold" if row[0] == "all" else None)
         console.print(table)
-        console.print(f"  {growth_text(c)}", highlight=False, markup=False)
+        console.print(escape.terminal(f"  {growth_text(c)}"))
     elif not c.identical:
         console.print("  no parameter values to compare (different storage dtypes)", highlight=False)
     loss_a, loss_b = c.final_train_loss
     if not c.identical:
-        console.print(f"  final train MSE: a {loss_a:.6g}, b {loss_b:.6g}", highlight=False, markup=False)
+        console.print(escape.terminal(f"  final train MSE: a {loss_a:.6g}, b {loss_b:.6g}"))
     for side, nf in zip("ab", c.nonfinite, strict=True):
         if nf:
-            console.print(f"  {side} went non-finite: epoch {nf.get('epoch')} step {nf.get('step')} "
-                          f"{nf.get('phase')} {nf.get('tensor')}", highlight=False, markup=False)
+            console.print(escape.terminal(f"  {side} went non-finite: epoch {nf.get('epoch')} step {nf.get('step')} "
+                                          f"{nf.get('phase')} {nf.get('tensor')}"))
     if c.closer_to_reference:
         text = ", ".join(f"{layer} {who}" for layer, who in c.closer_to_reference.items())
-        console.print(f"  closer to exact arithmetic (mpmath reference): {text}", highlight=False, markup=False)
+        console.print(escape.terminal(f"  closer to exact arithmetic (mpmath reference): {text}"))
 
 
 def _render_env(c: PairComparison, console: Console) -> None:
@@ -219,7 +222,8 @@ def _render_env(c: PairComparison, console: Console) -> None:
     table.add_column("b")
     for key, va, vb in c.environment_diff[:MAX_ENV_ROWS]:
         extra = list_diff(va, vb)
-        table.add_row(Text("  " + key), Text(value_text(va)), Text(value_text(vb) + (f" ({extra})" if extra else "")))
+        table.add_row(escape.terminal("  " + key), escape.terminal(value_text(va)),
+                      escape.terminal(value_text(vb) + (f" ({extra})" if extra else "")))
     console.print(table)
     if len(c.environment_diff) > MAX_ENV_ROWS:
         console.print(f"  … and {len(c.environment_diff) - MAX_ENV_ROWS} more (--json lists all)", highlight=False)
@@ -230,21 +234,21 @@ def _render_many(m: ManyComparison, console: Console) -> None:
     console.print(f"[bold]bnaudit compare[/bold]: {len(m.sources)} inputs, [{style}]{len(m.classes)} "
                   f"class{'es' if len(m.classes) != 1 else ''} of bit-identical runs[/{style}]", highlight=False)
     for k, cls in enumerate(m.classes, 1):
-        console.print(f"[bold]class {k}[/bold] ({len(cls.members)} member{'s' if len(cls.members) != 1 else ''}, "
-                      f"digest {cls.digest[:16]})", highlight=False)
+        members = f"{len(cls.members)} member{'s' if len(cls.members) != 1 else ''}"
+        console.print(Text.assemble((f"class {k}", "bold"), escape.terminal(f" ({members}, digest {cls.digest[:16]})")))
         for src, label in zip(cls.members, cls.labels, strict=True):
-            console.print(f"    {src}  ({label})", highlight=False, markup=False)
+            console.print(escape.terminal(f"    {src}  ({label})"))
         if cls.common and len(m.classes) > 1:
             shared = "; ".join(f"{k}={value_text(v)}" for k, v in cls.common[:4])
             more = f" (+{len(cls.common) - 4} more)" if len(cls.common) > 4 else ""
-            console.print(f"    shares: {shared}{more}", highlight=False, markup=False)
+            console.print(escape.terminal(f"    shares: {shared}{more}"))
     if m.pairs:
         console.print("[bold]first divergence between classes[/bold]", highlight=False)
         table = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 2, 0, 0))
         for h in PAIR_HEADERS:
             table.add_column(h)
         for p in m.pairs:
-            table.add_row(*(Text(cell) for cell in _pair_row(p)))
+            table.add_row(*(escape.terminal(cell) for cell in _pair_row(p)))
         console.print(table)
 
 
@@ -263,12 +267,13 @@ def _pair_row(p: ClassPair) -> list[str]:
 # --------------------------------------------------------------------------- markdown
 
 def _md(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return escape.markdown(text, cell=True)
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+def _md_table(headers: list[str], rows: list[list[str]], *, markdown_columns: tuple[int, ...] = ()) -> list[str]:
+    """A table of plain-text cells, escaped, except the ``markdown_columns``, which hold Markdown already."""
     out = ["| " + " | ".join(_md(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
+    out += ["| " + " | ".join(c if i in markdown_columns else _md(c) for i, c in enumerate(r)) + " |" for r in rows]
     return out
 
 
@@ -278,11 +283,12 @@ def markdown(result: Result) -> str:
     if isinstance(result, PairComparison):
         c = result
         lines += [f"### bnaudit compare: **{_verdict(c)}**", "",
-                  f"- a: `{c.a}` ({c.labels[0]})", f"- b: `{c.b}` ({c.labels[1]})",
-                  f"- compared: {compared_text(c)}"]
-        lines += [f"- spec differs (allowed): {_md(d)}" for d in c.spec_differences]
+                  f"- a: {escape.markdown_code(c.a)} ({escape.markdown(c.labels[0])})",
+                  f"- b: {escape.markdown_code(c.b)} ({escape.markdown(c.labels[1])})",
+                  f"- compared: {escape.markdown(compared_text(c))}"]
+        lines += [f"- spec differs (allowed): {escape.markdown(d)}" for d in c.spec_differences]
         if not c.identical:
-            lines += [f"- **first difference**: {first_text(c.first)}"]
+            lines += [f"- **first difference**: {escape.markdown(first_text(c.first))}"]
         lines.append("")
         if c.environment_diff:
             lines += ["**Environment differences** (likely causes first)", ""]
@@ -295,11 +301,11 @@ def markdown(result: Result) -> str:
             headers, body = divergence_table(c.divergence)
             lines += ["**Divergence**: log10 max \\|a − b\\| of parameters per layer, by epoch row (= identical)", ""]
             lines += _md_table(headers, body)
-            lines += ["", growth_text(c) + ".",
+            lines += ["", escape.markdown(growth_text(c)) + ".",
                       f"Final train MSE: a {c.final_train_loss[0]:.6g}, b {c.final_train_loss[1]:.6g}.", ""]
         if c.closer_to_reference:
             lines += ["**Closer to exact arithmetic** (mpmath reference): "
-                      + ", ".join(f"{k} {v}" for k, v in c.closer_to_reference.items()), ""]
+                      + escape.markdown(", ".join(f"{k} {v}" for k, v in c.closer_to_reference.items())), ""]
     else:
         m = result
         lines += [f"### bnaudit compare: {len(m.sources)} inputs, {len(m.classes)} class"
@@ -307,8 +313,9 @@ def markdown(result: Result) -> str:
         rows = []
         for k, cls in enumerate(m.classes, 1):
             shared = "; ".join(f"{key}={value_text(v)}" for key, v in cls.common[:6]) if len(m.classes) > 1 else ""
-            rows.append([str(k), "<br>".join(f"`{s}`" for s in cls.members), cls.digest[:16], shared or "-"])
-        lines += _md_table(["class", "members", "digest", "members share"], rows)
+            rows.append([str(k), "<br>".join(escape.markdown_code(s, cell=True) for s in cls.members),
+                         cls.digest[:16], shared or "-"])
+        lines += _md_table(["class", "members", "digest", "members share"], rows, markdown_columns=(1,))
         if m.pairs:
             lines += ["", "**First divergence between classes**", ""]
             lines += _md_table(list(PAIR_HEADERS), [_pair_row(p) for p in m.pairs])
@@ -410,7 +417,7 @@ def _divergence_from(raw: Any) -> LayerDivergence | None:
         raise InputError("comparison JSON: malformed divergence table") from None
 
 
-def pair_from_dict(raw: dict[str, Any]) -> PairComparison:
+def pair_from_dict(raw: Any) -> PairComparison:
     """Inverse of ``pair_dict``."""
     try:
         rate = raw["growth_rate"]
@@ -432,14 +439,14 @@ def pair_from_dict(raw: dict[str, Any]) -> PairComparison:
 
 def from_json(text: str) -> Result:
     """Read ``to_json``'s output back into the comparison objects."""
-    try:
-        raw = json.loads(text)
-    except ValueError:
-        raise InputError("comparison JSON: not JSON") from None
-    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+    data = text.encode("utf-8")
+    if len(data) > fileio.MAX_JSON_BYTES:
+        raise InputError(f"comparison JSON: {len(data)} bytes is larger than any comparison")
+    raw = fileio.parse_json(data, "comparison JSON", "comparison")
+    if raw.get("schema") != SCHEMA:
         raise InputError(f"comparison JSON: schema is not {SCHEMA}")
     if raw.get("kind") == "pair":
-        return pair_from_dict(raw["pair"])
+        return pair_from_dict(raw.get("pair"))
     try:
         m = raw["many"]
         classes = tuple(EquivalenceClass(digest=c["digest"], members=tuple(c["members"]), labels=tuple(c["labels"]),

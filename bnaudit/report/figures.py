@@ -8,7 +8,6 @@ with its members.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,46 +18,17 @@ matplotlib.use("Agg")  # non-interactive: never opens a window, works without a 
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import colors as mcolors
+from matplotlib.artist import Artist
+from matplotlib.axis import Tick
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
-from bnaudit.report.build import PairView, Report, RunEntry
+from bnaudit.report import escape
+from bnaudit.report.model import FigureInfo, FloorView, PairView, Report, RunEntry
+from bnaudit.report.tables import CLASS_COLOURS, class_colour
 
 DPI = 100
 MAX_PANELS = 12
-SECTIONS = {
-    "seed": "1. The seed's figures: learned function and error over epochs",
-    "heatmap": "2. Divergence heatmaps: layer by epoch",
-    "growth": "3. Divergence growth",
-    "bn": "4. BatchNorm conditioning monitor",
-    "matrix": "5. Matrix summary",
-}
-_TAB20 = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
-CLASS_COLOURS = [mcolors.to_hex(c) for c in list(_TAB20[0::2]) + list(_TAB20[1::2])]
-"""20 distinct colours: tab10's first, then their light variants."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FigureInfo:
-    """One written figure and the words that go with it."""
-
-    path: str
-    """File name relative to the report folder (figures/NAME.png)."""
-    section: str
-    """Key of SECTIONS it belongs to."""
-    title: str
-    """Its title (also the figure's own suptitle)."""
-    caption: str
-    """What it shows and what to look at."""
-    width: int
-    """Width in pixels."""
-    height: int
-    """Height in pixels."""
-
-
-def class_colour(report: Report, class_name: str) -> str:
-    names = [c.name for c in report.classes]
-    return CLASS_COLOURS[names.index(class_name) % len(CLASS_COLOURS)]
 
 
 def _members_text(members: Sequence[str], limit: int = 3) -> str:
@@ -85,8 +55,23 @@ def _new(width: float, height: float, nrows: int = 1, ncols: int = 1, *, left: f
     return fig, axes
 
 
+def _texts(artist: Artist) -> list[Text]:
+    """The texts of a figure that bnaudit wrote (titles, labels, legends), not the ticks' formatted numbers."""
+    out: list[Text] = []
+    for child in artist.get_children():
+        if isinstance(child, Tick):  # a tick formatter writes these at draw time (log axes as mathtext)
+            continue
+        if isinstance(child, Text):
+            out.append(child)
+        out += _texts(child)
+    return out
+
+
 def _save(fig: Figure, folder: Path, name: str, section: str, title: str, caption: str) -> FigureInfo:
     fig.suptitle(title, fontsize=12, fontweight="bold")
+    # Titles and legends quote run labels and names from the records: drawn as they are.
+    for text in {id(t): t for t in _texts(fig)}.values():
+        text.set_text(escape.figure_text(text.get_text()))
     path = folder / f"{name}.png"
     fig.savefig(path, dpi=DPI, metadata={"Software": "bnaudit"})
     plt.close(fig)
@@ -216,77 +201,85 @@ def _heat_axes(n: int, width: float = 13.0) -> tuple[Figure, list[plt.Axes]]:
     return fig, list(axes[:, 0])
 
 
-def heatmap_figures(report: Report, folder: Path) -> list[FigureInfo]:
-    out = []
+def _pair_heatmap(report: Report, folder: Path) -> list[FigureInfo]:
     pairs = [p for p in report.pairs if p.kind == "pair"] + [p for p in report.pairs if p.kind == "perturb"]
-    if pairs:
-        shown = pairs[:MAX_PANELS]
-        fig, axes = _heat_axes(len(shown))
-        logs = []
-        for p in shown:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                logs.append(np.where(p.max_abs > 0, np.log10(p.max_abs), np.nan))
-        finite = np.concatenate([v[np.isfinite(v)] for v in logs]) if logs else np.zeros(0)
-        vmin = float(np.floor(finite.min())) if finite.size else -8.0
-        vmax = float(np.ceil(finite.max())) if finite.size else 0.0
-        vmax = max(vmax, vmin + 1)
-        cmap = plt.get_cmap("magma").with_extremes(bad="#d9ecd0")  # bit-identical cells: pale green
-        mesh = None
-        for ax, p, values in zip(axes, shown, logs):
-            mesh = ax.pcolormesh(np.append(p.rows, p.rows[-1] + 1) - 0.5, np.arange(len(p.layers) + 1) - 0.5,
-                                 np.ma.masked_invalid(values.T), cmap=cmap, vmin=vmin, vmax=vmax, shading="flat")
-            ax.set_yticks(range(len(p.layers)), p.layers, fontsize=7)
-            ax.invert_yaxis()
-            ax.set_ylabel("layer (forward order)")
-            kind = " (1-ulp perturbation vs its twin)" if p.kind == "perturb" else ""
-            ax.set_title(f"{p.title}{kind}" + ("  —  bit-identical" if p.identical else ""), fontsize=9, loc="left")
-            _mark_first(ax, p)
-            epoch_axis(ax, int(p.rows[-1]))
-            ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="#d9ecd0", label="identical parameters")]
-                      + ([ax.lines[-1]] if ax.lines else []), fontsize=7, loc="lower right", framealpha=0.85)
-        axes[-1].set_xlabel("epoch row (0 = initial state, e = end of epoch e)")
-        if mesh is not None:
-            fig.colorbar(mesh, ax=axes, label="log10 max |Δ parameter| (parameter units)", shrink=0.9)
-        more = f" {len(pairs) - len(shown)} more pairs are listed in the table but not drawn." \
-            if len(pairs) > len(shown) else ""
-        out.append(_save(
-            fig, folder, "heatmap_pairs", "heatmap", "Where runs part: divergence between runs, layer by epoch",
-            "Colour: log10 of the largest absolute difference between the two runs' parameters in each layer at "
-            "the end of each epoch (pale green: bit-identical). The cross marks the first difference found by "
-            "bnaudit compare (its epoch row and layer). Look at how fast a difference that starts in one layer "
-            "spreads to all layers, and at which epoch the colour stops rising (saturation)." + EPOCH_AXIS_NOTE
-            + more))
+    if not pairs:
+        return []
+    shown = pairs[:MAX_PANELS]
+    fig, axes = _heat_axes(len(shown))
+    logs = []
+    for p in shown:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs.append(np.where(p.max_abs > 0, np.log10(p.max_abs), np.nan))
+    finite = np.concatenate([v[np.isfinite(v)] for v in logs]) if logs else np.zeros(0)
+    vmin = float(np.floor(finite.min())) if finite.size else -8.0
+    vmax = float(np.ceil(finite.max())) if finite.size else 0.0
+    vmax = max(vmax, vmin + 1)
+    cmap = plt.get_cmap("magma").with_extremes(bad="#d9ecd0")  # bit-identical cells: pale green
+    mesh = None
+    for ax, p, values in zip(axes, shown, logs):
+        mesh = ax.pcolormesh(np.append(p.rows, p.rows[-1] + 1) - 0.5, np.arange(len(p.layers) + 1) - 0.5,
+                             np.ma.masked_invalid(values.T), cmap=cmap, vmin=vmin, vmax=vmax, shading="flat")
+        ax.set_yticks(range(len(p.layers)), [escape.figure_text(x) for x in p.layers], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_ylabel("layer (forward order)")
+        kind = " (1-ulp perturbation vs its twin)" if p.kind == "perturb" else ""
+        ax.set_title(f"{p.title}{kind}" + ("  —  bit-identical" if p.identical else ""), fontsize=9, loc="left")
+        _mark_first(ax, p)
+        epoch_axis(ax, int(p.rows[-1]))
+        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="#d9ecd0", label="identical parameters")]
+                  + ([ax.lines[-1]] if ax.lines else []), fontsize=7, loc="lower right", framealpha=0.85)
+    axes[-1].set_xlabel("epoch row (0 = initial state, e = end of epoch e)")
+    if mesh is not None:
+        fig.colorbar(mesh, ax=axes, label="log10 max |Δ parameter| (parameter units)", shrink=0.9)
+    more = f" {len(pairs) - len(shown)} more pairs are listed in the table but not drawn." \
+        if len(pairs) > len(shown) else ""
+    return [_save(
+        fig, folder, "heatmap_pairs", "heatmap", "Where runs part: divergence between runs, layer by epoch",
+        "Colour: log10 of the largest absolute difference between the two runs' parameters in each layer at "
+        "the end of each epoch (pale green: bit-identical). The cross marks the first difference found by "
+        "bnaudit compare (its epoch row and layer). Look at how fast a difference that starts in one layer "
+        "spreads to all layers, and at which epoch the colour stops rising (saturation)." + EPOCH_AXIS_NOTE
+        + more)]
+
+
+def _reference_heatmap(report: Report, folder: Path) -> list[FigureInfo]:
     refs = [(label, report.references[label]) for label in report.references]
-    if refs:
-        shown_refs = refs[:MAX_PANELS]
-        fig, axes = _heat_axes(len(shown_refs))
-        mesh = None
-        for ax, (label, ref) in zip(axes, shown_refs):
-            mesh = ax.pcolormesh(np.append(ref.rows, ref.rows[-1] + 1) - 0.5, np.arange(len(ref.layers) + 1) - 0.5,
-                                 ref.correct_bits.T / ref.precision, cmap="viridis", vmin=0, vmax=1, shading="flat")
-            ax.set_yticks(range(len(ref.layers)), ref.layers, fontsize=7)
-            ax.invert_yaxis()
-            ax.set_ylabel("layer")
-            ax.set_title(f"{label} vs mpmath reference ({ref.precision}-bit significand)", fontsize=9, loc="left")
-            below = np.argwhere(ref.correct_bits < ref.precision / 2)
-            if len(below):
-                i, j = below[np.argmin(below[:, 0])]
-                ax.plot([ref.rows[i]], [j], marker="X", color="red", markersize=10, markeredgecolor="white",
-                        linestyle="none", label=f"first below half the bits: epoch row {ref.rows[i]}, {ref.layers[j]}")
-            else:
-                ax.plot([], [], marker="X", color="red", linestyle="none",
-                        label="no layer falls below half its bits")
-            ax.legend(fontsize=7, loc="lower right", framealpha=0.85)
-            epoch_axis(ax, int(ref.rows[-1]))
-        axes[-1].set_xlabel("epoch row (0 = initial state, e = end of epoch e)")
-        if mesh is not None:
-            fig.colorbar(mesh, ax=axes, label="correct bits / significand bits (fraction)", shrink=0.9)
-        out.append(_save(
-            fig, folder, "heatmap_reference", "heatmap", "How many bits are still right: divergence from the reference",
-            "Colour: correct bits of each layer's parameters against the mpmath high-precision reference, as a "
-            "fraction of the run dtype's significand bits (1 = every bit right). The cross marks the first cell "
-            "with fewer than half its bits right. Look for the layer that loses its bits first." + EPOCH_AXIS_NOTE))
-    return out
+    if not refs:
+        return []
+    shown_refs = refs[:MAX_PANELS]
+    fig, axes = _heat_axes(len(shown_refs))
+    mesh = None
+    for ax, (label, ref) in zip(axes, shown_refs):
+        mesh = ax.pcolormesh(np.append(ref.rows, ref.rows[-1] + 1) - 0.5, np.arange(len(ref.layers) + 1) - 0.5,
+                             ref.correct_bits.T / ref.precision, cmap="viridis", vmin=0, vmax=1, shading="flat")
+        ax.set_yticks(range(len(ref.layers)), [escape.figure_text(x) for x in ref.layers], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_ylabel("layer")
+        ax.set_title(f"{label} vs mpmath reference ({ref.precision}-bit significand)", fontsize=9, loc="left")
+        below = np.argwhere(ref.correct_bits < ref.precision / 2)
+        if len(below):
+            i, j = below[np.argmin(below[:, 0])]
+            ax.plot([ref.rows[i]], [j], marker="X", color="red", markersize=10, markeredgecolor="white",
+                    linestyle="none", label=f"first below half the bits: epoch row {ref.rows[i]}, {ref.layers[j]}")
+        else:
+            ax.plot([], [], marker="X", color="red", linestyle="none",
+                    label="no layer falls below half its bits")
+        ax.legend(fontsize=7, loc="lower right", framealpha=0.85)
+        epoch_axis(ax, int(ref.rows[-1]))
+    axes[-1].set_xlabel("epoch row (0 = initial state, e = end of epoch e)")
+    if mesh is not None:
+        fig.colorbar(mesh, ax=axes, label="correct bits / significand bits (fraction)", shrink=0.9)
+    return [_save(
+        fig, folder, "heatmap_reference", "heatmap", "How many bits are still right: divergence from the reference",
+        "Colour: correct bits of each layer's parameters against the mpmath high-precision reference, as a "
+        "fraction of the run dtype's significand bits (1 = every bit right). The cross marks the first cell "
+        "with fewer than half its bits right. Look for the layer that loses its bits first." + EPOCH_AXIS_NOTE)]
+
+
+def heatmap_figures(report: Report, folder: Path) -> list[FigureInfo]:
+    """Layer-by-epoch heatmaps: divergence between the compared runs, then correct bits against the reference."""
+    return _pair_heatmap(report, folder) + _reference_heatmap(report, folder)
 
 
 def _mark_first(ax: plt.Axes, p: PairView) -> None:
@@ -304,22 +297,11 @@ def _mark_first(ax: plt.Axes, p: PairView) -> None:
 # --------------------------------------------------------------------------- 3. growth
 
 
-def growth_figures(report: Report, folder: Path) -> list[FigureInfo]:
-    pairs = [p for p in report.pairs if p.kind == "pair"]
-    perturb = [p for p in report.pairs if p.kind == "perturb"]
-    paired = {p.b for p in perturb}
-    floors = {label: f for label, f in report.floors.items() if label not in paired}
-    refs = report.references
-    if not pairs and not perturb and not floors and not refs:
-        return []
-    ncols = 1 + (1 if refs else 0)
-    n_lines = len(pairs) + len(perturb) + len(floors) + 1
-    below = 0.2 * n_lines if n_lines > 5 else 0.0  # a long legend goes under the axes, not over the curves
-    fig, axes = _new(13 if ncols == 2 else 11, 4.8 + below, 1, ncols, wspace=0.2, bottom=0.6 + below)
-    ax = axes[0, 0]
+def _growth_between(ax: plt.Axes, report: Report, pairs: Sequence[PairView], perturb: Sequence[PairView],
+                    floors: dict[str, FloorView], below: float, epochs: int) -> None:
+    """Left panel: the largest parameter difference per epoch of each pair, and the chaos floors dashed."""
     drawn = False
-    epochs = max(r.epochs for r in report.runs)
-    for i, p in enumerate(pairs + perturb):
+    for i, p in enumerate([*pairs, *perturb]):
         with np.errstate(invalid="ignore"):
             series = np.nanmax(p.max_abs, axis=1) if p.max_abs.size else np.zeros(0)
         series = np.where(series > 0, series, np.nan)
@@ -359,22 +341,43 @@ def growth_figures(report: Report, folder: Path) -> list[FigureInfo]:
         else:
             ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, which="major")
+
+
+def _growth_reference(ax: plt.Axes, report: Report, epochs: int) -> None:
+    """Right panel: each run's worst layer against the mpmath reference, as a relative error."""
+    for label, ref in report.references.items():
+        run = report.run(label)
+        worst = np.fmin(ref.correct_bits.min(axis=1), np.nanmin(np.fmin(ref.activation_bits, ref.precision),
+                                                                 axis=1))
+        ax.plot(ref.rows, np.exp2(-worst), color=class_colour(report, run.class_name), linewidth=1.4,
+                label=f"{label} ({run.storage})")
+    ax.set_yscale("log")
+    _milestones(ax, report, epochs)
+    epoch_axis(ax, epochs)
+    ax.set_xlabel("epoch row (0 = initial state)")
+    ax.set_ylabel("2^−(fewest correct bits over layers) (relative error)")
+    ax.set_title("against the mpmath reference", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, which="major")
+
+
+def growth_figures(report: Report, folder: Path) -> list[FigureInfo]:
+    """Divergence per epoch on a log axis: between runs (with the chaos floor), and against the reference."""
+    pairs = [p for p in report.pairs if p.kind == "pair"]
+    perturb = [p for p in report.pairs if p.kind == "perturb"]
+    paired = {p.b for p in perturb}
+    floors = {label: f for label, f in report.floors.items() if label not in paired}
+    refs = report.references
+    if not pairs and not perturb and not floors and not refs:
+        return []
+    ncols = 1 + (1 if refs else 0)
+    n_lines = len(pairs) + len(perturb) + len(floors) + 1
+    below = 0.2 * n_lines if n_lines > 5 else 0.0  # a long legend goes under the axes, not over the curves
+    fig, axes = _new(13 if ncols == 2 else 11, 4.8 + below, 1, ncols, wspace=0.2, bottom=0.6 + below)
+    epochs = max(r.epochs for r in report.runs)
+    _growth_between(axes[0, 0], report, pairs, perturb, floors, below, epochs)
     if refs:
-        ax2 = axes[0, 1]
-        for label, ref in refs.items():
-            run = report.run(label)
-            worst = np.fmin(ref.correct_bits.min(axis=1), np.nanmin(np.fmin(ref.activation_bits, ref.precision),
-                                                                     axis=1))
-            ax2.plot(ref.rows, np.exp2(-worst), color=class_colour(report, run.class_name), linewidth=1.4,
-                     label=f"{label} ({run.storage})")
-        ax2.set_yscale("log")
-        _milestones(ax2, report, epochs)
-        epoch_axis(ax2, epochs)
-        ax2.set_xlabel("epoch row (0 = initial state)")
-        ax2.set_ylabel("2^−(fewest correct bits over layers) (relative error)")
-        ax2.set_title("against the mpmath reference", fontsize=10)
-        ax2.legend(fontsize=7, loc="lower right")
-        ax2.grid(alpha=0.3, which="major")
+        _growth_reference(axes[0, 1], report, epochs)
     caption = ("Largest parameter difference over all layers, per epoch, on a log axis: how fast two runs move "
                "apart once they have parted. ")
     if perturb or floors:
@@ -392,78 +395,89 @@ def growth_figures(report: Report, folder: Path) -> list[FigureInfo]:
 # --------------------------------------------------------------------------- 4. BN conditioning
 
 
-def bn_figures(report: Report, folder: Path) -> list[FigureInfo]:
-    out = []
+def _bn_conditioning(report: Report, folder: Path) -> list[FigureInfo]:
     bn_layers = report.runs[0].record.layout.bn_layers
-    if bn_layers:
-        reps = class_representatives(report)[:len(CLASS_COLOURS)]
-        n = len(bn_layers)
-        ncols = min(n, 3)
-        nrows = (n + ncols - 1) // ncols
-        fig, axes = _new(13, 1.2 + 3.2 * nrows, nrows, ncols, wspace=0.08, hspace=0.4, sharey=True)
-        lowest = np.inf
-        for k, layer in enumerate(bn_layers):
-            ax = axes[k // ncols, k % ncols]
-            for run, legend in reps:
-                mv = run.record.arrays["min_var"][:, k]
-                rows = np.arange(len(mv))
-                ax.plot(rows[1:], mv[1:], color=class_colour(report, run.class_name), linewidth=1.2, label=legend)
-                if np.isfinite(mv[1:]).any():
-                    lowest = min(lowest, float(np.nanmin(mv[1:])))
-            ax.axhline(1.0, color="black", linewidth=1.4, linestyle="-.", label="variance = eps")
-            ax.axhspan(1e-3, 100.0, color="red", alpha=0.07, label="within 100× eps")
-            ax.set_yscale("log")
-            _milestones(ax, report, max(r.epochs for r in report.runs))
-            ax.set_title(layer, fontsize=10)
-            ax.set_xlabel("epoch")
-            if k % ncols == 0:
-                ax.set_ylabel("smallest unit batch variance / eps (ratio)")
-            ax.grid(alpha=0.3, which="major")
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        if n < nrows * ncols:  # the legend goes into the first empty panel
-            spare = axes[n // ncols, n % ncols]
-            spare.axis("off")
-            spare.legend(handles, labels, fontsize=8, loc="center", title="legend")
-            for k in range(n + 1, nrows * ncols):
-                axes[k // ncols, k % ncols].set_visible(False)
-        else:
-            axes[0, 0].legend(fontsize=7, loc="lower right")
-        low = f" The smallest ratio seen is {lowest:.3g}." if np.isfinite(lowest) else ""
-        out.append(_save(
-            fig, folder, "bn_conditioning", "bn", "BN conditioning: smallest batch variance against eps",
-            "For each BatchNorm layer, the smallest per-unit batch variance of its input seen during each epoch "
-            "(over all steps), divided by eps. BN divides by sqrt(var + eps): near or below the red band a "
-            "unit's output is dominated by eps and rounding in its input is amplified by up to 1/sqrt(eps) (the "
-            f"seed's 'division by sigma' caution).{low} Look for a layer whose curve falls toward the band."))
-    if report.audits:
-        items = list(report.audits.items())[:4]
-        fig, axes = _new(min(13, 2 + 5 * len(items)), 4.8, 1, len(items), top=0.95, wspace=0.08, sharey=True)
-        styles = {"linear.out": ("tab:blue", "-"), "bn.mean": ("tab:orange", "--"), "bn.var": ("tab:green", "-."),
-                  "bn.invstd": ("tab:red", ":"), "bn.out": ("tab:purple", "-")}
-        for ax, (label, audit) in zip(axes[0], items):
-            for i, (op, values) in enumerate(audit.operators.items()):
-                colour, style = styles.get(op, (CLASS_COLOURS[i % len(CLASS_COLOURS)], "-"))
-                ax.plot(audit.rows, np.where(values > 0, values, np.nan), linestyle=style, color=colour,
-                        marker="o", markersize=3, linewidth=2.2 if op.startswith("linear") else 1.4, label=op)
-            ax.set_yscale("log")
-            ax.set_xlabel("epoch row")
-            ax.set_ylabel("largest local error (ulps of the run dtype at the operator's scale)")
-            amp = f", max BN amplification {audit.max_amplification:.3g}" if np.isfinite(audit.max_amplification) \
-                else ""
-            ax.set_title(f"{label}\n{audit.flags} BN unit(s) flagged{amp}", fontsize=9)
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3, which="major")
-        more = f" {len(report.audits) - len(items)} more audited runs are not drawn." \
-            if len(report.audits) > len(items) else ""
-        out.append(_save(
-            fig, folder, "operator_audit", "bn", "Operator audit: local rounding error of BN vs Linear",
-            "At the audited epochs each operator is recomputed in mpmath from the run's own inputs to it: the "
-            "largest error of the run's result, in ulps of its dtype at the operator's scale (zero errors are "
-            "not drawn on the log axis). Linear outputs should stay at a few ulps; BN's batch statistics and "
-            "1/sqrt(var + eps) stay small too, and the title counts the BN units flagged for a variance near eps "
-            "or a large |mean|/std, with the largest amplification max|x|/sqrt(var + eps) of input rounding. "
-            "Look for BN lines far above the Linear line." + more))
-    return out
+    if not bn_layers:
+        return []
+    reps = class_representatives(report)[:len(CLASS_COLOURS)]
+    n = len(bn_layers)
+    ncols = min(n, 3)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = _new(13, 1.2 + 3.2 * nrows, nrows, ncols, wspace=0.08, hspace=0.4, sharey=True)
+    lowest = np.inf
+    for k, layer in enumerate(bn_layers):
+        ax = axes[k // ncols, k % ncols]
+        for run, legend in reps:
+            mv = run.record.arrays["min_var"][:, k]
+            rows = np.arange(len(mv))
+            ax.plot(rows[1:], mv[1:], color=class_colour(report, run.class_name), linewidth=1.2, label=legend)
+            if np.isfinite(mv[1:]).any():
+                lowest = min(lowest, float(np.nanmin(mv[1:])))
+        ax.axhline(1.0, color="black", linewidth=1.4, linestyle="-.", label="variance = eps")
+        ax.axhspan(1e-3, 100.0, color="red", alpha=0.07, label="within 100× eps")
+        ax.set_yscale("log")
+        _milestones(ax, report, max(r.epochs for r in report.runs))
+        ax.set_title(layer, fontsize=10)
+        ax.set_xlabel("epoch")
+        if k % ncols == 0:
+            ax.set_ylabel("smallest unit batch variance / eps (ratio)")
+        ax.grid(alpha=0.3, which="major")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if n < nrows * ncols:  # the legend goes into the first empty panel
+        spare = axes[n // ncols, n % ncols]
+        spare.axis("off")
+        spare.legend(handles, labels, fontsize=8, loc="center", title="legend")
+        for k in range(n + 1, nrows * ncols):
+            axes[k // ncols, k % ncols].set_visible(False)
+    else:
+        axes[0, 0].legend(fontsize=7, loc="lower right")
+    low = f" The smallest ratio seen is {lowest:.3g}." if np.isfinite(lowest) else ""
+    return [_save(
+        fig, folder, "bn_conditioning", "bn", "BN conditioning: smallest batch variance against eps",
+        "For each BatchNorm layer, the smallest per-unit batch variance of its input seen during each epoch "
+        "(over all steps), divided by eps. BN divides by sqrt(var + eps): near or below the red band a "
+        "unit's output is dominated by eps and rounding in its input is amplified by up to 1/sqrt(eps) (the "
+        f"seed's 'division by sigma' caution).{low} Look for a layer whose curve falls toward the band.")]
+
+
+AUDIT_STYLES = {"linear.out": ("tab:blue", "-"), "bn.mean": ("tab:orange", "--"), "bn.var": ("tab:green", "-."),
+                "bn.invstd": ("tab:red", ":"), "bn.out": ("tab:purple", "-")}
+"""Colour and line style of each audited operator (Linear drawn thicker)."""
+
+
+def _operator_audit(report: Report, folder: Path) -> list[FigureInfo]:
+    if not report.audits:
+        return []
+    items = list(report.audits.items())[:4]
+    fig, axes = _new(min(13, 2 + 5 * len(items)), 4.8, 1, len(items), top=0.95, wspace=0.08, sharey=True)
+    for ax, (label, audit) in zip(axes[0], items):
+        for i, (op, values) in enumerate(audit.operators.items()):
+            colour, style = AUDIT_STYLES.get(op, (CLASS_COLOURS[i % len(CLASS_COLOURS)], "-"))
+            ax.plot(audit.rows, np.where(values > 0, values, np.nan), linestyle=style, color=colour,
+                    marker="o", markersize=3, linewidth=2.2 if op.startswith("linear") else 1.4, label=op)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch row")
+        ax.set_ylabel("largest local error (ulps of the run dtype at the operator's scale)")
+        amp = f", max BN amplification {audit.max_amplification:.3g}" if np.isfinite(audit.max_amplification) \
+            else ""
+        ax.set_title(f"{label}\n{audit.flags} BN unit(s) flagged{amp}", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="major")
+    more = f" {len(report.audits) - len(items)} more audited runs are not drawn." \
+        if len(report.audits) > len(items) else ""
+    return [_save(
+        fig, folder, "operator_audit", "bn", "Operator audit: local rounding error of BN vs Linear",
+        "At the audited epochs each operator is recomputed in mpmath from the run's own inputs to it: the "
+        "largest error of the run's result, in ulps of its dtype at the operator's scale (zero errors are "
+        "not drawn on the log axis). Linear outputs should stay at a few ulps; BN's batch statistics and "
+        "1/sqrt(var + eps) stay small too, and the title counts the BN units flagged for a variance near eps "
+        "or a large |mean|/std, with the largest amplification max|x|/sqrt(var + eps) of input rounding. "
+        "Look for BN lines far above the Linear line." + more)]
+
+
+def bn_figures(report: Report, folder: Path) -> list[FigureInfo]:
+    """BN conditioning (smallest batch variance over eps per layer), then the operator audit."""
+    return _bn_conditioning(report, folder) + _operator_audit(report, folder)
 
 
 # --------------------------------------------------------------------------- 5. matrix grid
@@ -492,7 +506,7 @@ def grid_axes(report: Report) -> tuple[list[str], list[str]]:
 def _key_of(run: RunEntry, keys: Sequence[str], sep: str = " ") -> str:
     parts = []
     for k in keys:
-        value = (run.perturb_text or "no perturb") if k == "perturb" else run.controls.get(k)
+        value = (run.perturb_text or "no perturb") if k == "perturb" else getattr(run.controls, k)
         parts.append(_value_text(k, value))
     return sep.join(parts) if parts else "all"
 
@@ -522,8 +536,8 @@ def matrix_figures(report: Report, folder: Path) -> list[FigureInfo]:
                 ax.text(j, i, "not run", ha="center", va="center", fontsize=8, color="0.5")
     ax.set_xlim(-0.5, len(col_vals) - 0.5)
     ax.set_ylim(len(row_vals) - 0.5, -0.5)
-    ax.set_xticks(range(len(col_vals)), col_vals, fontsize=8)
-    ax.set_yticks(range(len(row_vals)), row_vals, fontsize=8)
+    ax.set_xticks(range(len(col_vals)), [escape.figure_text(x) for x in col_vals], fontsize=8)
+    ax.set_yticks(range(len(row_vals)), [escape.figure_text(x) for x in row_vals], fontsize=8)
     ax.set_xlabel(" × ".join(col_keys) if col_keys else "(one configuration per row)")
     ax.set_ylabel(" × ".join(row_keys))
     handles = [plt.Rectangle((0, 0), 1, 1, color=class_colour(report, c.name), label=f"class {c.name} "
@@ -539,8 +553,7 @@ def matrix_figures(report: Report, folder: Path) -> list[FigureInfo]:
 
 
 def render_all(report: Report, folder: Path) -> list[FigureInfo]:
-    """Write every figure of the report into ``folder``; return them in reading order."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write every figure of the report into ``folder`` (which exists); return them in reading order."""
     with plt.rc_context({"font.size": 9, "axes.titlesize": 10, "figure.facecolor": "white"}):
         out: list[FigureInfo] = []
         out += seed_figures(report, folder)

@@ -7,13 +7,11 @@ captions) is inline.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
-from pathlib import Path
 
-from bnaudit.report.build import Report
-from bnaudit.report.figures import SECTIONS, FigureInfo
-from bnaudit.report.markdown import Table, class_table, header_facts, key_table, pair_table
+from bnaudit.report import escape
+from bnaudit.report.model import SECTIONS, FigureInfo, Report
+from bnaudit.report.tables import Table, class_colour, class_table, header_facts, key_table, pair_table
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1380px;
@@ -34,12 +32,12 @@ figcaption b { display: block; margin-bottom: 0.2em; }
 
 def _table(table: Table, *, swatches: dict[str, str] | None = None) -> str:
     headers, rows = table
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    head = "".join(f"<th>{escape.html(h)}</th>" for h in headers)
     body = []
     for row in rows:
         cells = []
         for i, cell in enumerate(row):
-            text = html.escape(cell)
+            text = escape.html(cell)
             if swatches and i == 0 and cell in swatches:
                 text = f'<span class="swatch" style="background:{swatches[cell]}"></span>{text}'
             cells.append(f"<td>{text}</td>")
@@ -48,38 +46,35 @@ def _table(table: Table, *, swatches: dict[str, str] | None = None) -> str:
 
 
 def _figure(f: FigureInfo) -> str:
-    return (f'<figure><img src="{html.escape(f.path)}" alt="{html.escape(f.title)}" width="{f.width}" '
-            f'height="{f.height}" loading="eager"><figcaption><b>{html.escape(f.title)}</b>'
-            f"{html.escape(f.caption)}</figcaption></figure>")
+    return (f'<figure><img src="{escape.html(f.path)}" alt="{escape.html(f.title)}" width="{f.width}" '
+            f'height="{f.height}" loading="eager"><figcaption><b>{escape.html(f.title)}</b>'
+            f"{escape.html(f.caption)}</figcaption></figure>")
 
 
-def render(report: Report, figs: Sequence[FigureInfo], folder: Path) -> str:
-    """The whole report as one HTML page; ``folder`` is where it is written (figures beside it)."""
-    from bnaudit.report.figures import class_colour
-
-    del folder  # figure paths are already relative to the report folder
+def render(report: Report, figs: Sequence[FigureInfo]) -> str:
+    """The whole report as one HTML page; figures are linked relative to the report folder."""
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>bnaudit report: {html.escape(report.spec.name)}</title>",
+             f"<title>bnaudit report: {escape.html(report.spec.name)}</title>",
              f"<style>{STYLE}</style></head><body>", "<h1>bnaudit report</h1>", '<dl class="facts">']
-    parts += [f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in header_facts(report)]
+    parts += [f"<dt>{escape.html(k)}</dt><dd>{escape.html(v)}</dd>" for k, v in header_facts(report)]
     parts.append("</dl>")
-    parts += ['<nav><ul>'] + [f'<li><a href="#{key}">{html.escape(title)}</a></li>'
+    parts += ['<nav><ul>'] + [f'<li><a href="#{key}">{escape.html(title)}</a></li>'
                                 for key, title in SECTIONS.items()] + ["</ul></nav>"]
     parts += ["<h2>Runs</h2>", _table(key_table(report))]
     if report.pairs:
         parts += ["<h2>Pairs compared</h2>", _table(pair_table(report))]
     if report.notes:
-        parts += ['<h2>Notes</h2><ul class="notes">'] + [f"<li>{html.escape(n)}</li>" for n in report.notes]
+        parts += ['<h2>Notes</h2><ul class="notes">'] + [f"<li>{escape.html(n)}</li>" for n in report.notes]
         parts.append("</ul>")
     colours = {c.name: class_colour(report, c.name) for c in report.classes}
     for key, title in SECTIONS.items():
         section = [f for f in figs if f.section == key]
-        parts.append(f'<h2 id="{key}">{html.escape(title)}</h2>')
+        parts.append(f'<h2 id="{key}">{escape.html(title)}</h2>')
         if key == "matrix":
             parts.append(_table(class_table(report), swatches=colours))
             if report.findings:
                 parts.append("<p>Findings of the matrix (its summary.json):</p><ul>")
-                parts += [f"<li>{html.escape(f)}</li>" for f in report.findings] + ["</ul>"]
+                parts += [f"<li>{escape.html(f)}</li>" for f in report.findings] + ["</ul>"]
         if not section and key != "matrix":
             parts.append("<p>Nothing to draw for these inputs (see Notes).</p>")
         parts += [_figure(f) for f in section]

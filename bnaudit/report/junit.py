@@ -3,6 +3,8 @@
 A case beyond the policy is a ``<failure>`` whose message is the plain line of
 ``ci_summary.case_line`` (what the CI log shows) and whose text adds the details.  The
 file is written under a temporary name and renamed, so a reader never sees half of it.
+Every attribute and text goes through ``escape.xml``: whatever a name, path or record
+value holds, the document is well-formed XML 1.0.
 """
 
 from __future__ import annotations
@@ -12,29 +14,29 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from bnaudit.check import CaseResult, CheckResult
-from bnaudit.record import write_text_atomic
-from bnaudit.report import ci_summary
+from bnaudit.fileio import write_text_atomic
+from bnaudit.report import ci_summary, escape
 
 SUITE = "bnaudit check"
 
 
 def _details(case: CaseResult) -> str:
     rows = [
-        f"case: {case.name}",
+        f"case: {escape.printable(case.name)}",
         f"verdict: {case.verdict.value}",
         f"policy: {case.tolerance}",
-        f"baseline: {case.baseline} ({case.baseline_epochs} epochs)",
-        f"run: {case.candidate} ({case.epochs} epochs compared)",
+        f"baseline: {escape.printable(case.baseline)} ({case.baseline_epochs} epochs)",
+        f"run: {escape.printable(case.candidate)} ({case.epochs} epochs compared)",
         f"measured: {ci_summary.measured_text(case)}",
         f"first divergence: {ci_summary.first_text(case)}",
     ]
     if case.accepted_by:
-        rows.append(f"accepted class: {case.accepted_by}")
+        rows.append(f"accepted class: {escape.printable(case.accepted_by)}")
     found = ci_summary.causes(case, limit=10)
     if found:
         rows.append("environment differences (likely causes first):")
         rows += [f"  {x}" for x in found]
-    return "\n".join(rows)
+    return escape.xml("\n".join(rows), multiline=True)
 
 
 def to_xml(result: CheckResult, *, timestamp: str | None = None) -> str:
@@ -43,18 +45,19 @@ def to_xml(result: CheckResult, *, timestamp: str | None = None) -> str:
     total = f"{sum(c.seconds for c in result.cases):.3f}"
     tests, failures = str(len(result.cases)), str(len(result.failed))
     root = ET.Element("testsuites", name=SUITE, tests=tests, failures=failures, errors="0", time=total)
-    suite = ET.SubElement(root, "testsuite", name=f"{SUITE} ({result.tolerance})", tests=tests, failures=failures,
-                          errors="0", skipped="0", time=total, timestamp=stamp)
+    suite = ET.SubElement(root, "testsuite", name=escape.xml(f"{SUITE} ({result.tolerance})"), tests=tests,
+                          failures=failures, errors="0", skipped="0", time=total, timestamp=escape.xml(stamp))
     props = ET.SubElement(suite, "properties")
-    ET.SubElement(props, "property", name="tolerance", value=str(result.tolerance))
+    ET.SubElement(props, "property", name="tolerance", value=escape.xml(result.tolerance))
     for path in result.accept_classes:
-        ET.SubElement(props, "property", name="accept-class", value=path)
+        ET.SubElement(props, "property", name="accept-class", value=escape.xml(path))
     for case in result.cases:
-        tc = ET.SubElement(suite, "testcase", classname=f"bnaudit.check.{case.dtype}", name=case.name,
-                           time=f"{case.seconds:.3f}")
-        line = ci_summary.case_line(case)
+        tc = ET.SubElement(suite, "testcase", classname=escape.xml(f"bnaudit.check.{case.dtype}"),
+                           name=escape.xml(case.name), time=f"{case.seconds:.3f}")
+        line = escape.xml(ci_summary.case_line(case))
         if not case.passed:
-            failure = ET.SubElement(tc, "failure", message=line, type=f"{case.verdict.value} ({case.tolerance})")
+            failure = ET.SubElement(tc, "failure", message=line,
+                                    type=escape.xml(f"{case.verdict.value} ({case.tolerance})"))
             failure.text = _details(case)
         ET.SubElement(tc, "system-out").text = line + "\n" + _details(case)
     ET.indent(root, space=" ")

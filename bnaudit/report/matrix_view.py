@@ -1,6 +1,6 @@
 """Rendering of `bnaudit matrix`: one overall progress display, rich tables, Markdown.
 
-Everything here reads a ``matrix.MatrixSummary`` (JSON is its ``to_dict``), so the
+Everything here reads a ``matrix.results.MatrixSummary`` (JSON is its ``to_dict``), so the
 terminal tables, summary.md and summary.json always say the same thing.
 """
 
@@ -14,8 +14,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from bnaudit.matrix import CONTROL_FIELDS, MatrixEvent, MatrixSummary, Plan
+from bnaudit.matrix.execute import MatrixEvent
+from bnaudit.matrix.plan import CONTROL_FIELDS, Plan
+from bnaudit.matrix.results import MatrixSummary, shown
+from bnaudit.report import escape
 
 console = Console()
 if not console.is_terminal:  # piped or captured: wide tables rather than folded ones
@@ -54,17 +58,17 @@ def progress(plan: Plan, *, enabled: bool = True) -> Iterator[Callable[[MatrixEv
                 bar.update(task, completed=completed, runs=f"{finished[0]}/{total_runs} runs",
                            running=(names[:60] + "...") if len(names) > 63 else names)
                 if event.kind == "failed" and shown:
-                    bar.console.print(f"[red]failed[/red] {key}: {event.message}")
+                    bar.console.print(Text.assemble(("failed", "red"), " ", escape.terminal(f"{key}: {event.message}")))
 
         yield on_event
 
 
-_NONE = {"cpu_model": "native", "onednn_isa": "inherit", "mkl_cbwr": "inherit"}
-
-
 def _value(v: Any, field: str = "") -> str:
+    """A table cell: a control's value as ``results.shown`` writes it; for anything else None is "-"."""
+    if field in CONTROL_FIELDS:
+        return shown(field, v)
     if v is None:
-        return _NONE.get(field, "-")
+        return "-"
     if isinstance(v, bool):
         return "on" if v else "off"
     return str(v)
@@ -165,9 +169,9 @@ def _header(summary: MatrixSummary) -> list[str]:
 def render(summary: MatrixSummary) -> None:
     """The terminal view: findings, then the tables."""
     title = f"bnaudit matrix {summary.plan_id}" + (f" (preset {summary.preset})" if summary.preset else "")
-    console.print(f"[bold]{title}[/bold]  {summary.folder}")
+    console.print(Text.assemble((title, "bold"), "  ", escape.terminal(summary.folder)))
     for line in _header(summary):
-        console.print(f"  {line}")
+        console.print(Text.assemble("  ", escape.terminal(line)))
     for heading, head, rows in (("Controls", VERDICT_HEAD, verdict_rows(summary)),
                                 ("Equivalence classes", CLASS_HEAD, class_rows(summary)),
                                 ("ISA settings", ISA_HEAD, isa_rows(summary)),
@@ -179,19 +183,21 @@ def render(summary: MatrixSummary) -> None:
         for h in head:
             table.add_column(h, overflow="fold")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(escape.terminal(cell) for cell in row))  # a str cell would be read as markup
         console.print(table)
     if summary.findings:
-        console.print("[bold]Findings[/bold]")
+        console.print(Text("Findings", style="bold"))
         for f in summary.findings:
-            console.print(f"  - {f}")
+            console.print(Text.assemble("  - ", escape.terminal(f)))
     for note in summary.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(Text.assemble(("note:", "yellow"), " ", escape.terminal(note)))
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
+        # The cells are bnaudit's own text (labels of validated controls, numbers, sentences
+        # whose Markdown is meant); only what could break the table or the terminal is escaped.
+        return escape.printable(text.replace("\n", " ")).replace("|", "\\|")
 
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]

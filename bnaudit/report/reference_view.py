@@ -1,7 +1,8 @@
 """Terminal rendering of the mpmath reference, a run's divergence from it, and the operator audit.
 
-Numpy and rich only (no torch, no mpmath): the blocks rendered here are the JSON
-blocks of ``bnaudit.divergence.versus_reference`` and ``bnaudit.audit``.
+rich only (no torch, no mpmath): the blocks rendered here are the decoded
+``blocks.DivergenceBlock`` (measured by ``bnaudit.divergence.versus_reference``) and
+``blocks.AuditBlock`` (measured by ``bnaudit.audit``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+from bnaudit.blocks import AUDIT_OPS, AuditBlock, DivergenceBlock
+from bnaudit.report import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -23,11 +28,11 @@ err_console = Console(stderr=True)
 def build_progress(epochs: int, label: str, *,
                    enabled: bool = True) -> Iterator[Callable[[int, int, dict[str, Any]], None]]:
     """A progress bar over the reference build's epochs; yields the build's progress callback."""
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    bar = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
                    TextColumn("agreement {task.fields[agree]} digits"), TimeElapsedColumn(), TimeRemainingColumn(),
                    console=err_console, transient=True, disable=not (enabled and err_console.is_terminal))
     with bar:
-        task = bar.add_task(label, total=epochs, agree="-")
+        task = bar.add_task(escape.printable(label), total=epochs, agree="-")
 
         def advance(done: int, total: int, info: dict[str, Any]) -> None:
             agree = info.get("agreement")
@@ -41,8 +46,8 @@ def render_reference(ref: Any) -> None:
     table = Table(title="bnaudit reference", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("folder", str(ref.path))
-    table.add_row("spec", f"{ref.spec.name} {ref.spec.short_hash}")
+    table.add_row("folder", escape.terminal(ref.path))
+    table.add_row("spec", escape.terminal(f"{ref.spec.name} {ref.spec.short_hash}"))
     table.add_row("epochs", f"{ref.epochs} ({len(ref.rows)} stored rows)")
     table.add_row("precisions", f"{ref.precision} bits, checked at {ref.check_precision} bits")
     worst = int(ref.agreement.argmin())
@@ -51,13 +56,19 @@ def render_reference(ref: Any) -> None:
     seconds = ref.build.get("seconds")
     if seconds is not None:
         cpu, jobs = ref.build.get("cpu_seconds"), ref.build.get("jobs")
-        table.add_row("build", f"{seconds:.0f} s wall{'' if cpu is None else f', {cpu:.0f} s CPU'}"
-                               f"{f' in {jobs} processes' if isinstance(jobs, int) and jobs > 1 else ''}, "
-                               f"mpmath {ref.build.get('mpmath')} ({ref.build.get('backend')})")
+        table.add_row("build", escape.terminal(  # the manifest's words, not markup
+            f"{seconds:.0f} s wall{'' if cpu is None else f', {cpu:.0f} s CPU'}"
+            f"{f' in {jobs} processes' if isinstance(jobs, int) and jobs > 1 else ''}, "
+            f"mpmath {ref.build.get('mpmath')} ({ref.build.get('backend')})"))
     console.print(table)
 
 
 # --------------------------------------------------------------------------- divergence
+
+
+def _title(text: str) -> Text:
+    """A table title that quotes a block's fields: a ``Text`` in the style rich gives a ``str`` title."""
+    return escape.terminal(text, style="table.title")
 
 
 def _bits_cell(bits: float, cap: float) -> str:
@@ -67,24 +78,23 @@ def _bits_cell(bits: float, cap: float) -> str:
     return f"[{colour}]{bits:.0f}[/{colour}]"
 
 
-def divergence_table(block: dict[str, Any], *, max_columns: int = 12) -> Table:
+def divergence_table(block: DivergenceBlock, *, max_columns: int = 12) -> Table:
     """Per series: first epoch with fewer than half its bits, and correct bits at sampled rows."""
-    from bnaudit.divergence import decode_block
-
-    d = decode_block(block)
-    rows = d["rows"]
-    cap = d["precision_bits"]
-    pick = _sample_columns([int(r) for r in rows], max_columns)
-    table = Table(title=f"correct bits vs the mpmath reference ({d['storage']}, cap {cap})", title_justify="left")
+    rows = block.rows
+    cap = block.precision_bits
+    pick = _sample_columns(list(rows), max_columns)
+    table = Table(title=_title(f"correct bits vs the mpmath reference ({block.storage}, cap {cap})"),
+                  title_justify="left")
     table.add_column("layer")
     table.add_column("what")
     table.add_column("< half bits from", justify="right")  # epoch rows: e<N> = after N epochs
     for i in pick:
-        table.add_column(f"e{int(rows[i])}", justify="right")
-    for s, series in enumerate(d["series"]):
-        half = series["half_bits_row"]
-        cells = [_bits_cell(float(d["correct_bits"][s, i]), cap) for i in pick]
-        table.add_row(series["layer"], series["what"], "never" if half is None else f"row {half}", *cells)
+        table.add_column(f"e{rows[i]}", justify="right")
+    for s, series in enumerate(block.series):
+        half = series.half_bits_row
+        cells = [_bits_cell(float(block.correct_bits[s, i]), cap) for i in pick]
+        table.add_row(escape.terminal(series.layer), escape.terminal(series.what),
+                      "never" if half is None else f"row {half}", *cells)
     return table
 
 
@@ -102,49 +112,52 @@ def _sample_columns(rows: list[int], limit: int) -> list[int]:
     return sorted(set(pick) | {len(rows) - 1})
 
 
-def render_divergence(block: dict[str, Any] | None, *, out: Console | None = None) -> None:
+def render_divergence(block: DivergenceBlock | None, *, out: Console | None = None) -> None:
     """Print the divergence block of a run (or a line saying there is no reference)."""
     out = out or console
     if block is None:
         out.print("reference: none for this spec (build one with `bnaudit reference build --spec FILE`)")
         return
     out.print(divergence_table(block))
-    loss = block.get("losses")
-    if loss:
-        out.print(f"loss vs reference: train correct bits at last common row {loss['train_bits'][-1]:.1f}, "
-                  f"test {loss['test_bits'][-1]:.1f}")
+    loss = block.losses
+    if loss is not None and loss.rows:
+        out.print(f"loss vs reference: train correct bits at last common row {loss.train[-1]:.1f}, "
+                  f"test {loss.test[-1]:.1f}")
 
 
 # --------------------------------------------------------------------------- audit
 
 
-def audit_table(block: dict[str, Any]) -> Table:
+def audit_table(block: AuditBlock) -> Table:
     """Per layer and operator: worst local error in ulps over the audited rows."""
-    table = Table(title=f"operator audit every {block['every']} epochs ({block['storage']}): "
-                        "worst local error in ulps over audited rows", title_justify="left")
+    table = Table(title=_title(f"operator audit every {block.every} epochs ({block.storage}): "
+                               "worst local error in ulps over audited rows"), title_justify="left")
     table.add_column("layer")
-    for op in block["ops"]:
+    for op in AUDIT_OPS:
         table.add_column(op, justify="right")
-    for layer, ops in block["worst"].items():
-        table.add_row(layer, *[("-" if ops.get(op) is None else f"{ops[op]:.2f}") for op in block["ops"]])
+    for layer, ops in block.worst().items():
+        table.add_row(escape.terminal(layer), *[("-" if ops.get(op) is None else f"{ops[op]:.2f}") for op in AUDIT_OPS])
     return table
 
 
-def render_audit(block: dict[str, Any] | None, *, out: Console | None = None) -> None:
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def render_audit(block: AuditBlock | None, *, out: Console | None = None) -> None:
     """Print the operator-audit block of a run: worst errors, then flagged BN units."""
     out = out or console
-    if not block:
+    if block is None:
         return
     out.print(audit_table(block))
-    flags = block.get("flags", [])
-    if not flags:
+    if not block.flags:
         out.print("flagged BN units: none (variance > 100 eps and |mean|/std < "
-                  f"{block['thresholds']['mean_over_std']:g} at every audited row)")
+                  f"{block.mean_over_std_flag:g} at every audited row)")
         return
-    table = Table(title=f"flagged BN units ({block.get('n_flags', len(flags))} in all)", title_justify="left")
+    table = Table(title=f"flagged BN units ({block.n_flags} in all)", title_justify="left")
     for col in ("row", "layer", "unit", "var/eps", "|mean|/std", "amplification", "why"):
         table.add_column(col, justify="right" if col not in ("layer", "why") else "left")
-    for f in flags[:20]:
-        table.add_row(str(f["row"]), f["layer"], str(f["unit"]), f"{f['var_over_eps']:.3g}",
-                      f"{f['mean_over_std']:.3g}", f"{f['amplification']:.3g}", ", ".join(f["why"]))
+    for f in block.flags[:20]:
+        table.add_row(str(f.row), escape.terminal(f.layer), str(f.unit), f"{f.var_over_eps:.3g}",
+                      _ratio(f.mean_over_std), f"{f.amplification:.3g}", escape.terminal(", ".join(f.why)))
     out.print(table)

@@ -9,9 +9,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnaudit.report.build import PairView, ReferenceView, Report
-from bnaudit.report.markdown import Table as RowsTable
-from bnaudit.report.markdown import class_table, key_table, pair_table
+from bnaudit.report import escape
+from bnaudit.report.model import PairView, ReferenceView, Report
+from bnaudit.report.tables import Table as RowsTable
+from bnaudit.report.tables import class_table, key_table, pair_table
 
 SHADES = " ░▒▓█"
 COLUMNS = 60
@@ -23,7 +24,7 @@ def _rich_table(title: str, table: RowsTable) -> Table:
     for h in headers:
         out.add_column(h, overflow="fold")
     for row in rows:
-        out.add_row(*row)
+        out.add_row(*(escape.terminal(cell) for cell in row))  # a str cell would be read as rich markup
     return out
 
 
@@ -58,10 +59,11 @@ def heatmap_lines(values: np.ndarray, rows: np.ndarray, layers: tuple[str, ...],
     the epoch axis, with the epoch row at which 1, 10, 100, ... fall.
     """
     bins = epoch_bins(len(rows), columns)
-    width = max(len(layer) for layer in layers)
+    names = [escape.printable(layer) for layer in layers]
+    width = max(len(name) for name in names)
     lines = []
-    for j, layer in enumerate(layers):
-        text = Text(f"{layer:>{width}} ")
+    for j, name in enumerate(names):
+        text = Text(f"{name:>{width}} ")
         for b in bins:
             cell = values[b, j]
             cell = cell[np.isfinite(cell)]
@@ -87,13 +89,14 @@ def _pair_heatmap(p: PairView) -> list[Text]:
         logs = np.where(p.max_abs > 0, np.log10(p.max_abs), np.nan)
     finite = logs[np.isfinite(logs)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    head = Text(f"{p.title}\nlog10 max |Δ parameter|: ░ {lo:.1f} … █ {hi:.1f}, · identical", style="bold")
+    head = Text(f"{escape.printable(p.title)}\nlog10 max |Δ parameter|: ░ {lo:.1f} … █ {hi:.1f}, · identical",
+                style="bold")
     return [head, *heatmap_lines(logs, p.rows, p.layers, lo, hi)]
 
 
 def _reference_heatmap(label: str, ref: ReferenceView) -> list[Text]:
     lost = ref.precision - ref.correct_bits  # darker = more bits lost
-    head = Text(f"{label} vs reference: bits lost of {ref.precision} (░ few, █ all)", style="bold")
+    head = Text(f"{escape.printable(label)} vs reference: bits lost of {ref.precision} (░ few, █ all)", style="bold")
     return [head, *heatmap_lines(np.where(lost > 0, lost, np.nan), ref.rows, ref.layers, 0.0, float(ref.precision))]
 
 
@@ -103,9 +106,9 @@ def render(report: Report, console: Console | None = None) -> None:
     facts = ", ".join(f"{k} {v}" for k, v in (("experiment", f"{report.spec.name} ({report.spec.short_hash})"),
                                               ("runs", str(len(report.runs))),
                                               ("classes", str(len(report.classes)))))
-    console.print(Text(f"bnaudit report: {facts}", style="bold"))
-    headers = key_table(report)[0]
-    console.print(_rich_table("Runs", _columns(key_table(report), [h for h in headers if h != "configuration"])))
+    console.print(escape.terminal(f"bnaudit report: {facts}", style="bold"))
+    runs = key_table(report)
+    console.print(_rich_table("Runs", _columns(runs, [h for h in runs[0] if h != "configuration"])))
     console.print(_rich_table("Classes of bit-identical runs", class_table(report)))
     if report.pairs:
         console.print(_rich_table("Pairs compared", _columns(pair_table(report), (
@@ -120,6 +123,6 @@ def render(report: Report, console: Console | None = None) -> None:
     for line in lines:
         console.print(line, overflow="crop", no_wrap=True)
     for finding in report.findings:
-        console.print(Text(f"matrix: {finding}"))
+        console.print(escape.terminal(f"matrix: {finding}"))
     for note in report.notes:
-        console.print(Text(f"note: {note}", style="yellow"))
+        console.print(escape.terminal(f"note: {note}", style="yellow"))

@@ -1,0 +1,90 @@
+"""Comma-separated option values of `bnaudit matrix`: one parser per control, each refusing with the option's name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bnaudit import emulate
+from bnaudit.errors import UsageError
+from bnaudit.matrix.plan import INHERIT
+
+
+def split_list(text: str, option: str) -> list[str]:
+    """A comma-separated option value as a list of distinct, non-empty tokens (order kept)."""
+    tokens = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in tokens):
+        raise UsageError(f"{option} {text!r}: expected a comma-separated list without empty items")
+    return list(dict.fromkeys(tokens))
+
+
+def parse_threads(text: str) -> tuple[int, ...]:
+    values = []
+    for t in split_list(text, "--threads"):
+        try:
+            values.append(int(t))
+        except ValueError:
+            raise UsageError(f"--threads {text!r}: {t!r} is not a whole number") from None
+    return tuple(dict.fromkeys(values))
+
+
+_SWITCH = {"off": False, "false": False, "no": False, "0": False, "on": True, "true": True, "yes": True, "1": True}
+
+
+def parse_deterministic(text: str) -> tuple[bool, ...]:
+    """``off``, ``on``, ``both`` (= off,on), or a comma list of on/off/true/false."""
+    out: list[bool] = []
+    for t in split_list(text, "--deterministic"):
+        low = t.lower()
+        if low == "both":
+            values = [False, True]
+        elif low in _SWITCH:
+            values = [_SWITCH[low]]
+        else:
+            raise UsageError(f"--deterministic {text!r}: use off, on, both, or a list such as off,on")
+        out += [v for v in values if v not in out]
+    return tuple(out)
+
+
+def parse_onednn(text: str) -> tuple[str | None, ...]:
+    """oneDNN ISA caps; ``inherit`` keeps the one --isa sets."""
+    return tuple(dict.fromkeys(None if t.lower() == INHERIT else t.upper() for t in split_list(text, "--onednn-isa")))
+
+
+def parse_mkl_cbwr(text: str) -> tuple[str | None, ...]:
+    """MKL_CBWR values.  ``STRICT`` binds to the branch before it, so ``COMPATIBLE,AVX2,STRICT``
+    is the two values COMPATIBLE and AVX2,STRICT (MKL's own spelling); ``none`` removes the
+    variable; ``inherit`` keeps the one --isa sets."""
+    split_list(text, "--mkl-cbwr")  # no empty items
+    tokens = [t.strip() for t in text.split(",")]  # not de-duplicated: STRICT may follow several branches
+    values: list[str] = []
+    for t in tokens:
+        if t.upper() == "STRICT":
+            if not values or values[-1].lower() in (INHERIT, "none") or values[-1].upper().endswith(",STRICT"):
+                raise UsageError(f"--mkl-cbwr {text!r}: STRICT must follow a branch name, e.g. AVX2,STRICT")
+            values[-1] = f"{values[-1]},STRICT"
+        else:
+            values.append(t.upper() if t.lower() not in (INHERIT, "none") else t.lower())
+    return tuple(None if v == INHERIT else v for v in dict.fromkeys(values))
+
+
+def parse_cpu_models(text: str) -> tuple[str | None, ...]:
+    """CPU models (or presets) to emulate; ``native`` runs on this machine's own CPU."""
+    return tuple(dict.fromkeys(None if emulate.is_native(t) else t for t in split_list(text, "--cpu-model")))
+
+
+PARSERS: dict[str, Callable[[str], tuple[Any, ...]]] = {
+    "dtype": lambda text: tuple(split_list(text, "--dtype")),
+    "threads": parse_threads,
+    "isa": lambda text: tuple(split_list(text, "--isa")),
+    "deterministic": parse_deterministic,
+    "onednn_isa": parse_onednn,
+    "mkl_cbwr": parse_mkl_cbwr,
+    "cpu_model": parse_cpu_models,
+}
+"""The parser of each grid option, by ``matrix.plan.Grid`` field."""
+
+
+def grid_values(**given: str | None) -> dict[str, tuple[Any, ...]]:
+    """The grid options given (None: not given), parsed, by Grid field: what replaces the Grid's defaults."""
+    return {name: PARSERS[name](text) for name, text in given.items() if text is not None}

@@ -1,0 +1,197 @@
+"""What a matrix runs: the grid of control values, its experiments, and every configuration's folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from bnaudit import controls, emulate, fileio
+from bnaudit.controls import Controls, RunConfig
+from bnaudit.errors import UsageError
+from bnaudit.spec import ExperimentSpec, from_dict
+
+MATRIX_SCHEMA = "bnaudit.matrix/1"
+
+CONTROL_FIELDS = tuple(f.name for f in dataclasses.fields(Controls))
+"""The controls, in the order they are reported: every field of ``Controls``."""
+
+INHERIT = "inherit"
+"""In lever lists, the token for "no override: what --isa sets" (``None`` in Controls)."""
+
+# Epochs of the seed-machines preset.  Emulation is ~25x slower than native: about 0.25 s per float32
+# epoch on an idle core of this project's machine, ~2 s per epoch with 5 engineers sharing its 2 cores,
+# plus 12-60 s to import torch under qemu.  Its 8 emulated runs of 60 epochs take ~5 min at -j 1 on an
+# idle machine and ~25 min on a busy one.  The machines' float32 gap grows by ~1.7 (ln) per epoch from
+# the first epoch (measured), so 60 epochs show where they part, the growth and, in float32, the
+# saturation.  --epochs overrides it (up to the spec's 1000: about 35 min at -j 1 on an idle machine).
+SEED_MACHINES_EPOCHS = 60
+
+PRESETS = {
+    "seed-machines": "the BN noisy-feature experiment on the seed's two CPUs emulated (seed-i7 = Haswell, "
+                     "seed-i5 = IvyBridge) and natively, with and without BatchNorm, float32 and float64, "
+                     f"{SEED_MACHINES_EPOCHS} epochs",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The values each control takes; the matrix is their cartesian product (one field per ``Controls`` field)."""
+
+    dtype: tuple[str, ...] = ("float32",)
+    """Run dtypes."""
+    threads: tuple[int, ...] = (1,)
+    """Thread counts."""
+    isa: tuple[str, ...] = ("native",)
+    """ISA caps."""
+    deterministic: tuple[bool, ...] = (False,)
+    """Deterministic-algorithm settings."""
+    onednn_isa: tuple[str | None, ...] = (None,)
+    """oneDNN ISA overrides (None: what --isa sets)."""
+    mkl_cbwr: tuple[str | None, ...] = (None,)
+    """MKL_CBWR overrides (None: what --isa sets; "none": removed)."""
+    cpu_model: tuple[str | None, ...] = (None,)
+    """Emulated CPU models (None: this machine)."""
+
+    def controls(self) -> list[Controls]:
+        """Every configuration, in a stable order (last control varies fastest)."""
+        axes = [getattr(self, f) for f in CONTROL_FIELDS]
+        return [Controls(**dict(zip(CONTROL_FIELDS, values, strict=True))) for values in itertools.product(*axes)]
+
+    def varying(self) -> tuple[str, ...]:
+        """Controls that take more than one value."""
+        return tuple(f for f in CONTROL_FIELDS if len(getattr(self, f)) > 1)
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return {f: list(getattr(self, f)) for f in CONTROL_FIELDS}
+
+
+assert tuple(f.name for f in dataclasses.fields(Grid)) == CONTROL_FIELDS, "Grid needs one field per Controls field"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One experiment of the matrix (the preset runs the spec with and without BatchNorm)."""
+
+    name: str
+    """Short name, used in folder names and tables ("bn", "no-bn")."""
+    spec: ExperimentSpec
+    """The experiment."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One configuration of one variant, and where its record goes."""
+
+    variant: str
+    """Name of the experiment variant."""
+    config: RunConfig
+    """What the run's process is asked to do."""
+    folder: str
+    """Record folder, relative to the matrix folder (``runs/<label>`` or ``runs/<variant>/<label>``)."""
+
+    @property
+    def controls(self) -> Controls:
+        return self.config.controls
+
+    @property
+    def key(self) -> str:
+        """Unique name within the matrix."""
+        return self.folder.removeprefix("runs/")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A whole matrix: experiments, grid, epochs, and every run."""
+
+    variants: tuple[Variant, ...]
+    """The experiments (one unless a preset adds a baseline)."""
+    grid: Grid
+    """The controls' values."""
+    epochs: int
+    """Epochs of every run."""
+    trace_epochs: tuple[int, ...]
+    """Epochs digested step by step (0 always)."""
+    audit_every: int
+    """Operator-audit interval passed to every run (0 = off)."""
+    preset: str | None
+    """The preset this plan came from, if any."""
+    runs: tuple[PlannedRun, ...]
+    """Every configuration, in grid order."""
+
+    def spec_of(self, variant: str) -> ExperimentSpec:
+        return next(v.spec for v in self.variants if v.name == variant)
+
+    def twin(self, run: PlannedRun, **changes: Any) -> PlannedRun | None:
+        """The run of the same variant whose controls are ``run``'s with ``changes``, if the grid has it."""
+        want = dataclasses.replace(run.controls, **changes)
+        return next((r for r in self.runs if r.variant == run.variant and r.controls == want), None)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two matrix folders the same experiment and grid."""
+        return {
+            "schema": MATRIX_SCHEMA,
+            "variants": [{"name": v.name, "spec_hash": v.spec.hash} for v in self.variants],
+            "grid": self.grid.to_dict(),
+            "epochs": self.epochs,
+            "trace_epochs": list(self.trace_epochs),
+            "audit_every": self.audit_every,
+        }
+
+    @property
+    def plan_id(self) -> str:
+        """12 hex digits of the identity's hash (names the default folder, so it must stay stable)."""
+        return fileio.canonical_sha256(self.identity())[:12]
+
+    def manifest(self) -> dict[str, Any]:
+        """matrix.json."""
+        return {
+            **self.identity(),
+            "plan_id": self.plan_id,
+            "preset": self.preset,
+            "specs": {v.name: v.spec.to_dict() for v in self.variants},
+            "runs": [{"variant": r.variant, "folder": r.folder, "config": r.config.to_dict()} for r in self.runs],
+        }
+
+
+def no_bn_variant(spec: ExperimentSpec) -> ExperimentSpec:
+    """The seed's baseline network: the same experiment with ``[model] batchnorm = false``."""
+    return from_dict({"model": {"batchnorm": False}}, base=spec)
+
+
+def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = None,
+              trace_epochs: tuple[int, ...] = (0,), audit_every: int = 10, preset: str | None = None,
+              check_cpu: bool = True) -> Plan:
+    """Validate every configuration (UsageError, exit 2, before anything runs) and name its folder."""
+    if not variants:
+        raise UsageError("a matrix needs at least one experiment")
+    n_epochs = epochs if epochs is not None else min(v.spec.train.epochs for v in variants)
+    for model in sorted({m for m in grid.cpu_model if m is not None}):
+        emulate.resolve(model)  # MissingTool (7) without qemu, UsageError (2) for an unknown model
+    nested = len(variants) > 1
+    runs = []
+    for variant in variants:
+        for c in grid.controls():
+            config = RunConfig(controls=c, epochs=n_epochs, trace_epochs=trace_epochs, audit_every=audit_every)
+            controls.validate(config, variant.spec, check_cpu=check_cpu)
+            folder = f"runs/{variant.name}/{c.label()}" if nested else f"runs/{c.label()}"
+            runs.append(PlannedRun(variant=variant.name, config=config, folder=folder))
+    repeated = [k for k, n in Counter(r.folder for r in runs).items() if n > 1]
+    if repeated:  # e.g. --mkl-cbwr avx2,AVX2: same label twice
+        raise UsageError(f"two configurations of the grid share the folder {repeated[0]}; remove the repeated value")
+    return Plan(variants=tuple(variants), grid=grid, epochs=n_epochs, trace_epochs=trace_epochs,
+                audit_every=audit_every, preset=preset, runs=tuple(runs))
+
+
+def preset_plan(name: str, spec: ExperimentSpec, *, epochs: int | None, overrides: dict[str, tuple[Any, ...]],
+                trace_epochs: tuple[int, ...] = (0,), audit_every: int = 10) -> Plan:
+    """A named plan; explicit grid options (``overrides``) replace the preset's values."""
+    if name != "seed-machines":
+        raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    grid = Grid(dtype=("float32", "float64"), cpu_model=("seed-i7", "seed-i5", None))
+    grid = dataclasses.replace(grid, **overrides)
+    variants = (Variant("bn", spec), Variant("no-bn", no_bn_variant(spec)))
+    return make_plan(variants, grid, epochs=SEED_MACHINES_EPOCHS if epochs is None else epochs,
+                     trace_epochs=trace_epochs, audit_every=audit_every, preset=name)

@@ -1,0 +1,94 @@
+"""The tables and colours every report format shares, built once from the ``Report``.
+
+Each table is headers and rows of plain strings; ``markdown``, ``html`` and ``terminal``
+only lay them out, so the three views say the same thing.  A class has one colour in
+every view: its curves in the figures and its swatch in the HTML class table.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+
+from bnaudit import __version__
+from bnaudit.report.model import Report
+
+Table = tuple[list[str], list[list[str]]]
+
+CLASS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                 "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+                 "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+"""20 distinct colours: matplotlib's tab20 dark shades (tab10), then its light ones."""
+
+
+def class_colour(report: Report, class_name: str) -> str:
+    """The colour of a class (classes beyond 20 reuse the colours in order)."""
+    names = [c.name for c in report.classes]
+    return CLASS_COLOURS[names.index(class_name) % len(CLASS_COLOURS)]
+
+
+def _num(value: float) -> str:
+    return f"{value:.4g}" if np.isfinite(value) else str(value)
+
+
+def key_table(report: Report) -> Table:
+    """One row per run: configuration, class, final errors, BN conditioning, reference bits."""
+    headers = ["run", "class", "configuration", "epochs", "final train MSE", "final test MSE",
+               "min BN var / eps", "non-finite"]
+    if report.references:
+        headers.append("fewest correct bits (final)")
+    rows = []
+    for r in report.runs:
+        losses = r.record.arrays["losses"][-1]
+        mv = r.record.arrays["min_var"][1:]
+        low = float(np.nanmin(mv)) if mv.size and np.isfinite(mv).any() else float("nan")
+        nf = r.record.fingerprint.nonfinite
+        row = [r.label, r.class_name, r.config_text, str(r.epochs), _num(losses[0]), _num(losses[1]),
+               _num(low) if np.isfinite(low) else "-",
+               "none" if not nf else f"epoch {nf.get('epoch')} {nf.get('phase')} {nf.get('tensor')}"]
+        if report.references:
+            ref = report.references.get(r.label)
+            row.append(f"{ref.correct_bits[-1].min():.1f} of {ref.precision}" if ref is not None else "-")
+        rows.append(row)
+    return headers, rows
+
+
+def pair_table(report: Report) -> Table:
+    """One row per compared pair: identical or where they part, final divergence, growth."""
+    headers = ["pair", "kind", "verdict", "first difference", "final max |Δ parameter|", "max ulps (final)",
+               "growth / epoch", "saturates at", "environment differs in"]
+    rows = []
+    for p in report.pairs:
+        final_abs = float(np.nanmax(p.max_abs[-1])) if p.max_abs.size else 0.0
+        final_ulps = float(np.nanmax(p.max_ulps[-1])) if p.max_ulps.size else 0.0
+        env = ", ".join(str(k) for k, _, _ in p.environment_diff[:3]) or "-"
+        rows.append([p.title, "1-ulp baseline" if p.kind == "perturb" else "configurations",
+                     "bit-identical" if p.identical else "differ",
+                     (p.first_text + (f" ({p.first_detail})" if p.first_detail else "")) or "-",
+                     f"{final_abs:.3g}", f"{final_ulps:.0f}",
+                     f"{p.growth_rate:.3g}" if p.growth_rate is not None else "-",
+                     str(p.saturation_epoch) if p.saturation_epoch is not None else "-", env])
+    return headers, rows
+
+
+def class_table(report: Report) -> Table:
+    """Equivalence classes of bit-identical runs."""
+    headers = ["class", "runs", "storage", "members", "members share", "digest"]
+    rows = [[c.name, str(len(c.members)), c.storage, ", ".join(c.members), c.shared, c.digest[:16]]
+            for c in report.classes]
+    return headers, rows
+
+
+def header_facts(report: Report) -> list[tuple[str, str]]:
+    """The page header: experiment, runs and classes, epochs, inputs, and when it was generated."""
+    spec = report.spec
+    epochs = sorted({r.epochs for r in report.runs})
+    return [
+        ("experiment", f"{spec.name} (spec {spec.short_hash})"),
+        ("runs", f"{len(report.runs)} in {len(report.classes)} class(es) of bit-identical results"),
+        ("epochs", ", ".join(str(e) for e in epochs) + f" of {spec.train.epochs}"),
+        ("inputs", ", ".join(report.sources)),
+        ("generated", f"bnaudit {__version__}, "
+                      f"{datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}"),
+    ]
