@@ -14,7 +14,6 @@ numpy only (no torch, no mpmath), so the light stages can import it.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ import numpy as np
 
 from bnaudit import bits
 from bnaudit.errors import InputError
+from bnaudit.fileio import b64decode, b64encode
 
 DIVERGENCE_SCHEMA = "bnaudit.divergence/1"
 AUDIT_SCHEMA = "bnaudit.audit/1"
@@ -85,19 +85,6 @@ class Fields:
         if n is not None and len(items) != n:
             raise InputError(f"{self.where}: field {key!r} has {len(items)} values, expected {n}")
         return np.array([math.nan if v is None else v for v in items], dtype=np.float64)
-
-
-def _b64_table(text: Any, dtype: str, shape: tuple[int, int], where: str, field: str) -> np.ndarray:
-    if not isinstance(text, str):
-        raise InputError(f"{where}: field {field!r} has the wrong type")
-    try:
-        raw = base64.b64decode(text.encode("ascii"), validate=True)
-    except (ValueError, UnicodeEncodeError):
-        raise InputError(f"{where}: field {field!r} is not base64") from None
-    if len(raw) != math.prod(shape) * np.dtype(dtype).itemsize:
-        raise InputError(f"{where}: field {field!r} has {len(raw)} bytes, expected "
-                         f"{math.prod(shape) * np.dtype(dtype).itemsize}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float64)
 
 
 # --------------------------------------------------------------------------- divergence
@@ -174,7 +161,7 @@ class DivergenceBlock:
             "encoding": dict(ENCODING),
         }
         for k in METRICS:
-            out[k] = base64.b64encode(np.ascontiguousarray(getattr(self, k), dtype=ENCODING[k]).tobytes()).decode()
+            out[k] = b64encode(np.asarray(getattr(self, k), dtype=ENCODING[k]))
         if self.losses is not None:
             out["losses"] = {"rows": list(self.losses.rows), "train_bits": [float(b) for b in self.losses.train],
                              "test_bits": [float(b) for b in self.losses.test],
@@ -206,7 +193,7 @@ class DivergenceBlock:
                                  half_bits_row=s.integer("half_bits_row", optional=True),
                                  half_bits_kept_row=s.integer("half_bits_kept_row", optional=True)))
         shape = (len(series), len(rows))
-        tables = {k: _b64_table(f.get(k, str), ENCODING[k], shape, where, k) for k in METRICS}
+        tables = {k: b64decode(f.get(k, str), ENCODING[k], shape, where, k).astype(np.float64) for k in METRICS}
         cb = tables["correct_bits"]
         if np.isnan(cb).any() or (cb < 0).any() or (cb > precision).any():
             raise InputError(f"{where}: correct bits hold NaN or values outside [0, {precision}]")

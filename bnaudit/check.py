@@ -268,8 +268,8 @@ class Verdict(enum.Enum):
 
 
 def _json_value(value: Any) -> Any:
-    """A value of a first difference or an environment fact, for strict JSON (a non-finite float is null)."""
-    return fileio.finite_or_none(value) if isinstance(value, float) else value
+    """A value of a first difference or an environment fact, for strict JSON (``fileio.json_number``)."""
+    return fileio.json_number(value) if isinstance(value, float) else value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -241,11 +241,20 @@ def canonical_sha256(doc: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def finite_or_none(value: float | None) -> float | None:
-    """A float for strict JSON: itself when finite, None for NaN, inf or None."""
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
+def json_number(x: float | int | None) -> float | int | str | None:
+    """A number for strict JSON: itself when finite, non-finite floats as the strings "inf", "-inf", "nan".
+
+    The one encoding of a non-finite number in bnaudit's JSON (matrix summaries, check
+    results): a string, so that the file stays strict JSON and the value stays readable.
+    """
+    if x is None or isinstance(x, int):
+        return x
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
 
 
 def _reject_constant(name: str) -> Any:

@@ -109,6 +109,9 @@ def test_large_mean_over_std_is_flagged(spec_and_inputs):
     observer.observe(0, model, x)
     flags = [f for f in observer.result()["flags"] if f["layer"] == "bn2" and f["unit"] == 0]
     assert flags and any("|mean|/std" in why for why in flags[0]["why"])
+    assert isinstance(flags[0]["mean_over_std"], float) and flags[0]["mean_over_std"] > 100
+    out_ulps = flags[0]["out_ulps"]
+    assert isinstance(out_ulps, float) and out_ulps == round(out_ulps, 3)
     assert flags[0]["amplification"] > 1000
 
 
@@ -194,6 +197,8 @@ def test_an_injected_linear_error_of_k_ulps_is_reported_as_k_ulps(spec_and_input
 def test_injected_bn_errors_of_k_ulps_are_reported_as_k_ulps(spec_and_inputs, monkeypatch):
     spec, _ = spec_and_inputs
     model, observer = _designed(spec)
+    with torch.no_grad():
+        model.bn1.weight.fill_(4.0)  # exact scaling; the output's scale carries it too
     real_bn, real_var_mean = torch.native_batch_norm, torch.var_mean
 
     def bn_off_by_k(*args):
@@ -233,6 +238,10 @@ def test_a_constant_unit_is_flagged_for_both_reasons_and_flags_are_capped(spec_a
     flag = block["flags"][0]
     assert (flag["row"], flag["layer"], flag["unit"]) == (0, "bn1", 1)
     assert flag["var_over_eps"] == 0.0 and flag["mean_over_std"] is None
+    assert set(flag) == {"row", "layer", "unit", "var_over_eps", "mean_over_std", "amplification", "why", "out_ulps",
+                         "out_ulps_at_value"}
+    assert isinstance(flag["out_ulps"], float) and flag["out_ulps"] <= 1, "a constant unit's output is accurate"
+    assert flag["out_ulps"] == round(flag["out_ulps"], 3) and isinstance(flag["out_ulps_at_value"], float)
     assert flag["why"] == ["variance 0 eps < 100 eps", "|mean|/std inf > 100"]
     assert flag["amplification"] == float(f"{3 / math.sqrt(spec.model.bn_eps):.4g}")
     assert block["rows"] == list(range(MAX))
@@ -267,3 +276,51 @@ def test_ulp_of_each_format():
     assert audit._ulp(values, torch.bfloat16).tolist() == [2.0**-7, 2.0**-6, 2.0**-133, 2.0**-133, 2.0**-5]
     assert audit._ulp(values, torch.float32).tolist() == [2.0**-23, 2.0**-22, 2.0**-149, 2.0**-149, 2.0**-21]
     assert audit._ulp(values, torch.float64).tolist() == [2.0**-52, 2.0**-51, 2.0**-1074, 2.0**-182, 2.0**-50]
+
+
+def test_the_layer_after_bn_sees_the_runs_own_bn_output(spec_and_inputs):
+    """What the audit feeds the next layer is train-mode BN with the layer's own weight, bias and eps."""
+    spec, _ = spec_and_inputs
+    model, observer = _designed(spec)
+    with torch.no_grad():
+        model.bn1.eps = 1e-3
+        model.bn1.weight.copy_(torch.tensor([1.5, -0.75]))
+        model.bn1.bias.copy_(torch.tensor([0.25, 2.0]))
+    seen = []
+    model.linear2.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    observer.observe(0, model, EXACT_X)
+    with torch.no_grad():
+        want = torch.relu(torch.nn.functional.batch_norm(EXACT_X, None, None, model.bn1.weight, model.bn1.bias,
+                                                         True, 0.0, 1e-3))
+    assert len(seen) == 1 and torch.equal(seen[0], want), "the next layer saw another BN output than the run's"
+
+
+def test_time_spent_adds_up_over_audited_rows(spec_and_inputs, monkeypatch):
+    class Clock:
+        """Each reading 0.12345 s after the last."""
+
+        def __init__(self):
+            self.now = 1000.0
+
+        def tick(self):
+            self.now += 0.12345
+            return self.now
+
+    wall, cpu = Clock(), Clock()
+    monkeypatch.setattr(audit, "time", type("FakeTime", (), {"perf_counter": staticmethod(wall.tick),
+                                                             "process_time": staticmethod(cpu.tick)}))
+    spec, _ = spec_and_inputs
+    model, observer = _designed(spec)
+    observer.observe(0, model, EXACT_X)
+    observer.observe(1, model, EXACT_X)
+    block = observer.result()
+    assert (block["seconds"], block["cpu_seconds"]) == (0.247, 0.247), "two rows of 0.12345 s, to the ms"
+
+
+def test_audit_every_zero_or_one(spec_and_inputs):
+    spec, _ = spec_and_inputs
+    never = audit.OperatorAudit(spec, controls.RunConfig(controls.Controls(dtype="float32"), epochs=3, audit_every=0))
+    assert not any(never.wants(r) for r in range(3)), "audit_every 0 audits nothing"
+    every = controls.RunConfig(controls.Controls(dtype="float32"), epochs=3, audit_every=1)
+    (observer,) = audit.observers_for(spec, every)
+    assert isinstance(observer, audit.OperatorAudit) and [r for r in range(4) if observer.wants(r)] == [0, 1, 2, 3]

@@ -146,3 +146,9 @@ def test_one_writer_per_output(tmp_path):
     assert not (tmp_path / ".r.lock").exists()  # released: removed, nothing left beside the output
     with fileio.OutputLock.beside(out, "again"):  # and free again
         pass
+
+
+def test_json_number_keeps_json_strict():
+    assert [fileio.json_number(x) for x in (1.5, 3, None, float("inf"), float("-inf"), float("nan"))] == \
+        [1.5, 3, None, "inf", "-inf", "nan"]
+    assert json.loads(json.dumps(fileio.json_number(float("nan")), allow_nan=False)) == "nan"

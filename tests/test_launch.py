@@ -181,7 +181,7 @@ def test_bad_requests_fail_before_any_process_starts(tmp_path, monkeypatch):
 
 def test_worker_command():
     argv = launch.worker_command(ONE_EPOCH)
-    assert argv[0] == sys.executable and argv[-2:] == ["-m", "bnaudit.worker"]
+    assert argv == [sys.executable, "-I", "-m", "bnaudit.worker"], "the run's Python is isolated (-I)"
     if shutil.which("qemu-x86_64") is None:
         return
     from bnaudit import emulate
@@ -193,3 +193,78 @@ def test_worker_command():
 def test_exported_names():
     assert set(launch.__all__) == {"BnauditError", "run", "worker_command"}
     assert InputError.__name__ in launch._ERRORS
+
+
+# --------------------------------------------------------------------------- interrupts
+
+SLEEPER = """
+    print(json.dumps({"event": "progress", "epoch": 1}), flush=True)
+    import time
+    time.sleep(120)
+"""
+
+
+def test_stop_all_ends_the_running_processes(tmp_path, monkeypatch):
+    import threading
+
+    _stand_in(monkeypatch, SLEEPER)
+    started = threading.Event()
+    box = {}
+
+    def target():
+        try:
+            launch.run(SPEC, ONE_EPOCH, tmp_path / "run", on_progress=lambda e: started.set())
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    assert started.wait(60), "the stand-in never reported progress"
+    launch.stop_all()
+    thread.join(30)
+    assert not thread.is_alive(), "stop_all did not end the run's process"
+    assert isinstance(box.get("error"), RunFailed) and "exited with code -9" in box["error"].message, box
+    assert not launch._LIVE
+
+
+def test_a_stop_set_before_the_start_kills_the_process_at_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    _stand_in(monkeypatch, SLEEPER)
+    stop = threading.Event()
+    stop.set()
+    began = time.monotonic()
+    with pytest.raises(RunFailed, match="exited with code -9"):
+        launch.run(SPEC, ONE_EPOCH, tmp_path / "run", stop=stop)
+    assert time.monotonic() - began < 60 and not launch._LIVE
+
+
+def _interrupt(event):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_kills_the_run_and_says_no_record_was_written(tmp_path, monkeypatch):
+    _stand_in(monkeypatch, SLEEPER)
+    with pytest.raises(errors.Interrupted) as caught:
+        launch.run(SPEC, ONE_EPOCH, tmp_path / "run", on_progress=_interrupt)
+    assert caught.value.message == "interrupted; no record was written" and not launch._LIVE
+
+
+def test_ctrl_c_after_the_record_was_complete_says_where_it_is(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "record.json").write_text(json.dumps({"schema": "bnaudit.record/1"}))  # an earlier run's record
+    _stand_in(monkeypatch, SLEEPER)
+    with pytest.raises(errors.Interrupted) as caught:  # the old record is untouched: none was written
+        launch.run(SPEC, ONE_EPOCH, out, force=True, on_progress=_interrupt)
+    assert caught.value.message == "interrupted; no record was written"
+    _stand_in(monkeypatch, """
+    out = request["out"]
+    os.replace(os.path.join(out, "record.json"), os.path.join(out, "old.json"))
+    with open(os.path.join(out, "record.json"), "w") as f:
+        f.write(json.dumps({"schema": "bnaudit.record/1", "new": True}))
+""" + SLEEPER)
+    with pytest.raises(errors.Interrupted) as caught:
+        launch.run(SPEC, ONE_EPOCH, out, force=True, on_progress=_interrupt)
+    assert caught.value.message == f"interrupted after the run's record was complete; it is at {out}"

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
+from bnaudit.fileio import json_number
 from bnaudit.layout import PHASES
 from bnaudit.matrix.plan import INHERIT
 
 SUMMARY_SCHEMA = "bnaudit.matrix-summary/1"
 
 _PHASE_ORDER = {p: i for i, p in enumerate(PHASES)}
-
-
-def json_number(x: float | int | None) -> float | int | str | None:
-    """A number for JSON: non-finite floats as the strings "inf", "-inf", "nan"."""
-    if x is None or isinstance(x, int):
-        return x
-    x = float(x)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
 
 
 def shown(control: str, value: Any) -> str:
