@@ -371,3 +371,53 @@ def test_malformed_perturbation_in_a_record_is_refused(change):
         Perturbation.from_json({"tensor": "bn1.weight", "index": [3]}, "rec")
     with pytest.raises(InputError, match=re.escape("config.perturb is malformed")):
         Perturbation.from_json([1], "rec")
+
+
+# --------------------------------------------------------------------------- decoding a record's config
+
+def test_a_records_perturbation_decodes_field_by_field():
+    raw = {"tensor": "linear1.weight", "index": [0, 3], "ulps": -2}
+    assert Perturbation.from_json(raw, "r") == Perturbation("linear1.weight", (0, 3), -2)
+    assert Perturbation.from_json(None, "r") is None
+
+
+@pytest.mark.parametrize("raw", [
+    [], "linear1.weight[0,0]:1", {"tensor": "linear1.weight", "index": [0]},
+    {"tensor": "linear1.weight", "index": [0], "ulps": 1, "extra": 0},
+    {"tensor": 7, "index": [0], "ulps": 1}, {"tensor": "", "index": [0], "ulps": 1},
+    {"tensor": "x" * 65, "index": [0], "ulps": 1}, {"tensor": "linear1.weight", "index": [], "ulps": 1},
+    {"tensor": "linear1.weight", "index": [0] * 9, "ulps": 1}, {"tensor": "linear1.weight", "index": [True], "ulps": 1},
+    {"tensor": "linear1.weight", "index": [-1], "ulps": 1}, {"tensor": "linear1.weight", "index": [1 << 20], "ulps": 1},
+    {"tensor": "linear1.weight", "index": [0], "ulps": True}, {"tensor": "linear1.weight", "index": [0], "ulps": 1.0},
+    {"tensor": "linear1.weight", "index": [0], "ulps": 1 << 62}, {"tensor": "linear1.weight", "index": "0", "ulps": 1},
+])
+def test_a_malformed_perturbation_is_refused(raw):
+    from bnaudit.errors import InputError
+
+    with pytest.raises(InputError, match=r"^r: config\.perturb is malformed$"):
+        Perturbation.from_json(raw, "r")
+
+
+def test_boundary_perturbations_are_accepted():
+    edge = {"tensor": "t" * 64, "index": [(1 << 20) - 1] * 8, "ulps": (1 << 62) - 1}
+    assert Perturbation.from_json(edge, "r") == Perturbation("t" * 64, ((1 << 20) - 1,) * 8, (1 << 62) - 1)
+    assert Perturbation.from_json({**edge, "ulps": -((1 << 62) - 1)}, "r").ulps == -((1 << 62) - 1)
+
+
+def test_a_records_controls_decode_with_the_defaults_for_what_they_leave_out():
+    assert Controls.from_json({"dtype": "bfloat16", "threads": 4}, "r") == Controls(dtype="bfloat16", threads=4)
+    full = {"dtype": "float64", "threads": 4096, "isa": "avx2", "deterministic": True, "onednn_isa": "x" * 64,
+            "mkl_cbwr": "COMPATIBLE", "cpu_model": "Haswell"}
+    assert Controls.from_json(full, "r") == Controls(**full)
+
+
+@pytest.mark.parametrize("raw", [
+    None, [], {"dtype": "float16"}, {"isa": "avx9"}, {"threads": 0}, {"threads": 4097}, {"threads": True},
+    {"threads": 2.0}, {"deterministic": 1}, {"cpu_model": ""}, {"onednn_isa": "x" * 65}, {"mkl_cbwr": 5},
+    {"colour": "blue"},
+])
+def test_malformed_controls_are_refused(raw):
+    from bnaudit.errors import InputError
+
+    with pytest.raises(InputError, match=r"^r: config\.controls "):
+        Controls.from_json(raw, "r")

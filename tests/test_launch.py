@@ -268,3 +268,23 @@ def test_ctrl_c_after_the_record_was_complete_says_where_it_is(tmp_path, monkeyp
     with pytest.raises(errors.Interrupted) as caught:
         launch.run(SPEC, ONE_EPOCH, out, force=True, on_progress=_interrupt)
     assert caught.value.message == f"interrupted after the run's record was complete; it is at {out}"
+
+
+def test_the_run_process_starts_in_isolated_mode():
+    """-I: PYTHONPATH, PYTHONSTARTUP, the user's site and the current folder cannot change a run."""
+    argv = launch.worker_command(RunConfig(Controls(), epochs=1))
+    assert argv == [sys.executable, "-I", "-m", "bnaudit.worker"]
+
+
+def test_an_interrupt_says_whether_the_record_was_complete(tmp_path):
+    out = tmp_path / "r"
+    before = launch._record_stamp(out)
+    assert before is None
+    assert launch._interrupted_message(out, before) == "interrupted; no record was written"
+    out.mkdir()
+    (out / "record.json").write_text("{}")
+    after = launch._record_stamp(out)
+    assert after is not None
+    complete = f"interrupted after the run's record was complete; it is at {out}"
+    assert launch._interrupted_message(out, before) == complete
+    assert launch._interrupted_message(out, after) == "interrupted; no record was written"  # an older record
