@@ -251,6 +251,7 @@ def test_audit_block_fields(spec_and_inputs):
     spec, _ = spec_and_inputs
     model, observer = _designed(spec)
     assert observer.wants(0) and observer.wants(7) and observer.ctx.prec == audit.AUDIT_PRECISION == 128
+    assert observer.spec is spec and observer.run_dtype == "float32" and observer.every == 1
     observer.observe(0, model, EXACT_X)
     observer.observe(1, model, EXACT_X * 3)
     block = observer.result()
@@ -258,7 +259,12 @@ def test_audit_block_fields(spec_and_inputs):
     assert block["precision"] == 128 and block["ops"] == ["linear.out", "bn.mean", "bn.var", "bn.invstd", "bn.out"]
     assert block["rows"] == [0, 1] and block["skipped"] is None and block["n_flags"] == 0 and block["flags"] == []
     assert block["thresholds"] == {"var_over_eps": 100.0, "mean_over_std": 100.0}
-    assert block["seconds"] > 0 and block["cpu_seconds"] > 0 and block["note"].startswith("errors: |run - exact|")
+    assert block["seconds"] > 0 and block["cpu_seconds"] > 0
+    assert block["note"] == (
+        "errors: |run - exact| in ulps of the run's dtype at the operator's scale (sum of |terms|); "
+        "errors_at_value: in ulps at the exact value itself (large where the result cancels); "
+        "exact = the operator applied to the run's own inputs in mpmath; "
+        "bn.var from torch.var_mean (the BN kernel does not return its variance)")
     for layer, ops in block["errors"].items():
         for op, values in ops.items():
             assert len(values) == 2 and all(v == round(v, 3) for v in values), (layer, op, values)

@@ -421,3 +421,27 @@ def test_malformed_controls_are_refused(raw):
 
     with pytest.raises(InputError, match=r"^r: config\.controls "):
         Controls.from_json(raw, "r")
+
+
+def test_readback_keeps_known_fields_and_sorts_pools_by_api_then_library(monkeypatch):
+    """Several BLAS libraries in one process (the one thing faked: threadpoolctl's report)."""
+    import threadpoolctl
+    import torch
+
+    fake = [{"user_api": "openmp", "internal_api": "openmp", "prefix": "libgomp", "filepath": "/x/libgomp.so",
+             "version": None, "num_threads": 1},
+            {"user_api": "blas", "internal_api": "openblas", "prefix": "libopenblas", "filepath": "/x/o.so",
+             "version": "0.3", "num_threads": 1, "threading_layer": "pthreads", "architecture": "Haswell"},
+            {"user_api": "blas", "internal_api": "mkl", "prefix": "libmkl_rt", "filepath": "/x/m.so",
+             "version": None, "num_threads": 2}]
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: fake)
+    pools = controls.readback(torch)["threadpools"]
+    assert [p["prefix"] for p in pools] == ["libmkl_rt", "libopenblas", "libgomp"]
+    assert pools[0] == {"user_api": "blas", "internal_api": "mkl", "prefix": "libmkl_rt", "num_threads": 2}
+    assert pools[1] == {k: v for k, v in fake[1].items() if k != "filepath"}
+
+
+def test_no_mkl_cbwr_without_an_isa_cap():
+    env = controls.child_environment(Controls(mkl_cbwr="none"), {})
+    assert "MKL_CBWR" not in env and env == THREADS_1
+    assert Perturbation.from_json({"tensor": "t", "index": [0], "ulps": 1}, "rec") == Perturbation("t", (0,), 1)
