@@ -288,3 +288,17 @@ def test_an_interrupt_says_whether_the_record_was_complete(tmp_path):
     complete = f"interrupted after the run's record was complete; it is at {out}"
     assert launch._interrupted_message(out, before) == complete
     assert launch._interrupted_message(out, after) == "interrupted; no record was written"  # an older record
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tmp_path, monkeypatch):
+    from bnaudit import fileio
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("no process may start for an --out in use")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    out = tmp_path / "run"
+    with fileio.OutputLock.beside(out, "the first run"):
+        refused = f"--out {out} is in use by another bnaudit (pid {os.getpid()})"
+        with pytest.raises(OutputError, match=re.escape(refused)):
+            launch.run(SPEC, ONE_EPOCH, out)
