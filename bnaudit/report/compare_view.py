@@ -325,13 +325,9 @@ def markdown(result: Result) -> str:
 
 # --------------------------------------------------------------------------- JSON
 
-def _float(value: float) -> float | str:
-    value = float(value)
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return value
+def _float(value: float) -> float | int | str | None:
+    """A measured float for the comparison JSON (``fileio.json_number``: non-finite as strings)."""
+    return fileio.json_number(float(value))
 
 
 def _unfloat(value: Any) -> float:
@@ -342,7 +338,7 @@ def _unfloat(value: Any) -> float:
     return float(value)
 
 
-def _float_table(array: np.ndarray) -> list[list[float | str]]:
+def _float_table(array: np.ndarray) -> list[list[float | int | str | None]]:
     return [[_float(v) for v in row] for row in array]
 
 
