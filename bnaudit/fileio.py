@@ -1,11 +1,12 @@
 """File utilities every stage uses: atomic writes, bounded strict reads, hashed arrays.
 
-A leaf module (stdlib, numpy and ``bnaudit.errors`` only), so that no stage imports a
+A leaf module (stdlib, numpy, ``bnaudit.errors`` and ``bnaudit.interrupts`` only), so that no stage imports a
 downstream stage for a helper.  Two rules hold for everything here:
 
 * a write is atomic: it goes to a temporary name beside its target and is renamed into
   place when complete, so an interruption leaves the old content or the new, never a
-  mix and never a half-written file that parses;
+  mix and never a half-written file that parses; a process that has been interrupted
+  commits nothing, even where a library swallowed the interrupt;
 * a read of an untrusted file is bounded and strict: a size limit, one read of the
   bytes (hash and parse the same bytes), no pickle, no NaN in JSON, and one clear
   ``InputError`` line for every way it can be wrong.
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from bnaudit import interrupts
 from bnaudit.errors import InputError, OutputError
 
 MAX_JSON_BYTES = 16 * 1024 * 1024
@@ -59,13 +61,15 @@ def atomic_folder(out: Path, what: str) -> Iterator[Path]:
         raise OutputError(f"cannot write {what} to {out}: {exc.strerror or exc}") from None
     try:
         yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with interrupts.held():  # the renames and the removal are done whole, or not begun
+            interrupts.check()  # an interrupt a library swallowed still commits nothing
+            old = None
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                out.rename(old / out.name)
+            tmp.rename(out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"cannot write {what} to {out}: {exc.strerror or exc}") from None
@@ -88,6 +92,7 @@ def write_bytes_atomic(out: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.chmod(tmp, 0o644)
+        interrupts.check()
         os.replace(tmp, out)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bnaudit import interrupts
 from bnaudit.errors import BnauditError, ExitCode
 
 if TYPE_CHECKING:  # numpy, torch and the stages load inside execute, once the environment is checked
@@ -156,7 +157,7 @@ def die_with_parent(parent: int | None) -> None:
 def main() -> int:
     stream = sys.stdout
     sys.stdout = sys.stderr  # anything else printed must not corrupt the protocol
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a run as Ctrl-C does
+    interrupts.install()  # SIGTERM ends a run as Ctrl-C does; never inside torch's import
     try:
         request = json.loads(sys.stdin.read())
         die_with_parent(request.get("parent_pid"))
@@ -172,4 +173,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    interrupts.hold_for_exit()
+    sys.exit(code)

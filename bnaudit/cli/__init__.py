@@ -19,7 +19,7 @@ try:  # typer >= 0.20 vendors click; older releases use click itself
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
-from bnaudit import envinfo
+from bnaudit import envinfo, interrupts
 from bnaudit.errors import BnauditError, ExitCode
 
 app = typer.Typer(
@@ -48,8 +48,12 @@ def fail(message: str, code: int) -> int:
     """Print one error line on stderr and return the exit code.
 
     Messages quote untrusted text (keys of a hostile spec, file contents): anything
-    unprintable is escaped, so the error stays one line.
+    unprintable is escaped, so the error stays one line.  After an interrupt every
+    failure is the interrupt: a library that swallowed it, or turned it into an error
+    of its own, does not change what happened.
     """
+    if interrupts.received() and code != ExitCode.INTERRUPTED:
+        message, code = "interrupted", ExitCode.INTERRUPTED
     one_line = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
     sys.stderr.write(f"bnaudit: error: {one_line}\n")
     sys.stderr.flush()
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return fail(f"internal error: {type(exc).__name__}: {exc} (set BNAUDIT_DEBUG=1 for the traceback)",
                     ExitCode.RUN_FAILED)
+    if interrupts.received():  # a library swallowed the interrupt and the command went on
+        return fail("interrupted", ExitCode.INTERRUPTED)
     if isinstance(code, int):
         return code
     return int(ExitCode.OK)
