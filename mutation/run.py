@@ -165,9 +165,22 @@ def prepare(module: Module, work: Path, baseline: str | None = None) -> Path:
 
 # --------------------------------------------------------------------------- running and scoring
 
-def run_mutmut(folder: Path, log: Path) -> int:
+def _environment(folder: Path) -> dict[str, str]:
+    """The tests' environment: no mutant chosen yet, and the real runs kept across mutants.
+
+    Each mutant's pytest session would train the same 3-epoch runs again (tens of seconds
+    a mutant); ``BNAUDIT_TEST_RUNS`` makes tests/conftest.py keep them in the work folder,
+    made once by the unmutated code of mutmut's first pass.  Mutants of code that only a
+    run's own process executes are invisible to mutmut's test mapping either way.
+    """
     env = dict(os.environ)
     env.pop("MUTANT_UNDER_TEST", None)
+    env["BNAUDIT_TEST_RUNS"] = str(folder / "test-runs")
+    return env
+
+
+def run_mutmut(folder: Path, log: Path) -> int:
+    env = _environment(folder)
     with log.open("w") as out:
         proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=folder,
                               stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -193,8 +206,7 @@ def rerun_survivors(module: Module, folder: Path, log: Path) -> int:
     if not names:
         return 0
     (folder / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # map every test afresh
-    env = dict(os.environ)
-    env.pop("MUTANT_UNDER_TEST", None)
+    env = _environment(folder)
     with log.open("w") as out:
         return subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *names], cwd=folder,
                               stdout=out, stderr=subprocess.STDOUT, env=env).returncode

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -63,10 +64,17 @@ def _restore_numeric_state():
 
 
 class RunFactory:
-    """Real runs through the real launcher, made once per session and keyed by request."""
+    """Real runs through the real launcher, made once per session and keyed by request.
 
-    def __init__(self, root: Path) -> None:
+    With ``BNAUDIT_TEST_RUNS`` set to a folder (mutation/run.py sets it, so that each
+    mutant's session does not train the same runs again), a run is also kept there under
+    a name derived from the request, spec contents included, and a complete record found
+    there is reused.  The default test run leaves it unset: every session trains afresh.
+    """
+
+    def __init__(self, root: Path, keep: Path | None = None) -> None:
         self.root = root
+        self.keep = keep
         self.cache: dict[tuple, Path] = {}
 
     def __call__(self, epochs: int = 3, *, key: str = "", perturb: str | None = None, spec_path: Path | None = None,
@@ -83,7 +91,12 @@ class RunFactory:
                 controls=c, epochs=epochs,
                 perturb=None if perturb is None else ctl.parse_perturbation(perturb, spec))
             out = self.root / f"run{len(self.cache)}-{c.label()}"
-            launch.run(spec, config, out)
+            if self.keep is not None:
+                spec_text = "" if spec_path is None else Path(spec_path).read_text()
+                name = hashlib.sha256(repr((*ident[:3], spec_text, ident[4])).encode()).hexdigest()[:16]
+                out = self.keep / f"{name}-{c.label()}"
+            if not (out / "record.json").exists():
+                launch.run(spec, config, out, force=out.exists())
             self.cache[ident] = out
         return self.cache[ident]
 
@@ -91,7 +104,8 @@ class RunFactory:
 @pytest.fixture(scope="session")
 def make_run(tmp_path_factory: pytest.TempPathFactory) -> RunFactory:
     """``make_run(epochs, dtype=..., threads=..., ...)`` -> path of a complete record folder."""
-    return RunFactory(tmp_path_factory.mktemp("runs"))
+    keep = os.environ.get("BNAUDIT_TEST_RUNS")
+    return RunFactory(tmp_path_factory.mktemp("runs"), Path(keep) if keep else None)
 
 
 @pytest.fixture(scope="session")
