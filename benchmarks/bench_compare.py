@@ -22,6 +22,11 @@ process, alternating, each repeat timing all three in turn:
 Prints the minimum and median of each, and the ratio compare / unverified of the medians
 and of the minima (the minima are the least disturbed by other work on the machine).
 
+Then the same pair as whole commands, as a user or a CI job runs them: a fresh
+interpreter for each, imports included, alternating, ``--repeats`` times each (this
+script run with ``--once``, with and without ``--unverified``).  The target is the
+in-process ratio; the whole-command ratio says what the checks cost the person waiting.
+
     python benchmarks/bench_compare.py --repeats 7 --keep /tmp/bench-compare
 """
 
@@ -84,12 +89,40 @@ def _summary(name: str, times: list[float]) -> str:
     return f"{name:<13} min {min(times):.3f} s, median {statistics.median(times):.3f} s over {len(times)}"
 
 
+def once(a: Path, b: Path, verified: bool) -> int:
+    """One ``bnaudit compare A B --json`` in this process, checked or not: a whole command's work."""
+    from bnaudit.cli import main as cli
+
+    with contextlib.ExitStack() as stack:
+        if not verified:
+            stack.enter_context(unverified())
+        out = stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        code = cli(["compare", str(a), str(b), "--json"])
+    return 0 if code in (0, 1) and out.getvalue() else 1
+
+
+def commands(a: Path, b: Path, repeats: int) -> dict[str, list[float]]:
+    """Whole-command timings, alternating: fresh interpreters, imports included."""
+    times: dict[str, list[float]] = {"command": [], "command unverified": []}
+    for _ in range(repeats):
+        for name, extra in (("command", []), ("command unverified", ["--unverified"])):
+            argv = [sys.executable, __file__, "--once", str(a), str(b), *extra]
+            start = time.perf_counter()
+            subprocess.run(argv, check=True)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--keep", type=Path, default=None, help="Folder to make (or reuse) the two records in.")
+    parser.add_argument("--once", type=Path, nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--unverified", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.once is not None:
+        return once(*args.once, verified=not args.unverified)
 
     from bnaudit import record
     from bnaudit.cli import main as cli
@@ -130,6 +163,12 @@ def main() -> int:
               f"target <= {TARGET_RATIO:.2f}: {'met' if cheap else 'NOT met'}")
         print(f"compare / load: {median['compare'] / median['load']:.2f}; "
               f"target compare < {TARGET_SECONDS:.0f} s: {'met' if fast else 'NOT met'}")
+        whole = commands(a, b, args.repeats)
+        for name in whole:
+            print(_summary(name, whole[name]))
+        w = {k: statistics.median(v) for k, v in whole.items()}
+        print(f"whole command / unverified: {w['command'] / w['command unverified']:.3f} (medians), "
+              f"{min(whole['command']) / min(whole['command unverified']):.3f} (minima)")
         return 0 if fast and cheap else 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -196,3 +197,89 @@ def test_block_round_trips_exactly(setup, dtype):
     again = DivergenceBlock.from_json(json.loads(json.dumps(decoded.to_json())), "test")
     for k in ("max_abs", "max_rel", "max_ulps", "correct_bits"):
         assert getattr(again, k).tobytes() == getattr(decoded, k).tobytes(), k
+
+
+# --------------------------------------------------------------------------- closer and attach
+
+def _with_bits(block: DivergenceBlock, rows: tuple[int, ...], bits: np.ndarray) -> DivergenceBlock:
+    return dataclasses.replace(block, rows=rows, correct_bits=np.asarray(bits, dtype=np.float64))
+
+
+def test_closer_votes_by_weights_at_the_last_common_row(setup):
+    _, _, blocks = setup
+    b64, b32 = (DivergenceBlock.from_json(blocks[d], "test") for d in ("float64", "float32"))
+    layers = [s.layer for s in b64.series if s.what == "weights"]
+    assert divergence.closer(b64, b32) == {layer: "a" for layer in layers}
+    assert divergence.closer(b32, b64) == {layer: "b" for layer in layers}
+    assert divergence.closer(b32, b32) == {layer: "tie" for layer in layers}
+
+    # a measured rows 0..2, b rows 0..1: row 1 decides, where b is ahead for linear1 only
+    n = len(b64.series)
+    a_bits = np.full((n, 3), 20.0)
+    a_bits[:, 2] = 0.0  # a's last row (which b lacks) would say b everywhere
+    b_bits = np.full((n, 2), 20.0)
+    b_bits[0, 1] = 21.0  # linear1 weights
+    b_bits[1, 1] = 99.0  # linear1 activations: they do not vote
+    assert b64.series[0].name == "linear1 weights" and b64.series[1].name == "linear1 activations"
+    got = divergence.closer(_with_bits(b64, (0, 1, 2), a_bits), _with_bits(b64, (0, 1), b_bits))
+    assert got == {"linear1": "b", **{layer: "tie" for layer in layers[1:]}}
+
+
+def test_closer_matches_layers_by_name_not_position(setup):
+    _, _, blocks = setup
+    b64, b32 = (DivergenceBlock.from_json(blocks[d], "test") for d in ("float64", "float32"))
+    keep = [k for k, s in enumerate(b32.series) if s.layer == "bn2"]
+    only_bn2 = dataclasses.replace(b32, series=tuple(b32.series[k] for k in keep),
+                                   correct_bits=b32.correct_bits[keep])
+    assert divergence.closer(b64, only_bn2) == {"bn2": "a"}
+    assert divergence.closer(only_bn2, b64) == {"bn2": "b"}
+
+
+def test_closer_without_a_common_row_or_layer_is_none(setup):
+    _, _, blocks = setup
+    b64 = DivergenceBlock.from_json(blocks["float64"], "test")
+    later = _with_bits(b64, (5, 6, 7), b64.correct_bits)
+    assert divergence.closer(b64, later) is None
+    acts = [k for k, s in enumerate(b64.series) if s.what == "activations"]
+    no_weights = dataclasses.replace(b64, series=tuple(b64.series[k] for k in acts),
+                                     correct_bits=b64.correct_bits[acts])
+    assert divergence.closer(b64, no_weights) is None
+    assert divergence.closer(no_weights, b64) is None
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    config = controls.RunConfig(controls.Controls(dtype="float32"), epochs=EPOCHS, audit_every=0)
+    out = tmp_path_factory.mktemp("attach") / "rec"
+    launch.run(default_spec(), config, out)
+    return record.load_record(out)
+
+
+def _without_divergence(rec: record.Record) -> record.Record:
+    extra = {k: v for k, v in rec.fingerprint.extra.items() if k != "divergence"}
+    return dataclasses.replace(rec, fingerprint=dataclasses.replace(rec.fingerprint, extra=extra, divergence=None))
+
+
+def test_attach_computes_the_block_the_run_itself_stored(launched):
+    stored = launched.fingerprint.extra["divergence"]
+    bare = _without_divergence(launched)
+    got = divergence.attach(bare)
+    assert got.fingerprint.extra["divergence"] == stored
+    assert got.fingerprint.divergence is not None and got.fingerprint.divergence.to_json() == stored
+    assert {k: v for k, v in got.fingerprint.extra.items() if k != "divergence"} == bare.fingerprint.extra
+    assert got.arrays is launched.arrays and got.path == launched.path
+
+
+def test_attach_keeps_a_block_the_record_has(launched):
+    assert divergence.attach(launched) is launched
+
+
+def test_attach_without_a_stored_reference_changes_nothing(tmp_path):
+    from bnaudit.spec import from_dict
+
+    spec = from_dict({"model": {"hidden_units": 3}}, base=default_spec())
+    config = controls.RunConfig(controls.Controls(dtype="float32"), epochs=1, audit_every=0)
+    launch.run(spec, config, tmp_path / "rec")
+    rec = record.load_record(tmp_path / "rec")
+    assert rec.fingerprint.divergence is None
+    assert divergence.attach(rec) is rec
