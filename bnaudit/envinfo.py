@@ -18,7 +18,7 @@ from typing import Any
 # Environment variables that can change numerics or threading, by prefix or name.
 NUMERICS_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "OMP_", "KMP_", "GOMP_", "OPENBLAS_", "BNAUDIT_", "TORCH_",
                      "NNPACK")
-NUMERICS_NAMES = ("LD_PRELOAD", "LD_LIBRARY_PATH", "CUBLAS_WORKSPACE_CONFIG", "PYTORCH_JIT")
+NUMERICS_NAMES = ("LD_PRELOAD", "LD_LIBRARY_PATH", "GLIBC_TUNABLES", "CUBLAS_WORKSPACE_CONFIG", "PYTORCH_JIT")
 
 # CPUID features that decide which kernels the libraries pick.
 ISA_FEATURES = ("SSE41", "SSE42", "AVX", "F16C", "FMA3", "AVX2", "AVX512F", "AVX512CD", "AVX512BW",

@@ -54,6 +54,23 @@ def test_real_run_gets_its_own_controls_and_none_inherited(tmp_path, monkeypatch
     assert [(e["event"], e["epoch"], e["epochs"]) for e in events] == [("progress", 1, 1)]
 
 
+def test_numerics_variables_it_does_not_set_reach_the_run_recorded_and_compare_names_them(tmp_path, monkeypatch):
+    """OpenBLAS's, torch's own and glibc's tunables are kept (a machine may need them), never unrecorded."""
+    from bnaudit import compare, record
+
+    launch.run(SMALL, ONE_EPOCH, tmp_path / "plain")
+    tuned = {"OPENBLAS_VERBOSE": "0", "TORCH_SHOW_CPP_STACKTRACES": "0", "GLIBC_TUNABLES": "glibc.malloc.check=0"}
+    for name, value in tuned.items():
+        monkeypatch.setenv(name, value)
+    launch.run(SMALL, ONE_EPOCH, tmp_path / "tuned")
+    recorded = json.loads((tmp_path / "tuned" / "record.json").read_text())["environment"]["environment"]
+    assert {k: recorded.get(k) for k in tuned} == tuned
+    diff = {key: (x, y) for key, x, y in compare.environment_diff(record.load(tmp_path / "plain"),
+                                                                  record.load(tmp_path / "tuned"))}
+    assert {key: y for key, (_, y) in diff.items() if key.startswith("env.")} == \
+        {f"env.{k}": v for k, v in tuned.items()}
+    assert all(compare.is_cause(f"env.{k}") for k in tuned)
+
 def test_the_run_process_refuses_an_isa_that_did_not_take_effect(tmp_path, monkeypatch):
     """Refused, not downgraded, by the run's own process: the parent's check is passed (this CPU
     has AVX2), but the process is started with ATen capped at DEFAULT, as an unhonoured cap would be."""
