@@ -33,6 +33,7 @@ from bnaudit.compare import (
     PairComparison,
 )
 from bnaudit.errors import InputError
+from bnaudit.report import console as console_policy
 from bnaudit.report import escape
 
 SCHEMA = "bnaudit.compare/1"
@@ -166,7 +167,7 @@ def _verdict(result: Result) -> str:
 
 def render(result: Result, console: Console | None = None) -> None:
     """Print a comparison for people."""
-    console = console or Console()
+    console = console or console_policy.stdout()
     if isinstance(result, PairComparison):
         _render_pair(result, console)
     else:

@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -19,12 +18,11 @@ from rich.text import Text
 from bnaudit.matrix.execute import MatrixEvent
 from bnaudit.matrix.plan import CONTROL_FIELDS, Plan
 from bnaudit.matrix.results import MatrixSummary, shown
+from bnaudit.report import console as console_policy
 from bnaudit.report import escape
 
-console = Console()
-if not console.is_terminal:  # piped or captured: wide tables rather than folded ones
-    console = Console(width=200)
-err_console = Console(stderr=True)
+console = console_policy.stdout()
+err_console = console_policy.stderr()
 
 
 @contextlib.contextmanager

@@ -18,10 +18,11 @@ from rich.table import Table
 from rich.text import Text
 
 from bnaudit.blocks import AUDIT_OPS, AuditBlock, DivergenceBlock
+from bnaudit.report import console as console_policy
 from bnaudit.report import escape
 
-console = Console()
-err_console = Console(stderr=True)
+console = console_policy.stdout()
+err_console = console_policy.stderr()
 
 
 @contextlib.contextmanager

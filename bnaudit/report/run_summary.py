@@ -6,16 +6,16 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from bnaudit.blocks import RunSummary
 from bnaudit.controls import RunConfig
+from bnaudit.report import console as console_policy
 from bnaudit.report import escape, reference_view
 
-console = Console()
-err_console = Console(stderr=True)
+console = console_policy.stdout()
+err_console = console_policy.stderr()
 
 
 @contextlib.contextmanager

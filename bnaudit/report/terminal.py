@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bnaudit.report import console as console_policy
 from bnaudit.report import escape
 from bnaudit.report.model import PairView, ReferenceView, Report
 from bnaudit.report.tables import Table as RowsTable
@@ -102,7 +103,7 @@ def _reference_heatmap(label: str, ref: ReferenceView) -> list[Text]:
 
 def render(report: Report, console: Console | None = None) -> None:
     """Print the report's tables and one coarse heatmap (the first pair that differs, or the reference)."""
-    console = console or Console()
+    console = console or console_policy.stdout()
     facts = ", ".join(f"{k} {v}" for k, v in (("experiment", f"{report.spec.name} ({report.spec.short_hash})"),
                                               ("runs", str(len(report.runs))),
                                               ("classes", str(len(report.classes)))))
@@ -121,7 +122,7 @@ def render(report: Report, console: Console | None = None) -> None:
         label, ref = next(iter(report.references.items()))
         lines = _reference_heatmap(label, ref)
     for line in lines:
-        console.print(line, overflow="crop", no_wrap=True)
+        console.print(line)
     for finding in report.findings:
         console.print(escape.terminal(f"matrix: {finding}"))
     for note in report.notes:
