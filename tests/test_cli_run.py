@@ -126,3 +126,24 @@ def test_run_summary_renders_the_decoded_summary(monkeypatch):
     assert "ln(divergence) grows 2.5 per epoch, saturates at the end of epoch 2" in text
     assert "no stored mpmath reference for this spec and length" in text
     assert "operator audit" not in text
+
+
+# --------------------------------------------------------------------------- conventions
+
+def test_version_and_short_help(cli):
+    import bnaudit
+
+    assert cli("--version") == (0, f"bnaudit {bnaudit.__version__}\n", "")
+    code, out, err = cli("-h")
+    assert code == 0 and out.startswith("Usage: bnaudit [OPTIONS] COMMAND") and "--version" in out and err == ""
+    code, out, _ = cli("baseline", "create", "-h")
+    assert code == 0 and out.startswith("Usage: bnaudit baseline create")
+
+
+@pytest.mark.parametrize("args, path", [((), "bnaudit"), (("baseline",), "bnaudit baseline"),
+                                        (("reference",), "bnaudit reference")])
+def test_a_bare_command_group_prints_readable_help_and_one_error_line(cli, args, path):
+    code, out, err = cli(*args)
+    assert code == 2
+    assert out.startswith(f"Usage: {path} [OPTIONS] COMMAND") and "\nCommands:\n" in out
+    assert err == f"bnaudit: error: {path}: no command given (its help is above)\n"

@@ -12,6 +12,8 @@ import importlib
 import pkgutil
 import sys
 
+from typing import Annotated
+
 import typer
 
 try:  # typer >= 0.20 vendors click; older releases use click itself
@@ -19,7 +21,7 @@ try:  # typer >= 0.20 vendors click; older releases use click itself
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
-from bnaudit import envinfo, interrupts
+from bnaudit import __version__, envinfo, interrupts
 from bnaudit.errors import BnauditError, ExitCode
 
 app = typer.Typer(
@@ -29,7 +31,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},  # command groups inherit it
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bnaudit {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print bnaudit's version and exit.")] = False,
+) -> None:
+    """Audit the numerical reproducibility of the batch-norm noisy-feature experiment."""
 
 
 def _register_commands() -> None:
@@ -68,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             return fail("interrupted", ExitCode.INTERRUPTED)
     except BnauditError as exc:
         return fail(exc.message, exc.exit_code)
+    except click_exceptions.NoArgsIsHelpError as exc:  # bare `bnaudit`, `bnaudit baseline`: the help, readable
+        sys.stdout.write(exc.format_message().rstrip("\n") + "\n")
+        where = exc.ctx.command_path if exc.ctx is not None else "bnaudit"
+        return fail(f"{where}: no command given (its help is above)", ExitCode.USAGE)
     except click_exceptions.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
         return fail(f"{where}{exc.format_message()}", ExitCode.USAGE)
