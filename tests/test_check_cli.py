@@ -169,6 +169,48 @@ def test_step_summary_is_written_only_when_the_variable_is_set(cli, smoke_baseli
     assert "| `float32_t2_native_nondet` | ❌ drift |" in text and "config.controls.threads" in text
 
 
+def test_a_step_summary_that_cannot_be_written_is_a_warning_and_the_verdict_stands(cli, smoke_baseline, make_run,
+                                                                                  tmp_path, monkeypatch):
+    perturbed = make_run(EPOCHS, perturb="linear1.weight[0,0]:1")  # differs on every host
+    monkeypatch.setenv(STEP_SUMMARY_VARIABLE, str(tmp_path / "no-such-folder" / "summary.md"))
+    junit = tmp_path / "junit.xml"
+    code, out, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(perturbed), "--junit", str(junit))
+    assert code == 1 and out.startswith("FAIL float32_t1_native_nondet: drift beyond exact")
+    assert re.fullmatch(r"bnaudit: warning: cannot append the step summary to \S+summary\.md: .+ "
+                        r"\(the verdict above stands\)\n", err), err
+    assert ET.parse(junit).getroot().get("failures") == "1"
+
+
+def test_a_junit_file_that_cannot_be_written_fails_after_the_verdict_is_shown(cli, smoke_baseline, make_run,
+                                                                              tmp_path):
+    perturbed = make_run(EPOCHS, perturb="linear1.weight[0,0]:1")
+    (tmp_path / "junit.xml").mkdir()
+    code, out, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(perturbed),
+                         "--junit", str(tmp_path / "junit.xml"))
+    assert code == 5 and out.startswith("FAIL float32_t1_native_nondet: ")
+    assert err.count("\n") == 1 and err.startswith("bnaudit: error: ")
+
+
+@pytest.mark.parametrize("make_input, code, kind", [
+    (lambda base: base / "missing", 3, "BAD_INPUT"),
+    (lambda base: base / "f64", 4, "MISMATCH"),
+])
+def test_a_check_that_cannot_judge_still_writes_junit_and_the_step_summary(cli, smoke_baseline, make_run, tmp_path,
+                                                                           monkeypatch, make_input, code, kind):
+    shutil.copytree(make_run(EPOCHS, dtype="float64"), tmp_path / "f64")
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv(STEP_SUMMARY_VARIABLE, str(summary))
+    junit = tmp_path / "junit.xml"
+    got, out, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(make_input(tmp_path)),
+                        "--junit", str(junit))
+    assert got == code and not out and err.count("\n") == 1
+    message = err.removeprefix("bnaudit: error: ").rstrip("\n")
+    root = ET.parse(junit).getroot()
+    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("1", "0", "1")
+    error = root.find("testsuite/testcase/error")
+    assert error is not None and error.get("message") == message and error.get("type") == f"{kind} (exit {code})"
+    assert summary.read_text().startswith(f"### bnaudit check: could not judge ({kind}, exit {code})")
+
 # --------------------------------------------------------------------------- exit 2: usage
 
 @pytest.mark.parametrize("args, message", [

@@ -62,27 +62,49 @@ def check(
     with BNAUDIT_SIGNING_KEY set: unsigned or wrongly signed), 4 refused comparison
     (another experiment or dtype), 8 bits:N without a reference divergence.
     """
-    from bnaudit import envinfo, gate
+    from bnaudit import gate
+    from bnaudit.errors import BnauditError, OutputError, UsageError
     from bnaudit.report import ci_summary
     from bnaudit.report import junit as junit_report
 
     options = gate.RunOptions(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic, epochs=epochs,
                               profile=profile, spec=spec)
-    result = gate.check(baseline or [], records=run_record or [], options=options, tolerance=tolerance,
-                        accept_paths=accept_class or [], out=out, announce=None if as_json else _announce)
+    try:
+        result = gate.check(baseline or [], records=run_record or [], options=options, tolerance=tolerance,
+                            accept_paths=accept_class or [], out=out, announce=None if as_json else _announce)
+    except BnauditError as exc:
+        if not isinstance(exc, UsageError | OutputError):  # it could not judge: say so where CI looks
+            kind, code = exc.exit_code.name, int(exc.exit_code)
+            _step_summary(ci_summary.error_markdown(exc.message, kind, code))
+            if junit is not None:
+                junit_report.write_error(junit, exc.message, kind, code)
+        raise
     for warning in result.warnings:
         typer.echo(f"bnaudit: warning: {warning}", err=True)
-    if junit is not None:
-        junit_report.write(junit, result)
-    summary_file = envinfo.environ().get(STEP_SUMMARY_VARIABLE)
-    if summary_file:
-        ci_summary.append_step_summary(Path(summary_file), result)
-    if as_json:
+    if as_json:  # the verdict first: a file that cannot be written must not hide it
         typer.echo(json.dumps(result.to_dict(), indent=1, sort_keys=True))
     else:
         for line in ci_summary.lines(result):
             typer.echo(line)
+    _step_summary(result)
+    if junit is not None:
+        junit_report.write(junit, result)
     return int(result.exit_code)
+
+
+def _step_summary(content: object) -> None:
+    """Append to GitHub's step summary when one is set; one that cannot be written is a warning, never a failure."""
+    from bnaudit import envinfo
+    from bnaudit.errors import OutputError
+    from bnaudit.report import ci_summary
+
+    summary_file = envinfo.environ().get(STEP_SUMMARY_VARIABLE)
+    if not summary_file:
+        return
+    try:
+        ci_summary.append_step_summary(Path(summary_file), content)  # type: ignore[arg-type]
+    except OutputError as exc:
+        typer.echo(f"bnaudit: warning: {exc.message} (the verdict above stands)", err=True)
 
 
 baseline_app = typer.Typer(help="Baselines for bnaudit check: a vetted fingerprint with the environment it came from.",

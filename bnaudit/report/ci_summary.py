@@ -146,9 +146,14 @@ def markdown(result: CheckResult) -> str:
     return "\n".join(out) + "\n"
 
 
-def append_step_summary(path: Path, result: CheckResult) -> None:
-    """Append the Markdown summary to GitHub's step-summary file (one write)."""
-    text = markdown(result)
+def error_markdown(message: str, kind: str, code: int) -> str:
+    """The step-summary text of a check that could not judge (exit 3, 4, 8...)."""
+    return f"### bnaudit check: could not judge ({kind}, exit {code})\n\n{escape.markdown(message)}\n\n"
+
+
+def append_step_summary(path: Path, result: CheckResult | str) -> None:
+    """Append the Markdown summary (or a prepared text) to GitHub's step-summary file (one write)."""
+    text = result if isinstance(result, str) else markdown(result)
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(text)

@@ -64,6 +64,27 @@ def to_xml(result: CheckResult, *, timestamp: str | None = None) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
+def error_xml(message: str, kind: str, code: int, *, timestamp: str | None = None) -> str:
+    """The JUnit document of a check that could not judge (exit 3, 4, 8...): one ``<error>`` case.
+
+    A CI test reporter then shows why the gate did not run, instead of finding no file.
+    """
+    stamp = timestamp or datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+    root = ET.Element("testsuites", name=SUITE, tests="1", failures="0", errors="1", time="0.000")
+    suite = ET.SubElement(root, "testsuite", name=SUITE, tests="1", failures="0", errors="1", skipped="0",
+                          time="0.000", timestamp=escape.xml(stamp))
+    tc = ET.SubElement(suite, "testcase", classname="bnaudit.check", name="check", time="0.000")
+    error = ET.SubElement(tc, "error", message=escape.xml(message), type=escape.xml(f"{kind} (exit {code})"))
+    error.text = escape.xml(f"bnaudit check could not judge: {message}", multiline=True)
+    ET.indent(root, space=" ")
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
 def write(path: Path, result: CheckResult) -> None:
     """Write the JUnit file atomically."""
     write_text_atomic(Path(path), to_xml(result))
+
+
+def write_error(path: Path, message: str, kind: str, code: int) -> None:
+    """Write the JUnit file of a check that could not judge, atomically."""
+    write_text_atomic(Path(path), error_xml(message, kind, code))
