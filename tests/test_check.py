@@ -354,7 +354,8 @@ def test_check_with_a_key_refuses_unsigned_baselines_and_classes(signed, baselin
         gate.check([Path(baseline.path)], records=[base_run])
     # An accepted class passes a run as surely as the baseline: with a key it must be signed too.
     with pytest.raises(InputError, match="a fingerprint, not a baseline"):
-        gate.check([Path(signed.path)], records=[Path(drifted.source)], accept_paths=[Path(drifted.source) / "fingerprint.json"])
+        gate.check([Path(signed.path)], records=[Path(drifted.source)],
+                   accept_paths=[Path(drifted.source) / "fingerprint.json"])
     cls = gate.make_baseline(tmp_path / "class-drifted.json", source=Path(drifted.source))
     result = gate.check([Path(signed.path)], records=[Path(drifted.source)], accept_paths=[Path(cls.path)])
     assert result.passed and result.cases[0].verdict is check.Verdict.ACCEPTED

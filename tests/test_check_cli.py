@@ -87,7 +87,8 @@ def test_a_drift_fails_exact_naming_the_first_divergence(cli, smoke_baseline, dr
     assert code == 1, err
     first, last = out.strip().splitlines()
     assert first.startswith("FAIL float32_t1_native_nondet: drift beyond exact")
-    assert "first divergence: initial state (epoch 0, step 0, phase init), layer linear1, tensor linear1.weight" in first
+    assert "first divergence: initial state (epoch 0, step 0, phase init), layer linear1, tensor linear1.weight" \
+        in first
     assert "max 1 ulps" in first and "config.perturb.tensor: None -> linear1.weight" in first
     assert last == "bnaudit check: FAIL, 1 of 1 case beyond policy exact"
 

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from rich.table import Table
@@ -31,7 +30,7 @@ def _bnaudit(*args: str, codes: tuple[int, ...] = (0,)) -> str:
 
 
 def _whole(text: str, *tokens: str) -> None:
-    """Nothing elided (rich's ellipsis ends a cut word; the heatmap legend's "a … b" is a range), every token on a line."""
+    """Nothing elided (rich's ellipsis ends a cut word; the legend's "a … b" is a range); every token on a line."""
     assert not re.search(r"\w…", text), text
     lines = text.splitlines()
     for token in tokens:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
-
 from typing import Annotated
 
 import typer
