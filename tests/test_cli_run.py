@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import bnaudit
 from bnaudit import envinfo, frozen
 from bnaudit.errors import ExitCode
 from bnaudit.spec import default_spec
@@ -19,6 +20,7 @@ def test_run_json_summary_and_record(cli, tmp_path):
     code, stdout, stderr = cli("run", "--epochs", "2", "--out", str(out), "--json")
     assert code == 0, stderr
     summary = json.loads(stdout)
+    assert summary["schema"] == "bnaudit.run-summary/1" and summary["bnaudit"] == bnaudit.__version__
     assert summary["out"] == str(out) and summary["epochs"] == 2
     assert summary["digest"] == json.loads((out / "fingerprint.json").read_text())["digest"]
     assert summary["effective"]["intra_op_threads"] == 1
@@ -90,6 +92,25 @@ def test_env_reports_supported_isas(cli):
     code, stdout, _ = cli("env", "--json")
     snap = json.loads(stdout)
     assert code == 0 and "default" in snap["supported_isas"] and snap["cpu_capability"]
+    assert snap["schema"] == "bnaudit.env/1" and snap["bnaudit"] == bnaudit.__version__
+
+
+@pytest.mark.parametrize("args, code, name", [
+    (("compare", "no-such-a", "no-such-b", "--json"), 3, "BAD_INPUT"),
+    (("run", "--dtype", "float16", "--json"), 2, "USAGE"),
+    (("check", "--baseline", "no-such-baseline.json", "--json"), 3, "BAD_INPUT"),
+])
+def test_an_error_under_json_is_a_json_object_on_stdout_and_one_line_on_stderr(cli, args, code, name):
+    got, stdout, stderr = cli(*args)
+    assert got == code and stderr.count("\n") == 1 and stderr.startswith("bnaudit: error: ")
+    doc = json.loads(stdout)
+    assert doc == {"schema": "bnaudit.error/1", "bnaudit": bnaudit.__version__,
+                   "error": {"code": code, "name": name, "message": stderr.removeprefix("bnaudit: error: ")[:-1]}}
+
+
+def test_without_json_an_error_prints_nothing_on_stdout(cli):
+    got, stdout, stderr = cli("compare", "no-such-a", "no-such-b")
+    assert (got, stdout) == (3, "") and stderr.startswith("bnaudit: error: no-such-a")
 
 
 def test_frozen_verify(cli):

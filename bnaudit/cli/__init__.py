@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 from bnaudit import __version__, envinfo, interrupts
+from bnaudit.cli._options import ERROR_SCHEMA, json_document
 from bnaudit.errors import BnauditError, ExitCode
 
 app = typer.Typer(
@@ -60,8 +61,8 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def fail(message: str, code: int) -> int:
-    """Print one error line on stderr and return the exit code.
+def fail(message: str, code: int, *, as_json: bool = False) -> int:
+    """Print one error line on stderr (with ``as_json``, the error object on stdout too); return the code.
 
     Messages quote untrusted text (keys of a hostile spec, file contents): anything
     unprintable is escaped, so the error stays one line.  After an interrupt every
@@ -71,6 +72,11 @@ def fail(message: str, code: int) -> int:
     if interrupts.received() and code != ExitCode.INTERRUPTED:
         message, code = "interrupted", ExitCode.INTERRUPTED
     one_line = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+    if as_json:  # under --json a program reads stdout: the error is there too, as an object
+        name = ExitCode(code).name if code in set(ExitCode) else str(code)
+        sys.stdout.write(json_document(ERROR_SCHEMA, {"error": {"code": int(code), "name": name,
+                                                                "message": one_line}}) + "\n")
+        sys.stdout.flush()
     sys.stderr.write(f"bnaudit: error: {one_line}\n")
     sys.stderr.flush()
     return int(code)
@@ -78,30 +84,36 @@ def fail(message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, map every failure to one line and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+
+    def failed(message: str, code: int) -> int:
+        return fail(message, code, as_json=as_json)
+
     try:
-        code = app(args=argv, prog_name="bnaudit", standalone_mode=False)
+        code = app(args=args, prog_name="bnaudit", standalone_mode=False)
         if code == ExitCode.INTERRUPTED:  # typer turns a Ctrl-C it catches into a silent 130
-            return fail("interrupted", ExitCode.INTERRUPTED)
+            return failed("interrupted", ExitCode.INTERRUPTED)
     except BnauditError as exc:
-        return fail(exc.message, exc.exit_code)
+        return failed(exc.message, exc.exit_code)
     except click_exceptions.NoArgsIsHelpError as exc:  # bare `bnaudit`, `bnaudit baseline`: the help, readable
         sys.stdout.write(exc.format_message().rstrip("\n") + "\n")
         where = exc.ctx.command_path if exc.ctx is not None else "bnaudit"
-        return fail(f"{where}: no command given (its help is above)", ExitCode.USAGE)
+        return failed(f"{where}: no command given (its help is above)", ExitCode.USAGE)
     except click_exceptions.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
-        return fail(f"{where}{exc.format_message()}", ExitCode.USAGE)
+        return failed(f"{where}{exc.format_message()}", ExitCode.USAGE)
     except click_exceptions.ClickException as exc:
-        return fail(exc.format_message(), ExitCode.USAGE)
+        return failed(exc.format_message(), ExitCode.USAGE)
     except (typer.Abort, KeyboardInterrupt):
-        return fail("interrupted", ExitCode.INTERRUPTED)
+        return failed("interrupted", ExitCode.INTERRUPTED)
     except Exception as exc:  # a bug in bnaudit: still one line, the traceback on request
         if envinfo.debug():
             raise
-        return fail(f"internal error: {type(exc).__name__}: {exc} (set BNAUDIT_DEBUG=1 for the traceback)",
-                    ExitCode.RUN_FAILED)
+        return failed(f"internal error: {type(exc).__name__}: {exc} (set BNAUDIT_DEBUG=1 for the traceback)",
+                      ExitCode.RUN_FAILED)
     if interrupts.received():  # a library swallowed the interrupt and the command went on
-        return fail("interrupted", ExitCode.INTERRUPTED)
+        return failed("interrupted", ExitCode.INTERRUPTED)
     if isinstance(code, int):
         return code
     return int(ExitCode.OK)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from bnaudit.cli._options import SpecOption
+from bnaudit.cli._options import ENV_SCHEMA, RUN_SCHEMA, SpecOption, json_document
 from bnaudit.controls import DTYPES, ISAS
 
 
@@ -71,7 +70,7 @@ def run(
     with run_summary.progress(config.epochs, c.label(), enabled=not as_json) as advance:
         summary = launch.run(experiment, config, target, force=force, on_progress=advance)
     if as_json:
-        typer.echo(json.dumps(summary, indent=1, sort_keys=True))
+        typer.echo(json_document(RUN_SCHEMA, summary))
     else:
         run_summary.render(RunSummary.from_json(summary))
     return 0
@@ -87,7 +86,7 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] 
     snap = envinfo.snapshot(torch)
     snap["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if as_json:
-        typer.echo(json.dumps(snap, indent=1, sort_keys=True))
+        typer.echo(json_document(ENV_SCHEMA, snap))
     else:
         run_summary.render_env(snap)
     return 0
