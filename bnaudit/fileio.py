@@ -1,7 +1,8 @@
 """File utilities every stage uses: atomic writes, bounded strict reads, hashed arrays.
 
-A leaf module (stdlib, numpy, ``bnaudit.errors`` and ``bnaudit.interrupts`` only), so that no stage imports a
-downstream stage for a helper.  Two rules hold for everything here:
+A leaf module (stdlib, numpy, ``bnaudit.errors`` and ``bnaudit.interrupts`` only), so
+that no stage imports a downstream stage for a helper.  Two rules hold for everything
+here:
 
 * a write is atomic: it goes to a temporary name beside its target and is renamed into
   place when complete, so an interruption leaves the old content or the new, never a
