@@ -99,8 +99,13 @@ def test_a_different_spec_is_refused_with_one_line_exit_4(cli, runs):
 def test_unusable_requests_give_one_line_and_their_code(cli, runs, args, code):
     args = [str(runs["t1"]) if a == "A" else str(runs["t2"]) if a == "B" else a for a in args]
     got, out, err = cli(*args)
-    assert got == code and out == ""
+    assert got == code
     one_error_line(err)
+    if "--json" in args:  # the error as an object on stdout too
+        assert json.loads(out)["error"] == {"code": int(code), "name": ExitCode(code).name,
+                                            "message": err.removeprefix("bnaudit: error: ").rstrip("\n")}
+    else:
+        assert out == ""
 
 
 def test_the_installed_command_runs_without_torch_or_mpmath(runs, tmp_path):
