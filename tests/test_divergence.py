@@ -283,3 +283,10 @@ def test_attach_without_a_stored_reference_changes_nothing(tmp_path):
     rec = record.load_record(tmp_path / "rec")
     assert rec.fingerprint.divergence is None
     assert divergence.attach(rec) is rec
+
+
+def test_loss_bits_subtract_the_low_part_of_the_double_double_reference():
+    """run = 1 + 2^-52 against hi + lo = 1 + 2^-53: the error is 2^-53 (53 - 1 bits kept), not 1.5 * 2^-52."""
+    got = divergence._loss_bits(1.0 + 2.0**-52, 1.0, 2.0**-53)
+    assert got == round(divergence.correct_bits(2.0**-53, 1.0, 53), 1)
+    assert got != round(divergence.correct_bits(1.5 * 2.0**-52, 1.0, 53), 1)
