@@ -290,3 +290,4 @@ def test_loss_bits_subtract_the_low_part_of_the_double_double_reference():
     got = divergence._loss_bits(1.0 + 2.0**-52, 1.0, 2.0**-53)
     assert got == round(divergence.correct_bits(2.0**-53, 1.0, 53), 1)
     assert got != round(divergence.correct_bits(1.5 * 2.0**-52, 1.0, 53), 1)
+    assert divergence._loss_bits(1.0, 1.0, 0.0) == 53.0, "an exact loss keeps a float64's 53 bits, no more"
