@@ -55,9 +55,9 @@ def test_an_interrupt_waits_for_the_import_it_lands_in(tmp_path, signum):
 def test_an_interrupt_outside_an_import_is_raised_at_once(tmp_path):
     proc = _start("""
         import time
-        print('ready', flush=True)
         start = time.monotonic()
         try:
+            print('ready', flush=True)
             time.sleep(30)
         except interrupts.Interrupted:
             print(time.monotonic() - start < 10)
