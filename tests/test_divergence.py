@@ -291,3 +291,14 @@ def test_loss_bits_subtract_the_low_part_of_the_double_double_reference():
     assert got == round(divergence.correct_bits(2.0**-53, 1.0, 53), 1)
     assert got != round(divergence.correct_bits(1.5 * 2.0**-52, 1.0, 53), 1)
     assert divergence._loss_bits(1.0, 1.0, 0.0) == 53.0, "an exact loss keeps a float64's 53 bits, no more"
+
+
+def test_measure_pins_one_ulp_and_gives_up_on_non_finite_values():
+    ref_lo = np.zeros(2)
+    one_ulp = divergence.measure(np.array([1.0 + 2.0**-23, 2.0], dtype="<f4"), np.array([1.0, 2.0]), ref_lo,
+                                 "float32")
+    assert one_ulp == {"max_abs": 2.0**-23, "max_rel": 2.0**-23, "max_ulps": 1.0, "correct_bits": 24.0}
+    lost = {"max_abs": math.inf, "max_rel": math.inf, "max_ulps": math.inf, "correct_bits": 0.0}
+    for bad in (np.nan, np.inf, -np.inf):  # a NaN alone, or an infinity alone, loses every bit
+        run = np.array([1.0, bad], dtype="<f4")
+        assert divergence.measure(run, np.array([1.0, 2.0]), ref_lo, "float32") == lost, bad
