@@ -149,6 +149,7 @@ def test_half_bits_rows():
     assert divergence.half_bits_rows(np.array([24, 11, 13, 11, 10]), rows, 24) == (1, 3)
     assert divergence.half_bits_rows(np.array([24, 11, 13, 11, 13]), rows, 24) == (1, None)
     assert divergence.half_bits_rows(np.array([24, 23, 22, 21, 20]), rows, 24) == (None, None)
+    assert divergence.half_bits_rows(np.array([11, 10, 9, 8, 7]), rows, 24) == (0, 0)  # below from the start
 
 
 @settings(max_examples=100, deadline=None)
@@ -302,3 +303,27 @@ def test_measure_pins_one_ulp_and_gives_up_on_non_finite_values():
     for bad in (np.nan, np.inf, -np.inf):  # a NaN alone, or an infinity alone, loses every bit
         run = np.array([1.0, bad], dtype="<f4")
         assert divergence.measure(run, np.array([1.0, 2.0]), ref_lo, "float32") == lost, bad
+
+
+@pytest.mark.parametrize("error, scale, want", [
+    (0.0, 1.0, 24.0),  # exact: the cap
+    (2.0**-10, 1.0, 10.0),  # an error of 2^-10 of the scale: 10 bits
+    (2.0**-10, 4.0, 12.0),
+    (4.0, 1.0, 0.0),  # an error larger than the value: no bit, never negative
+    (1.0, 0.0, 0.0),  # a zero reference and a nonzero error: no bit
+    (math.inf, 1.0, 0.0),
+])
+def test_correct_bits_values(error, scale, want):
+    assert divergence.correct_bits(error, scale, 24) == want
+
+
+def test_a_run_shorter_than_the_reference_is_measured_at_its_own_rows(setup):
+    """A 1-epoch run against the 2-epoch reference: rows 0 and 1, where both exist, and no further."""
+    spec, ref, _ = setup
+    fz = frozen.load(spec)
+    config = controls.RunConfig(controls.Controls(dtype="float32"), epochs=1, audit_every=0)
+    result = runner.run(spec, fz, config)
+    block = divergence.versus_reference(spec, "float32", result.params, result.probe_rows, result.probe,
+                                        TraceLayout.for_spec(spec), reference=ref)
+    assert block is not None and block["rows"] == [0, 1]
+    assert result.params.shape[0] == 2 and list(ref.rows)[:3] == [0, 1, 2]
