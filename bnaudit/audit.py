@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnaudit.blocks import AUDIT_SCHEMA
 from bnaudit.controls import RunConfig
 from bnaudit.reference import engine
 from bnaudit.spec import ExperimentSpec
 
-AUDIT_SCHEMA = "bnaudit.audit/1"
 AUDIT_PRECISION = 128
 OPS = ("linear.out", "bn.mean", "bn.var", "bn.invstd", "bn.out")
 VAR_OVER_EPS_FLAG = 100.0

@@ -38,7 +38,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bnaudit import __version__, compare, fileio, record
+from bnaudit import compare, fileio, record
+from bnaudit._version import __version__
 from bnaudit.errors import InputError, MismatchError, OutputError, UsageError
 from bnaudit.record import Fingerprint
 from bnaudit.spec import ExperimentSpec

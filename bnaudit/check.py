@@ -50,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import __version__, bits, compare, fileio, record
+from bnaudit import bits, compare, fileio, record
+from bnaudit._version import __version__
 from bnaudit.baseline import Baseline, experiment_differences, source_name
 from bnaudit.blocks import DivergenceBlock
 from bnaudit.errors import ExitCode, MismatchError, ReferenceFailure, UsageError

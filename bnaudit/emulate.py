@@ -2,10 +2,12 @@
 
 Environment caps (ATEN_CPU_CAPABILITY and friends) only steer the dispatchers that read
 them; under qemu-user, MKL, oneDNN, ATen and numpy all dispatch on the emulated CPUID, so
-the run takes the code paths a real CPU of that model would.  Measured on this project's
-machine: a native ``--isa default`` run and a run under ``-cpu Nehalem`` (both capability
-DEFAULT) part already in the first Linear layer's forward output at step 0, so the caps
-alone are an incomplete model of another CPU.
+the run takes the code paths a real CPU of that model would.  How far the caps get depends
+on the host: on an AMD EPYC a native ``--isa default`` run and a run under ``-cpu Nehalem``
+(both capability DEFAULT) part already on the initial state, in the first Linear layer's
+output; on an Intel Xeon they are bit-identical, because MKL honours
+``MKL_ENABLE_INSTRUCTIONS`` on Intel CPUs only (README, "What differs by host").  The caps
+are a host-dependent, incomplete model of another CPU; the emulated CPUID is not.
 
 qemu-user is a user-space emulator: the guest is the same Python interpreter binary
 (``sys.executable``: a shell shim such as pyenv's cannot be emulated), the same torch,

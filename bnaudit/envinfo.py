@@ -32,6 +32,23 @@ ISA_REQUIREMENTS = {
 }
 
 
+VARIABLES = {
+    "BNAUDIT_CACHE": "where custom specs' frozen inputs and references are made (default $XDG_CACHE_HOME/bnaudit, "
+                     "else ~/.cache/bnaudit)",
+    "XDG_CACHE_HOME": "the user's cache folder, used when BNAUDIT_CACHE is unset",
+    "BNAUDIT_REFERENCE_DIR": "a folder with frozen/ and mpmath/ to use instead of the shipped data",
+    "BNAUDIT_SIGNING_KEY": "the secret that signs baselines and makes check refuse unsigned ones (never recorded)",
+    "BNAUDIT_DEBUG": "show the traceback of an internal error",
+    "GITHUB_STEP_SUMMARY": "check appends its verdict table to this file (set by GitHub Actions)",
+    "GITHUB_ACTIONS": "'true': errors and failed checks are also printed as ::error annotations",
+}
+"""Every environment variable bnaudit reads for itself, and what it does (README and ``bnaudit --help`` list them).
+
+The numerics variables a run records or sets (``NUMERICS_PREFIXES``, ``NUMERICS_NAMES``,
+``controls.CONTROLLED_PREFIXES``) are another list: bnaudit passes them to runs, it does
+not act on them.  ``BNAUDIT_CPU_MODEL`` is set by bnaudit for an emulated run's process."""
+
+
 def environ() -> dict[str, str]:
     """A copy of the process environment (for building a child's environment)."""
     return dict(os.environ)
@@ -47,10 +64,21 @@ def cache_dir() -> str | None:
     return os.environ.get("BNAUDIT_CACHE") or None
 
 
+def xdg_cache_home() -> str | None:
+    """``XDG_CACHE_HOME``: the user's cache folder (the XDG base directory rule), if set."""
+    value = os.environ.get("XDG_CACHE_HOME")
+    return value if value and os.path.isabs(value) else None  # the spec: a relative path is ignored
+
+
 def signing_key() -> bytes | None:
     """``BNAUDIT_SIGNING_KEY``: the secret that signs and checks baselines (a CI secret), or None."""
     value = os.environ.get("BNAUDIT_SIGNING_KEY")
     return value.encode("utf-8") if value else None
+
+
+def github_actions() -> bool:
+    """``GITHUB_ACTIONS=true``: running as a GitHub Actions step (errors become annotations too)."""
+    return os.environ.get("GITHUB_ACTIONS") == "true"
 
 
 def debug() -> bool:

@@ -36,6 +36,21 @@ class ExitCode(enum.IntEnum):
     """Interrupted (Ctrl-C or SIGTERM); partial results are left in a folder that never parses as complete."""
 
 
+BRIEF = {
+    ExitCode.OK: "ok (compare, check: identical or within policy)",
+    ExitCode.DIFFERENT: "different (check: drift beyond the policy)",
+    ExitCode.USAGE: "bad flag or value, or a request this machine cannot honour",
+    ExitCode.BAD_INPUT: "an input file unreadable, corrupt, edited or of the wrong kind",
+    ExitCode.MISMATCH: "inputs of different experiments",
+    ExitCode.OUTPUT: "output cannot be written or already holds results",
+    ExitCode.RUN_FAILED: "the run failed",
+    ExitCode.MISSING_TOOL: "an external tool (qemu-user) is missing",
+    ExitCode.REFERENCE: "the mpmath reference is missing or failed its check",
+    ExitCode.INTERRUPTED: "interrupted",
+}
+"""Each exit code in a few words: the table every command's ``--help`` ends with."""
+
+
 class BnauditError(Exception):
     """Base of every error bnaudit reports to a user: a message and an exit code."""
 

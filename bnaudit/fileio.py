@@ -43,6 +43,27 @@ MAX_NPY_BYTES = 1024 * 1024 * 1024
 
 # --------------------------------------------------------------------------- writing
 
+PACKAGE = Path(__file__).resolve().parent
+"""bnaudit's own package folder: never written to (in a wheel it holds the shipped data)."""
+
+
+def refuse_installation(out: Path) -> None:
+    """Refuse (exit 5) any output inside bnaudit's package folder.
+
+    An installed bnaudit may be read-only, shared by users, or removed by ``pip
+    uninstall``: what it ships (frozen inputs, the reference) is read there and written
+    elsewhere.  In a source checkout the shipped data lives in ``reference/``, outside
+    the package, so rebuilding it there is allowed.
+    """
+    try:
+        inside = Path(os.path.abspath(out)).resolve().is_relative_to(PACKAGE)
+    except (OSError, RuntimeError):  # a symlink loop: not ours to judge here
+        return
+    if inside:
+        raise OutputError(f"{out} is inside the installed bnaudit package, which bnaudit never writes to; "
+                          "choose another folder (--out)")
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path, what: str) -> Iterator[Path]:
     """A temporary folder beside ``out`` that becomes ``out`` when the block succeeds.
@@ -54,6 +75,7 @@ def atomic_folder(out: Path, what: str) -> Iterator[Path]:
     folder is removed; an OSError becomes one OutputError line naming ``what``.
     """
     out = Path(out)
+    refuse_installation(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -82,6 +104,7 @@ def atomic_folder(out: Path, what: str) -> Iterator[Path]:
 def write_bytes_atomic(out: Path, data: bytes) -> None:
     """Write a file under a temporary name in its folder, then rename it into place."""
     out = Path(out)
+    refuse_installation(out)
     if out.is_dir():
         raise OutputError(f"{out} is a folder")
     try:
@@ -150,6 +173,7 @@ def prepare_output(out: Path, *, force: bool, kind: str) -> None:
     output's lock (``OutputLock``): the leftovers it removes are then nobody's.
     """
     out = Path(out)
+    refuse_installation(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OutputError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
@@ -195,9 +219,11 @@ class OutputLock:
         at once) instead of refusing.
         """
         out = Path(out)
+        refuse_installation(out)
         return cls(out.parent / f".{out.name}.lock", what, wait=wait)
 
     def __enter__(self) -> OutputLock:
+        refuse_installation(self.path.parent)
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,9 @@ Layout of a frozen folder:
     manifest.json spec hash, generator version, sha256 of each file
 
 The default spec's folder ships in ``reference/frozen/<short hash>/``; any other spec
-gets its folder generated on first use in the cache (``BNAUDIT_CACHE``, default
-``~/.cache/bnaudit``).  Regenerate the shipped one with ``bnaudit frozen build``.
+gets its folder generated on first use in the cache (``cache_root``).  A wheel carries
+the shipped folders as package data (``bnaudit/shipped``), read in place and never
+written; in a checkout, ``bnaudit frozen build`` regenerates ``reference/frozen``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -131,16 +133,29 @@ def write(spec: ExperimentSpec, folder: Path) -> Path:
 
 
 def shipped_root() -> Path:
-    """The repository's ``reference/`` folder (data shipped beside the package)."""
+    """Where the default spec's shipped data lives (``frozen/`` and ``mpmath/`` below it).
+
+    In order: ``BNAUDIT_REFERENCE_DIR``; the package data of an installed wheel
+    (``bnaudit/shipped``, found through ``importlib.resources``); the ``reference/``
+    folder of the source checkout the package was imported from.
+    """
     override = envinfo.reference_dir()
     if override:
         return Path(override)
+    installed = resources.files("bnaudit") / "shipped"
+    if installed.is_dir():
+        return Path(str(installed))
     return Path(__file__).resolve().parent.parent / "reference"
 
 
 def cache_root() -> Path:
+    """Where custom specs' frozen inputs and references are made: ``BNAUDIT_CACHE``, else
+    ``$XDG_CACHE_HOME/bnaudit``, else ``~/.cache/bnaudit``."""
     override = envinfo.cache_dir()
-    return Path(override) if override else Path.home() / ".cache" / "bnaudit"
+    if override:
+        return Path(override)
+    xdg = envinfo.xdg_cache_home()
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "bnaudit"
 
 
 def folder_for(spec: ExperimentSpec) -> Path:

@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import __version__, bits
+from bnaudit import bits
+from bnaudit._version import __version__
 from bnaudit.blocks import AuditBlock, ChaosFloor, DivergenceBlock, Fields
 from bnaudit.controls import Controls, Perturbation
 from bnaudit.errors import InputError, MismatchError

@@ -221,6 +221,49 @@ def test_a_check_that_cannot_judge_still_writes_junit_and_the_step_summary(cli, 
     assert error is not None and error.get("message") == message and error.get("type") == f"{kind} (exit {code})"
     assert summary.read_text().startswith(f"### bnaudit check: could not judge ({kind}, exit {code})")
 
+def test_under_github_actions_a_drift_is_also_an_error_annotation(cli, smoke_baseline, drifted, tmp_path,
+                                                                   monkeypatch):
+    import platform
+
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    junit = tmp_path / "junit.xml"
+    code, out, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(drifted), "--json",
+                         "--junit", str(junit))
+    assert code == 1
+    assert json.loads(out)["cases"][0]["verdict"] == "drift"  # stdout is still one JSON document
+    (line,) = [x for x in err.splitlines() if x.startswith("::")]
+    assert line.startswith("::error title=bnaudit check%3A float32_t1_native_nondet::"
+                           "FAIL float32_t1_native_nondet: drift beyond exact")
+    assert "first divergence: initial state (epoch 0, step 0, phase init), layer linear1" in line
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None and suite.get("hostname") == platform.node() != ""
+    code, out, err = cli("check", "--baseline", str(smoke_baseline), "--record", str(make_passing(smoke_baseline)))
+    assert code == 0 and "::error" not in err + out
+
+
+def make_passing(baseline: Path) -> Path:
+    """The baseline file itself is a fingerprint of the baseline's run: it passes."""
+    return baseline
+
+
+def test_under_github_actions_every_error_line_is_also_an_annotation(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    code, _, err = cli("compare", str(tmp_path / "missing"), str(tmp_path / "also-missing"))
+    assert code == 3
+    first, second = err.splitlines()
+    assert first.startswith("bnaudit: error: ")
+    assert second == "::error title=bnaudit (exit 3)::" + first.removeprefix("bnaudit: error: ")
+    monkeypatch.setenv("GITHUB_ACTIONS", "false")
+    assert cli("compare", str(tmp_path / "missing"), str(tmp_path / "also-missing"))[2].count("\n") == 1
+
+
+def test_annotations_escape_what_the_runner_would_read_as_syntax():
+    from bnaudit.report import annotations
+
+    assert annotations.error("a:b,c%", "50% done\r\nnext") == "::error title=a%3Ab%2Cc%25::50%25 done\\r\\nnext"
+    assert annotations.error("t", "x" * 3) == "::error title=t::xxx"
+
+
 # --------------------------------------------------------------------------- exit 2: usage
 
 @pytest.mark.parametrize("args, message", [

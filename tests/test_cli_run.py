@@ -34,8 +34,10 @@ def test_run_table_summary(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["run", "--dtype", "float16"], ExitCode.USAGE, "unknown dtype 'float16'"),
-    (["run", "--isa", "sse9"], ExitCode.USAGE, "unknown ISA 'sse9'"),
+    (["run", "--dtype", "float16"], ExitCode.USAGE, "'float16' is not one of 'float32', 'float64', 'bfloat16'"),
+    (["run", "--isa", "sse9"], ExitCode.USAGE, "'sse9' is not one of 'native', 'default', 'avx2', 'avx512'"),
+    (["check", "--dtype", "f32", "--record", "x"], ExitCode.USAGE, "'f32' is not one of 'float32'"),
+    (["baseline", "create", "--isa", "avx3", "--out", "x"], ExitCode.USAGE, "'avx3' is not one of 'native'"),
     (["run", "--threads", "0"], ExitCode.USAGE, "--threads"),
     (["run", "--epochs", "0"], ExitCode.USAGE, "--epochs must be between"),
     (["run", "--perturb", "linear9.weight[0]:1"], ExitCode.USAGE, "no tensor 'linear9.weight'"),
@@ -168,3 +170,81 @@ def test_a_bare_command_group_prints_readable_help_and_one_error_line(cli, args,
     assert code == 2
     assert out.startswith(f"Usage: {path} [OPTIONS] COMMAND") and "\nCommands:\n" in out
     assert err == f"bnaudit: error: {path}: no command given (its help is above)\n"
+
+
+def _commands():
+    """Every command and group of the CLI, as argument lists (walked from the click tree)."""
+    import typer
+
+    from bnaudit.cli import app
+
+    def walk(command, path):
+        yield path
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+@pytest.mark.parametrize("path", _commands(), ids=lambda p: " ".join(p) or "bnaudit")
+def test_every_help_ends_with_the_exit_codes(cli, path):
+    from bnaudit.errors import BRIEF
+
+    code, out, err = cli(*path, "--help")
+    assert code == 0 and err == ""
+    codes = out[out.rindex("Exit codes: "):]  # the epilog: the last paragraph
+    assert " ".join(codes.split()) == " ".join(f"Exit codes: {'; '.join(f'{int(c)} {t}' for c, t in BRIEF.items())}."
+                                               .split())
+    assert list(BRIEF) == list(ExitCode)
+
+
+def test_every_variable_bnaudit_reads_is_documented_in_the_help_and_the_readme(cli):
+    import ast
+    import re
+    from pathlib import Path
+
+    source = Path(envinfo.__file__).read_text()
+    read = {node.args[0].value for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+            and re.fullmatch(r"[A-Z_]+", node.args[0].value)}
+    from bnaudit.cli import check as check_cli
+
+    read |= {check_cli.STEP_SUMMARY_VARIABLE}
+    read -= {"BNAUDIT_CPU_MODEL"}  # set by bnaudit itself for an emulated run's process
+    assert read == set(envinfo.VARIABLES)
+    _, out, _ = cli("--help")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in envinfo.VARIABLES:
+        assert f"{name}: " in " ".join(out.split()), name
+        assert f"`{name}`" in readme, name
+
+
+def test_dtype_and_isa_are_offered_by_shell_completion(tmp_path):
+    def complete(words: str) -> list[str]:
+        env = {**envinfo.environ(), "_BNAUDIT_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
+        done = subprocess.run([sys.executable, "-m", "bnaudit", *[]], env=env, capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("bnaudit run --dtype ") == ["float32", "float64", "bfloat16", "bf16-mixed"]
+    assert complete("bnaudit run --isa a") == ["avx2", "avx512"]
+    assert complete("bnaudit ref") == ["reference"]
+    script = subprocess.run([sys.executable, "-m", "bnaudit", "--show-completion", "bash"], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert script.returncode == 0 and "_BNAUDIT_COMPLETE=complete_bash" in script.stdout
+
+
+def test_force_and_jobs_are_spelled_alike_everywhere(cli):
+    """--force is a flag (no --no-force) wherever it exists; parallelism is -j/--jobs wherever it exists."""
+    seen = {"--force": 0, "--jobs": 0}
+    for path in _commands():
+        _, out, _ = cli(*path, "--help")
+        assert "--no-force" not in out, path
+        if "--jobs" in out:
+            seen["--jobs"] += 1
+            assert "-j, --jobs" in out, path
+        seen["--force"] += "--force" in out
+    assert seen["--force"] >= 5 and seen["--jobs"] >= 2

@@ -78,6 +78,28 @@ def test_env_is_not_cut():
     _whole(_bnaudit("env"))
 
 
+def test_baseline_and_check_print_paths_and_verdicts_whole(long_runs, tmp_path):
+    a, b = long_runs
+    base = tmp_path / f"{LONG}.json"
+    text = _bnaudit("baseline", "create", "--record", str(a), "--out", str(base))
+    digest = json.loads((a / "fingerprint.json").read_text())["digest"]
+    _whole(text, str(base), digest[:16])
+    text = _bnaudit("check", "--baseline", str(base), "--record", str(b), codes=(1,))
+    _whole(text, str(base), "drift beyond exact", "tensor linear1.weight", "config.perturb.tensor")
+
+
+def test_reference_verify_and_report_print_their_folders_whole(long_runs, tmp_path):
+    from bnaudit import frozen
+
+    shipped = frozen.shipped_root() / "mpmath"
+    (folder,) = [f for f in shipped.iterdir() if f.is_dir() and not f.name.startswith(".")]
+    copy = shutil.copytree(folder, tmp_path / LONG)
+    text = _bnaudit("reference", "verify", "--reference", str(copy), "--epochs", "1", "--random-rows", "0")
+    _whole(text, str(copy), "match bit for bit")
+    report = tmp_path / f"{LONG}report"
+    _whole(_bnaudit("report", *map(str, long_runs), "--out", str(report)), str(report))
+
+
 def test_a_table_wider_than_the_console_keeps_its_cells_and_shape(capsys):
     console = console_policy.Console(width=80, force_terminal=False)
     table = Table(title="t")

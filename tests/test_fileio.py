@@ -152,3 +152,26 @@ def test_json_number_keeps_json_strict():
     assert [fileio.json_number(x) for x in (1.5, 3, None, float("inf"), float("-inf"), float("nan"))] == \
         [1.5, 3, None, "inf", "-inf", "nan"]
     assert json.loads(json.dumps(fileio.json_number(float("nan")), allow_nan=False)) == "nan"
+
+
+@pytest.mark.parametrize("write", [
+    lambda out: fileio.write_text_atomic(out / "x.json", "{}"),
+    lambda out: fileio.prepare_output(out / "record", force=True, kind="record"),
+    lambda out: fileio.atomic_folder(out / "record", "a record").__enter__(),
+    lambda out: fileio.OutputLock.beside(out / "record", "a record").__enter__(),
+    lambda out: fileio.OutputLock(out / ".x.lock", "a record").__enter__(),
+], ids=["file", "prepare", "folder", "lock beside", "lock"])
+def test_nothing_is_ever_written_inside_the_package_folder(write, tmp_path):
+    """In a wheel the package folder holds the shipped data: bnaudit reads it there and writes elsewhere."""
+    inside = fileio.PACKAGE / "shipped" / "frozen"
+    before = sorted(p.relative_to(fileio.PACKAGE) for p in fileio.PACKAGE.rglob("*") if "__pycache__" not in p.parts)
+    with pytest.raises(OutputError, match="inside the installed bnaudit package, which bnaudit never writes to"):
+        write(inside)
+    (tmp_path / "link").symlink_to(fileio.PACKAGE)
+    for other_way in (tmp_path / "link" / "shipped", fileio.PACKAGE / "cli" / ".." / "shipped"):
+        with pytest.raises(OutputError, match="inside the installed bnaudit package"):
+            write(other_way)
+    after = sorted(p.relative_to(fileio.PACKAGE) for p in fileio.PACKAGE.rglob("*") if "__pycache__" not in p.parts)
+    assert after == before
+    fileio.write_text_atomic(tmp_path / "x.json", "{}")  # and anywhere else is fine
+    assert (tmp_path / "x.json").read_text() == "{}"

@@ -9,6 +9,7 @@ import re
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -320,3 +321,23 @@ def test_a_failed_write_is_one_error_line_and_leaves_nothing(tmp_path, monkeypat
     with pytest.raises(OutputError, match=re.escape(f"cannot write frozen inputs to {folder}: No space left")):
         frozen.write(default_spec(), folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a failed write must leave no folder behind"
+
+
+def test_the_cache_is_bnaudit_cache_else_xdg_else_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("BNAUDIT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert frozen.cache_root() == tmp_path / "home" / ".cache" / "bnaudit"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG rule: only absolute paths count
+    assert frozen.cache_root() == tmp_path / "home" / ".cache" / "bnaudit"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert frozen.cache_root() == tmp_path / "xdg" / "bnaudit"
+    monkeypatch.setenv("BNAUDIT_CACHE", str(tmp_path / "mine"))
+    assert frozen.cache_root() == tmp_path / "mine"
+
+
+def test_the_shipped_data_is_the_checkout_s_reference_folder_unless_moved(tmp_path, monkeypatch):
+    root = Path(frozen.__file__).resolve().parent.parent
+    assert frozen.shipped_root() == root / "reference"  # a checkout (tests/test_packaging.py: the wheel's)
+    monkeypatch.setenv("BNAUDIT_REFERENCE_DIR", str(tmp_path))
+    assert frozen.shipped_root() == tmp_path

@@ -20,18 +20,23 @@ try:  # typer >= 0.20 vendors click; older releases use click itself
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
-from bnaudit import __version__, envinfo, interrupts
+from bnaudit import envinfo, interrupts
+from bnaudit._version import __version__
 from bnaudit.cli._options import ERROR_SCHEMA, json_document
-from bnaudit.errors import BnauditError, ExitCode
+from bnaudit.errors import BRIEF, BnauditError, ExitCode
+
+EXIT_CODES = "Exit codes: " + "; ".join(f"{int(code)} {text}" for code, text in BRIEF.items()) + "."
+"""The epilog of every --help (README, "Exit codes", says more)."""
 
 app = typer.Typer(
     name="bnaudit",
     help="Audit the numerical reproducibility of the batch-norm noisy-feature experiment.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},  # command groups inherit it
+    epilog="Environment: " + "; ".join(f"{k}: {v}" for k, v in envinfo.VARIABLES.items()) + ".\n\n" + EXIT_CODES,
 )
 
 
@@ -56,6 +61,18 @@ def _register_commands() -> None:
         register = getattr(module, "register", None)
         if register is not None:
             register(app)
+    _add_epilog(app)
+
+
+def _add_epilog(group: typer.Typer) -> None:
+    """Every command's and group's --help ends with the exit codes."""
+    for command in group.registered_commands:
+        command.epilog = command.epilog or EXIT_CODES
+    for sub in group.registered_groups:
+        sub.epilog = sub.epilog or EXIT_CODES
+        if sub.typer_instance is not None:
+            sub.typer_instance.info.epilog = sub.typer_instance.info.epilog or EXIT_CODES
+            _add_epilog(sub.typer_instance)
 
 
 _register_commands()
@@ -78,6 +95,10 @@ def fail(message: str, code: int, *, as_json: bool = False) -> int:
                                                                 "message": one_line}}) + "\n")
         sys.stdout.flush()
     sys.stderr.write(f"bnaudit: error: {one_line}\n")
+    if envinfo.github_actions():  # the line again, as an annotation on the run's page
+        from bnaudit.report import annotations
+
+        sys.stderr.write(annotations.error(f"bnaudit (exit {int(code)})", one_line) + "\n")
     sys.stderr.flush()
     return int(code)
 

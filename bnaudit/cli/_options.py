@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 import typer
 
-from bnaudit import __version__
+from bnaudit._version import __version__
+from bnaudit.controls import DTYPES, ISAS
 
 ERROR_SCHEMA = "bnaudit.error/1"
 RUN_SCHEMA = "bnaudit.run-summary/1"
 ENV_SCHEMA = "bnaudit.env/1"
+BASELINE_WRITTEN_SCHEMA = "bnaudit.baseline-written/1"
 
 
 def json_document(schema: str, body: dict[str, Any]) -> str:
@@ -21,3 +23,12 @@ def json_document(schema: str, body: dict[str, Any]) -> str:
 
 
 SpecOption = Annotated[Path | None, typer.Option("--spec", help="TOML file overriding the embedded default spec.")]
+
+# --dtype and --isa are choices (shell completion offers them, a typo is a usage error,
+# exit 2); controls.DTYPES and ISAS are the source, and the Literals must list the same.
+Dtype = Literal["float32", "float64", "bfloat16", "bf16-mixed"]
+Isa = Literal["native", "default", "avx2", "avx512"]
+assert get_args(Dtype) == DTYPES and get_args(Isa) == ISAS
+
+DtypeOption = Annotated[Dtype, typer.Option(help="Arithmetic of the run.")]
+IsaOption = Annotated[Isa, typer.Option(help="Cap every dispatcher (ATen, oneDNN, MKL) at this ISA.")]

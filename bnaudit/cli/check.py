@@ -9,17 +9,17 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bnaudit.cli._options import SpecOption
-from bnaudit.controls import DTYPES, ISAS
+from bnaudit.cli._options import BASELINE_WRITTEN_SCHEMA, Dtype, Isa, SpecOption, json_document
 
 if TYPE_CHECKING:
     from bnaudit.baseline import Baseline
 
 STEP_SUMMARY_VARIABLE = "GITHUB_STEP_SUMMARY"
 
-DtypeOption = Annotated[str | None, typer.Option(help=f"Arithmetic of the run: {', '.join(DTYPES)}.")]
+DtypeOption = Annotated[Dtype | None, typer.Option(help="Arithmetic of the run (default: float32, or the source's).")]
 ThreadsOption = Annotated[int | None, typer.Option(min=1, max=1024, help="Intra-op, OpenMP and MKL threads.")]
-IsaOption = Annotated[str | None, typer.Option(help=f"Cap every dispatcher at this ISA: {', '.join(ISAS)}.")]
+IsaOption = Annotated[Isa | None, typer.Option(
+    help="Cap every dispatcher (ATen, oneDNN, MKL) at this ISA (default: the baseline's, or native).")]
 DeterministicOption = Annotated[bool | None, typer.Option(
     "--deterministic/--no-deterministic", help="torch deterministic algorithms.")]
 EpochsOption = Annotated[int | None, typer.Option(min=1, help="Epochs to run (instead of --profile).")]
@@ -39,7 +39,7 @@ def check(
     run_record: Annotated[list[Path] | None, typer.Option(
         "--record", metavar="RUN",
         help="Check this record folder or fingerprint instead of running; repeatable.")] = None,
-    dtype: Annotated[str | None, typer.Option(
+    dtype: Annotated[Dtype | None, typer.Option(
         help="Check only the baseline of this dtype (default: every baseline given).")] = None,
     threads: ThreadsOption = None,
     isa: IsaOption = None,
@@ -62,9 +62,9 @@ def check(
     with BNAUDIT_SIGNING_KEY set: unsigned or wrongly signed), 4 refused comparison
     (another experiment or dtype), 8 bits:N without a reference divergence.
     """
-    from bnaudit import gate
+    from bnaudit import envinfo, gate
     from bnaudit.errors import BnauditError, OutputError, UsageError
-    from bnaudit.report import ci_summary
+    from bnaudit.report import annotations, ci_summary
     from bnaudit.report import junit as junit_report
 
     options = gate.RunOptions(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic, epochs=epochs,
@@ -86,6 +86,9 @@ def check(
     else:
         for line in ci_summary.lines(result):
             typer.echo(line)
+    if envinfo.github_actions():
+        for line in annotations.check_errors(result):
+            typer.echo(line, err=True)
     _step_summary(result)
     if junit is not None:
         junit_report.write(junit, result)
@@ -117,10 +120,11 @@ def _render_baseline(b: Baseline, verb: str, as_json: bool) -> None:
     unsigned = Signature.UNSIGNED
     fp = b.fingerprint
     if as_json:
-        typer.echo(json.dumps({"baseline": b.path, "case": fp.controls.label(), "dtype": b.dtype, "epochs": fp.epochs,
-                               "digest": fp.digest, "spec_hash": fp.spec.hash, "created": b.created,
-                               "updated": b.updated, "made_from": b.made_from, "signed": b.signature is not unsigned,
-                               "cpu_model": fp.environment.get("cpu_model")}, indent=1, sort_keys=True))
+        typer.echo(json_document(BASELINE_WRITTEN_SCHEMA, {
+            "baseline": b.path, "case": fp.controls.label(), "dtype": b.dtype, "epochs": fp.epochs,
+            "digest": fp.digest, "spec_hash": fp.spec.hash, "created": b.created, "updated": b.updated,
+            "made_from": b.made_from, "signed": b.signature is not unsigned,
+            "cpu_model": fp.environment.get("cpu_model")}))
     else:
         typer.echo(f"{verb} baseline {b.path}: {fp.controls.label()}, {fp.epochs} epochs, spec {fp.spec.short_hash}, "
                    f"digest {fp.digest[:16]}, from {b.made_from} on {fp.environment.get('cpu_model', 'unknown CPU')}"
@@ -130,8 +134,8 @@ def _render_baseline(b: Baseline, verb: str, as_json: bool) -> None:
 OutOption = Annotated[Path, typer.Option(metavar="FILE", help="The baseline file to write.")]
 RecordOption = Annotated[Path | None, typer.Option(
     "--record", metavar="RUN", help="Make it from this record folder or fingerprint instead of running.")]
-ForceOption = Annotated[bool, typer.Option(help="create: replace an existing file; update: replace a baseline "
-                                                "that is unreadable or of another experiment.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="create: replace an existing file; update: replace a "
+                                                           "baseline that is unreadable or of another experiment.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")]
 
 

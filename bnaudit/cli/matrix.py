@@ -40,7 +40,8 @@ def matrix(
     out: Annotated[Path | None, typer.Option(
         help="Matrix folder (default: reports/matrix/<preset or grid>-<plan id>); re-running resumes it.")] = None,
     jobs: Annotated[int, typer.Option("-j", "--jobs", help="Configurations run at a time.")] = 1,
-    force: Annotated[bool, typer.Option(help="Start the folder's matrix over (its runs are deleted).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Start the folder's matrix over (its runs are deleted).")] = False,
     trace_epochs: Annotated[str | None, typer.Option(
         metavar="E1,E2", help="Epochs digested step by step, besides epoch 0.")] = None,
     audit_every: Annotated[int, typer.Option(help="Operator audit every N epochs in each run (0 = off).")] = 10,

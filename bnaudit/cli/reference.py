@@ -36,7 +36,7 @@ def reference_build(
     min_digits: Annotated[float, typer.Option(
         help="Decimal digits both precisions must agree on at every stored row.")] = MIN_AGREEMENT_DIGITS,
     jobs: Annotated[int | None, typer.Option(
-        help="Processes: 2 computes the two precisions side by side (same values); "
+        "-j", "--jobs", min=1, help="Processes: 2 computes the two precisions side by side (same values); "
              "default 2 where two CPUs are available, else 1.")] = None,
 ) -> int:
     """Compute the reference at two precisions (resumes an interrupted build) and store it."""

@@ -14,7 +14,8 @@ def report(
         show_default=False)],
     out: Annotated[Path | None, typer.Option(help="Report folder to write (index.html, report.md, figures/).")] = None,
     terminal: Annotated[bool, typer.Option("--terminal", help="Print the key table and a coarse heatmap.")] = False,
-    force: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing report folder (only ever one bnaudit "
+                                                         "wrote).")] = False,
 ) -> int:
     """Draw the report of runs of one experiment: where and when they part, and how well BN is conditioned.
 

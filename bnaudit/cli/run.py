@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from bnaudit.cli._options import ENV_SCHEMA, RUN_SCHEMA, SpecOption, json_document
-from bnaudit.controls import DTYPES, ISAS
+from bnaudit.cli._options import ENV_SCHEMA, RUN_SCHEMA, DtypeOption, IsaOption, SpecOption, json_document
 
 
 def _epoch_list(text: str | None) -> tuple[int, ...]:
@@ -30,14 +29,15 @@ def default_out(label: str, spec_hash: str) -> Path:
 
 
 def run(
-    dtype: Annotated[str, typer.Option(help=f"Arithmetic of the run: {', '.join(DTYPES)}.")] = "float32",
+    dtype: DtypeOption = "float32",
     threads: Annotated[int, typer.Option(min=1, max=1024, help="Intra-op, OpenMP and MKL threads.")] = 1,
-    isa: Annotated[str, typer.Option(help=f"Cap every dispatcher at this ISA: {', '.join(ISAS)}.")] = "native",
+    isa: IsaOption = "native",
     deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic",
                                                 help="torch deterministic algorithms.")] = False,
     epochs: Annotated[int | None, typer.Option(help="Epochs to run (default: the spec's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Record folder (default: reports/runs/<config>-<time>).")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing record folder.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing record folder (only ever one bnaudit wrote).")] = False,
     spec: SpecOption = None,
     perturb: Annotated[str | None, typer.Option(
         metavar="LAYER.PARAM[INDEX]:ULPS", help="Move one initial value by some ulps (the chaos floor).")] = None,

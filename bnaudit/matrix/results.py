@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from bnaudit._version import __version__
 from bnaudit.fileio import json_number
 from bnaudit.layout import PHASES
 from bnaudit.matrix.plan import INHERIT
@@ -286,6 +287,8 @@ class MatrixSummary:
     """Caveats (failed runs, missing reference, ...)."""
     findings: tuple[str, ...] = ()
     """The answers in sentences (``findings.findings``), derived from the fields above."""
+    hosts: tuple[str, ...] = ()
+    """The CPUs that ran the finished runs (their records' ``cpu_model``): the machine the findings hold on."""
 
     @property
     def complete(self) -> bool:
@@ -294,6 +297,7 @@ class MatrixSummary:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": SUMMARY_SCHEMA,
+            "bnaudit": __version__,
             "plan_id": self.plan_id,
             "preset": self.preset,
             "folder": self.folder,
@@ -309,4 +313,5 @@ class MatrixSummary:
             "wall_seconds": json_number(self.wall_seconds),
             "notes": list(self.notes),
             "findings": list(self.findings),
+            "hosts": list(self.hosts),
         }

@@ -340,7 +340,9 @@ def summarise(plan: Plan, out: Path, execution: Execution | None = None) -> Matr
         variants=tuple((v.name, v.spec.hash) for v in plan.variants), grid=plan.grid.to_dict(), runs=tuple(rows),
         classes=tuple(class_rows), verdicts=tuple(verdicts), isa_agreement=tuple(agreements),
         machines=tuple(machines), wall_seconds=None if execution is None else execution.wall_seconds,
-        notes=tuple(notes(rows, class_rows)))
+        notes=tuple(notes(rows, class_rows)),
+        hosts=tuple(sorted({str(rec.fingerprint.environment.get("cpu_model") or "unknown CPU")
+                            for rec in finished.values()})))
     return dataclasses.replace(summary, findings=findings(summary))
 
 

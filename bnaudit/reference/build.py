@@ -473,6 +473,7 @@ def _load_done(work: Path, job: dict[str, Any], columns: store.Columns) -> tuple
 def _open_work(out: Path, work: Path, job: dict[str, Any], columns: store.Columns, rows: list[int],
                epochs: int) -> tuple[_Resume | None, str | None]:
     """The checkpoint to resume or take a prefix from, or a fresh work folder (None); and a note on the old one."""
+    fileio.refuse_installation(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         resume, note = _load_done(work, job, columns)

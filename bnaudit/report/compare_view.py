@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnaudit import fileio
+from bnaudit._version import __version__
 from bnaudit.compare import (
     ClassPair,
     Difference,
@@ -382,11 +383,11 @@ def many_dict(m: ManyComparison) -> dict[str, Any]:
 def to_json(result: Result) -> str:
     """The comparison as JSON text (sorted keys, strict JSON: no NaN literals)."""
     if isinstance(result, PairComparison):
-        body = {"schema": SCHEMA, "kind": "pair", "verdict": "identical" if result.identical else "different",
-                "pair": pair_dict(result)}
+        body = {"schema": SCHEMA, "bnaudit": __version__, "kind": "pair",
+                "verdict": "identical" if result.identical else "different", "pair": pair_dict(result)}
     else:
-        body = {"schema": SCHEMA, "kind": "many", "verdict": "identical" if result.identical else "different",
-                "many": many_dict(result)}
+        body = {"schema": SCHEMA, "bnaudit": __version__, "kind": "many",
+                "verdict": "identical" if result.identical else "different", "many": many_dict(result)}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 

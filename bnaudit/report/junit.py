@@ -10,6 +10,7 @@ value holds, the document is well-formed XML 1.0.
 from __future__ import annotations
 
 import datetime
+import platform
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -39,14 +40,16 @@ def _details(case: CaseResult) -> str:
     return escape.xml("\n".join(rows), multiline=True)
 
 
-def to_xml(result: CheckResult, *, timestamp: str | None = None) -> str:
-    """The JUnit document as text."""
+def to_xml(result: CheckResult, *, timestamp: str | None = None, hostname: str | None = None) -> str:
+    """The JUnit document as text (``hostname``: the machine that judged, default this one)."""
     stamp = timestamp or datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+    host = escape.xml(hostname if hostname is not None else platform.node())
     total = f"{sum(c.seconds for c in result.cases):.3f}"
     tests, failures = str(len(result.cases)), str(len(result.failed))
     root = ET.Element("testsuites", name=SUITE, tests=tests, failures=failures, errors="0", time=total)
     suite = ET.SubElement(root, "testsuite", name=escape.xml(f"{SUITE} ({result.tolerance})"), tests=tests,
-                          failures=failures, errors="0", skipped="0", time=total, timestamp=escape.xml(stamp))
+                          failures=failures, errors="0", skipped="0", time=total, timestamp=escape.xml(stamp),
+                          hostname=host)
     props = ET.SubElement(suite, "properties")
     ET.SubElement(props, "property", name="tolerance", value=escape.xml(result.tolerance))
     for path in result.accept_classes:
@@ -64,7 +67,8 @@ def to_xml(result: CheckResult, *, timestamp: str | None = None) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def error_xml(message: str, kind: str, code: int, *, timestamp: str | None = None) -> str:
+def error_xml(message: str, kind: str, code: int, *, timestamp: str | None = None,
+              hostname: str | None = None) -> str:
     """The JUnit document of a check that could not judge (exit 3, 4, 8...): one ``<error>`` case.
 
     A CI test reporter then shows why the gate did not run, instead of finding no file.
@@ -72,7 +76,8 @@ def error_xml(message: str, kind: str, code: int, *, timestamp: str | None = Non
     stamp = timestamp or datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     root = ET.Element("testsuites", name=SUITE, tests="1", failures="0", errors="1", time="0.000")
     suite = ET.SubElement(root, "testsuite", name=SUITE, tests="1", failures="0", errors="1", skipped="0",
-                          time="0.000", timestamp=escape.xml(stamp))
+                          time="0.000", timestamp=escape.xml(stamp),
+                          hostname=escape.xml(hostname if hostname is not None else platform.node()))
     tc = ET.SubElement(suite, "testcase", classname="bnaudit.check", name="check", time="0.000")
     error = ET.SubElement(tc, "error", message=escape.xml(message), type=escape.xml(f"{kind} (exit {code})"))
     error.text = escape.xml(f"bnaudit check could not judge: {message}", multiline=True)

@@ -159,6 +159,8 @@ def _header(summary: MatrixSummary) -> list[str]:
              f"runs: {len(summary.runs)} ({sum(r.status == 'ran' for r in summary.runs)} run now, "
              f"{sum(r.status == 'resumed' for r in summary.runs)} resumed, "
              f"{sum(r.status == 'failed' for r in summary.runs)} failed)"]
+    if summary.hosts:
+        lines.append(f"host: {', '.join(escape.printable(h) for h in summary.hosts)} (the CPU that ran the runs)")
     if summary.wall_seconds is not None:
         lines.append(f"wall time: {summary.wall_seconds:.1f} s")
     return lines

@@ -11,7 +11,7 @@ import datetime
 
 import numpy as np
 
-from bnaudit import __version__
+from bnaudit._version import __version__
 from bnaudit.report.model import Report
 
 Table = tuple[list[str], list[list[str]]]
@@ -89,6 +89,8 @@ def header_facts(report: Report) -> list[tuple[str, str]]:
         ("runs", f"{len(report.runs)} in {len(report.classes)} class(es) of bit-identical results"),
         ("epochs", ", ".join(str(e) for e in epochs) + f" of {spec.train.epochs}"),
         ("inputs", ", ".join(report.sources)),
+        ("host", ", ".join(sorted({str(r.record.fingerprint.environment.get("cpu_model") or "unknown CPU")
+                                   for r in report.runs})) + " (the CPU that ran the runs)"),
         ("generated", f"bnaudit {__version__}, "
                       f"{datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}"),
     ]

@@ -14,7 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bnaudit import __version__, fileio
+from bnaudit import fileio
+from bnaudit._version import __version__
 from bnaudit.errors import OutputError
 from bnaudit.report import build, figures, html, markdown
 from bnaudit.report.model import Report
