@@ -248,3 +248,18 @@ def test_force_and_jobs_are_spelled_alike_everywhere(cli):
             assert "-j, --jobs" in out, path
         seen["--force"] += "--force" in out
     assert seen["--force"] >= 5 and seen["--jobs"] >= 2
+
+
+def test_the_json_summary_of_a_run_that_diverged_is_strict_json(cli, tmp_path):
+    spec = tmp_path / "diverges.toml"
+    spec.write_text("[train]\nlr = 10.0\n")  # the largest rate a spec accepts; it overflows in epoch 0
+    code, out, err = cli("run", "--spec", str(spec), "--epochs", "1", "--audit-every", "0", "--out",
+                         str(tmp_path / "r"), "--json")
+    assert code == 0, err
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in a --json output")
+
+    summary = json.loads(out, parse_constant=refuse)  # no NaN or Infinity literal anywhere
+    assert summary["nonfinite"] is not None
+    assert summary["train_loss"] in ("nan", "inf", "-inf") and summary["test_loss"] in ("nan", "inf", "-inf")

@@ -175,8 +175,9 @@ def installed(wheel: Path) -> Iterator[Installed]:
         assert done.returncode == 0, done.stderr
         done = box(python, "-m", "venv", str(box.venv), cwd=home)
         assert done.returncode == 0, done.stderr
-        done = box(str(box.venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(constraints), str(own),
-                   cwd=home)
+        # --no-compile: byte-compiling torch's sources would be more than half of the install's time.
+        done = box(str(box.venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", "-c",
+                   str(constraints), str(own), cwd=home)
         assert done.returncode == 0, done.stderr[-3000:]
         package = box.site_package()
         if uid is not None:  # the installation belongs to root and is read-only, as on a shared machine

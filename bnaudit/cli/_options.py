@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import typer
 
+from bnaudit import fileio
 from bnaudit._version import __version__
 from bnaudit.controls import DTYPES, ISAS
 
@@ -18,8 +19,23 @@ BASELINE_WRITTEN_SCHEMA = "bnaudit.baseline-written/1"
 
 
 def json_document(schema: str, body: dict[str, Any]) -> str:
-    """A ``--json`` output: its schema and the bnaudit version that wrote it, then the body."""
-    return json.dumps({"schema": schema, "bnaudit": __version__, **body}, indent=1, sort_keys=True)
+    """A ``--json`` output: its schema and the bnaudit version that wrote it, then the body.
+
+    Strict JSON: a non-finite number (the losses of a run that diverged) is written as the
+    string "nan", "inf" or "-inf", as in every other document bnaudit writes.
+    """
+    return json.dumps(_strict({"schema": schema, "bnaudit": __version__, **body}), indent=1, sort_keys=True,
+                      allow_nan=False)
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float):
+        return fileio.json_number(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
 
 
 SpecOption = Annotated[Path | None, typer.Option("--spec", help="TOML file overriding the embedded default spec.")]
