@@ -101,11 +101,11 @@ def _require(name: str, value: object, kind: type, *, optional: bool = False) ->
 
 
 def _epochs_traced(trace_epochs: Iterable[int]) -> tuple[int, ...]:
-    """The traced epochs as a run records them: sorted, once each, epoch 0 always."""
+    """The traced epochs given, each checked to be an int (RunConfig.requested sorts them and adds epoch 0)."""
     values = tuple(trace_epochs)
     for e in values:
         _require("trace_epochs", e, int)
-    return tuple(sorted({*values, 0}))
+    return values
 
 
 def run(
@@ -146,13 +146,8 @@ def run(
     experiment = load_spec(None if spec is None else Path(spec))
     c = controls.Controls(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
                           onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model)
-    config = controls.RunConfig(
-        controls=c,
-        epochs=experiment.train.epochs if epochs is None else epochs,
-        perturb=None if perturb is None else controls.parse_perturbation(perturb, experiment),
-        trace_epochs=_epochs_traced(trace_epochs),
-        audit_every=audit_every,
-    )
+    config = controls.RunConfig.requested(experiment, c, epochs=epochs, perturb=perturb,
+                                          trace_epochs=_epochs_traced(trace_epochs), audit_every=audit_every)
     controls.validate(config, experiment)  # before a temporary folder is made for a run that cannot start
     target = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"bnaudit-{c.label()}-"))
     try:

@@ -184,6 +184,16 @@ class RunConfig:
         }
 
     @classmethod
+    def requested(cls, spec: ExperimentSpec, controls: Controls, *, epochs: int | None = None,
+                  perturb: str | None = None, trace_epochs: tuple[int, ...] = (),
+                  audit_every: int = 10) -> RunConfig:
+        """What ``bnaudit run`` (and ``bnaudit.api.run``) asks for: the spec's epochs unless given,
+        ``perturb`` parsed against the spec's tensors, epoch 0 always traced."""
+        return cls(controls=controls, epochs=spec.train.epochs if epochs is None else epochs,
+                   perturb=None if perturb is None else parse_perturbation(perturb, spec),
+                   trace_epochs=tuple(sorted({*trace_epochs, 0})), audit_every=audit_every)
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         p = raw.get("perturb")
         return cls(

@@ -85,14 +85,13 @@ def test_the_wheel_carries_every_module_and_the_shipped_data(wheel: Path) -> Non
 
 
 def _as_user(uid: int | None) -> dict:
-    return {} if uid is None else {"user": uid, "group": uid if uid != 65534 else _nogroup(), "extra_groups": []}
+    return {} if uid is None else {"user": uid, "group": _group_of(uid), "extra_groups": []}
 
 
-def _nogroup() -> int:
-    import grp
+def _group_of(uid: int) -> int:
     import pwd
 
-    return pwd.getpwuid(65534).pw_gid if _has_uid(65534) else grp.getgrnam("nogroup").gr_gid
+    return pwd.getpwuid(uid).pw_gid
 
 
 def _has_uid(uid: int) -> bool:
@@ -169,7 +168,7 @@ def installed(wheel: Path) -> Iterator[Installed]:
         constraints = shutil.copy(ROOT / "constraints.txt", home / "constraints.txt")
         for path in (home, Path(own), Path(constraints)):
             if uid is not None:
-                os.chown(path, uid, _nogroup())
+                os.chown(path, uid, _group_of(uid))
         box = Installed(home, uid)
         done = box("mkdir", str(box.work), cwd=home)
         assert done.returncode == 0, done.stderr

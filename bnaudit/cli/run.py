@@ -59,13 +59,8 @@ def run(
     experiment = load_spec(spec)
     c = controls.Controls(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
                           onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model)
-    config = controls.RunConfig(
-        controls=c,
-        epochs=experiment.train.epochs if epochs is None else epochs,
-        perturb=None if perturb is None else controls.parse_perturbation(perturb, experiment),
-        trace_epochs=_epoch_list(trace_epochs),
-        audit_every=audit_every,
-    )
+    config = controls.RunConfig.requested(experiment, c, epochs=epochs, perturb=perturb,
+                                          trace_epochs=_epoch_list(trace_epochs), audit_every=audit_every)
     target = out if out is not None else default_out(c.label(), experiment.hash)
     with run_summary.progress(config.epochs, c.label(), enabled=not as_json) as advance:
         summary = launch.run(experiment, config, target, force=force, on_progress=advance)
