@@ -9,12 +9,12 @@ interpreter):
 
 - check: ``bnaudit check --baseline signed.json --profile smoke`` with
   ``BNAUDIT_SIGNING_KEY`` set: the baseline's seal and signature, the run's record.json
-  checksum and every parameter and running statistic against its epoch digest, the
+  checksum and every parameter and running statistic against its state digest, the
   non-finite guard (and under ``--tolerance bits:N`` the divergence recomputed from the
   record's arrays);
 - unverified: the same check of the unsigned baseline without a key, with those checks
   patched out in the launcher (record.json's content_sha256 taken as given,
-  ``record.verify_state_digests`` and ``check.nonfinite_parameters`` no-ops, and under
+  ``record.verify_state_rows`` and ``check.nonfinite_parameters`` no-ops, and under
   bits:N the carried divergence block used as is): what the check cost before issue 11,
   measured on today's code;
 - run: ``bnaudit run`` of the smoke profile's epochs: what checking adds to running;
@@ -48,7 +48,7 @@ LAUNCHER = """
 import sys
 if sys.argv[1] == "unverified":
     from bnaudit import check, divergence, gate, record
-    record.verify_state_digests = lambda *args, **kwargs: None
+    record.verify_state_rows = lambda *args, **kwargs: None
     record.record_sha256 = lambda meta: meta.get("content_sha256")
     check.nonfinite_parameters = lambda *args, **kwargs: None
     attach = gate.with_reference

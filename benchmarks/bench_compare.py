@@ -12,8 +12,8 @@ process, alternating, each repeat timing all three in turn:
 
 - compare: what ``bnaudit compare A B --json`` does, load included, through the real CLI
   (``bnaudit.cli.main``), output discarded.  Loading verifies every array file's sha256,
-  record.json's own ``content_sha256`` and every parameter and running statistic at
-  every epoch row against its epoch digest (``record.verify_state_digests``);
+  record.json's own ``content_sha256`` and every epoch row of parameters and running
+  statistics against its state digest (``record.verify_state_rows``);
 - unverified: the same command with those last two checks patched out (the checks that
   issue 11 added; what compare cost before them, measured on today's code: every other
   difference between then and now is in both);
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import statistics
 import subprocess
 import sys
@@ -44,13 +45,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bnaudit.record import RECORD_SCHEMA
+
 TARGET_SECONDS = 2.0
 TARGET_RATIO = 1.10
 
 
 def make(folder: Path, epochs: int, name: str, *extra: str) -> Path:
     out = folder / f"{name}-{epochs}"
-    if not (out / "record.json").exists():
+    if not (out / "record.json").exists() or json.loads((out / "record.json").read_text())["schema"] != RECORD_SCHEMA:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "bnaudit", "run", "--epochs", str(epochs), "--threads", "1",
                         "--out", str(out), "--force", "--json", *extra], check=True, stdout=subprocess.DEVNULL)
@@ -71,12 +74,12 @@ def unverified() -> Iterator[None]:
     """Loading without record.json's content_sha256 check and without the per-row state digests."""
     from bnaudit import record
 
-    saved = record.verify_state_digests, record.record_sha256
-    record.verify_state_digests, record.record_sha256 = _no_state_digests, _as_given
+    saved = record.verify_state_rows, record.record_sha256
+    record.verify_state_rows, record.record_sha256 = _no_state_digests, _as_given
     try:
         yield
     finally:
-        record.verify_state_digests, record.record_sha256 = saved
+        record.verify_state_rows, record.record_sha256 = saved
 
 
 def _timed(fn: Callable[[], None]) -> float:

@@ -1,7 +1,7 @@
 """The baseline file of ``bnaudit check``: a fingerprint sealed whole, and optionally signed.
 
-A **baseline** is a fingerprint file (``bnaudit.fingerprint/1``, so ``bnaudit compare``
-reads it as is) with one more block, ``extra["baseline"]``::
+A **baseline** is a fingerprint file (``bnaudit.fingerprint/2``, or /1 from an older
+bnaudit; so ``bnaudit compare`` reads it as is) with one more block, ``extra["baseline"]``::
 
     {"schema": "bnaudit.baseline/2", "bnaudit": VERSION, "created": ISO-8601 UTC,
      "updated": ISO-8601 UTC or null, "made_from": NAME, "sha256": HEX, "signature": HEX or null}
@@ -159,7 +159,7 @@ def _block(raw: dict[str, Any], where: str, name: str) -> dict[str, Any]:
     extra = raw.get("extra")
     block = extra.get("baseline") if isinstance(extra, dict) else None
     if block is None:
-        if raw.get("schema") in (record.FINGERPRINT_SCHEMA, record.RECORD_SCHEMA):
+        if raw.get("schema") in (*record.FINGERPRINT_SCHEMAS, *record.RECORD_SCHEMAS):
             raise InputError(f"{where}: a fingerprint, not a baseline; make one with "
                              f"bnaudit baseline create --record {name} --out FILE")
         raise InputError(f"{where}: not a bnaudit baseline (no baseline block)")
@@ -204,7 +204,7 @@ def load_baseline(path: Path | str, *, key: bytes | None) -> Baseline:
     if seal(raw) != fields["sha256"]:
         raise InputError(f"{where}: content does not match its sha256 (edited or corrupt baseline)")
     signature = _signature_state(raw, fields["signature"], key, where)
-    if raw.get("schema") != record.FINGERPRINT_SCHEMA:
+    if raw.get("schema") not in record.FINGERPRINT_SCHEMAS:
         raise InputError(f"{where}: schema {str(raw.get('schema'))[:40]!r} is not {record.FINGERPRINT_SCHEMA}")
     return Baseline(path=where, fingerprint=record.read_fingerprint(path), created=str(fields["created"]),
                     updated=fields["updated"], made_from=str(fields["made_from"]), signature=signature)
@@ -281,7 +281,7 @@ def baseline_dict(source: Path, *, created: str | None = None, updated: str | No
         if record.read_fingerprint(fp_file).digest != full.digest:
             raise InputError(f"{fp_file}: does not match its record (edited or corrupt)")
     raw = fileio.read_json(fp_file, "fingerprint")
-    if raw.get("schema") != record.FINGERPRINT_SCHEMA:
+    if raw.get("schema") not in record.FINGERPRINT_SCHEMAS:
         raise InputError(f"{fp_file}: schema {str(raw.get('schema'))[:40]!r} is not {record.FINGERPRINT_SCHEMA}")
     record.read_fingerprint(fp_file)  # field by field, digest recomputed
     if key is not None and _escaped(key) in json.dumps(raw, ensure_ascii=False):

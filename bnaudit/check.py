@@ -386,7 +386,8 @@ def _accepted(candidate: Fingerprint, classes: Sequence[Fingerprint]) -> str | N
     for cls in classes:
         if cls.epochs < candidate.epochs or cls.spec.hash != candidate.spec.hash or cls.storage != candidate.storage:
             continue
-        if record.prefix(cls, candidate.epochs).digest == candidate.digest:
+        accepted, cand = record.comparable([record.prefix(cls, candidate.epochs), candidate])
+        if accepted.digest == cand.digest:
             return cls.source
     return None
 

@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import bits, divergence
+from bnaudit import bits, divergence, record
 from bnaudit.errors import InputError, MismatchError
+from bnaudit.layout import TraceLayout
 from bnaudit.record import Fingerprint, TensorKey
 from bnaudit.spec import ExperimentSpec
 
@@ -359,9 +360,44 @@ def _epoch_view(a: Fingerprint, b: Fingerprint, n_rows: int) -> tuple[str, list[
             r = int(inconsistent[0])
             raise InputError(f"{a.source} / {b.source}: epoch row {r} has equal row digests but different "
                              f"{granularity} digests (an edited or corrupt input)")
+        if a.state_digests is not None and b.state_digests is not None:
+            state_differs = a.state_digests[:n_rows] != b.state_digests[:n_rows]
+            _check_state_consistent(a, b, keys, differs, state_differs, granularity)
+            row_differs = row_differs | state_differs
     else:
         row_differs = differs.any(axis=1)
     return granularity, keys, differs, row_differs
+
+
+def _check_state_consistent(a: Fingerprint, b: Fingerprint, keys: list[Any], differs: np.ndarray,
+                            state_differs: np.ndarray, granularity: str) -> None:
+    """The state digests and the digests of the tensors they cover say the same thing, row by row.
+
+    A row's state is its parameters and running statistics.  With per-tensor digests
+    (two records) the state differs exactly where one of those tensors does; with group
+    digests, a running-statistics group (nothing else in it) differs only where the
+    state does, and a state that differs shows in a parameter or running-statistics
+    group (all of them colliding in 32 bits at once is not a chance worth a verdict).
+    """
+    layout = TraceLayout.for_spec(a.spec)
+    stored = {name for name, _ in layout.params} | {name for name, _ in layout.buffers}
+    if granularity == "epoch-tensor":
+        covered = np.array([k.key in stored for k in keys], dtype=bool)
+        exact = covered
+    else:
+        members: dict[Any, set[str]] = {}
+        for t in layout.epoch_tensors:
+            members.setdefault((t.phase, t.layer), set()).add(t.key)
+        covered = np.array([bool(members.get(g, set()) & stored) for g in keys], dtype=bool)
+        exact = np.array([bool(members.get(g)) and members[g] <= stored for g in keys], dtype=bool)
+    shows = differs[:, covered].any(axis=1) if covered.any() else np.zeros(len(differs), bool)
+    hidden = np.flatnonzero(~state_differs & differs[:, exact].any(axis=1)) if exact.any() else np.zeros(0, np.intp)
+    unseen = np.flatnonzero(state_differs & ~shows)
+    for rows, what in ((hidden, "equal state digests but different parameter or running-statistics digests"),
+                       (unseen, "different state digests but equal parameter and running-statistics digests")):
+        if len(rows):
+            raise InputError(f"{a.source} / {b.source}: epoch row {int(rows[0])} has {what} "
+                             "(an edited or corrupt input)")
 
 
 def _check_snapshots_consistent(a: Fingerprint, b: Fingerprint, row_differs: np.ndarray) -> None:
@@ -601,6 +637,7 @@ def closer_to_reference(a: Fingerprint, b: Fingerprint) -> dict[str, str] | None
 def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool = False) -> PairComparison:
     """Compare two runs (refusing different experiments unless allowed)."""
     ensure_comparable(a, b, allow_different_spec=allow_different_spec)
+    a, b = record.comparable([a, b])
     epochs = min(a.epochs, b.epochs)
     first, granularity, n_steps, n_rows = first_difference(a, b, epochs=epochs)
     identical = first is None
@@ -623,6 +660,7 @@ def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool =
 
 def equivalence_classes(fps: Sequence[Fingerprint]) -> list[EquivalenceClass]:
     """Classes of identical digests, in order of first appearance, with the facts their members share."""
+    fps = record.comparable(fps)
     groups: dict[str, list[int]] = {}
     for i, fp in enumerate(fps):
         groups.setdefault(fp.digest, []).append(i)
@@ -644,6 +682,7 @@ def compare_many(fps: Sequence[Fingerprint], *, allow_different_spec: bool = Fal
     """Group inputs into classes of bit-identical runs; compare every pair of classes."""
     for fp in fps[1:]:
         ensure_comparable(fps[0], fp, allow_different_spec=allow_different_spec)
+    fps = record.comparable(fps)
     classes = equivalence_classes(fps)
     pairs = []
     for i in range(len(classes)):

@@ -133,15 +133,19 @@ def storage_numpy(storage: str) -> np.dtype:
     return np.dtype(bits.storage(storage).numpy_dtype)
 
 
-def digest(data: Any) -> int:
-    """The first 64 bits of sha256 of raw bytes, as an integer; 0 is reserved for "no tensor".
+def digest(data: Any, *more: Any) -> int:
+    """The first 64 bits of sha256 of raw bytes (``data``, then each of ``more``), as an integer; 0 is reserved for
+    "no tensor".
 
     sha256 rather than blake2b: with the SHA extensions of current x86 CPUs it hashes
     about twice as fast here (1.7 vs 0.85 GB/s), and the digests sit in the training loop.
     """
     if data is None:
         return 0
-    value = int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+    h = hashlib.sha256(data)
+    for part in more:
+        h.update(part)
+    value = int.from_bytes(h.digest()[:8], "little")
     return value or 1
 
 

@@ -11,6 +11,8 @@ A **record** is a folder written by one run:
     step_loss.npy   (epochs, steps) float64 training loss of every step
     min_var.npy     (epochs+1, n_bn) float64 smallest per-unit batch variance (computed in float64) / eps
     epoch_digests.npy (epochs+1, n_epoch_tensors) uint64 digests at each epoch end
+    state_digests.npy (epochs+1,) uint64 digest of each epoch row's whole state: its
+                    parameters' bytes, then its running statistics' (``state_digests``)
     step_digests.npy  (n_step_rows, n_step_tensors) uint64 digests after each traced step
     step_rows.npy   (n_step_rows, 2) int64 (epoch, step) of each traced step
     probe.npy       (n_probe_rows, n_probe) probe-batch activations at the probe schedule's rows
@@ -18,12 +20,15 @@ A **record** is a folder written by one run:
 
 The folder is written under a temporary name and renamed when complete, and
 record.json holds the sha256 of every array file: an interrupted or edited record
-never loads.
+never loads.  Loading also checks every row of params.npy and buffers.npy against its
+state digest, which the overall digest covers: values edited at any row, with every
+file hash and the record's checksum recomputed, still give another overall digest, so
+the record no longer compares identical to the run it was.
 
 A **fingerprint** is one small JSON file (a few hundred kB for 1000 epochs) meant to be
 committed or pasted into a CI log.  It holds full 64-bit digests of every tensor of the
-traced steps, a 64-bit digest of each epoch end, a 32-bit digest per (phase, layer)
-group of each epoch end, and exact parameters at a few epochs (keyframes).  That is enough
+traced steps, a 64-bit digest of each epoch end and of its state, a 32-bit digest per
+(phase, layer) group of each epoch end, and exact parameters at a few epochs (keyframes).  That is enough
 to tell bit-identical from different, and to name the first differing epoch, step,
 phase, layer and tensor, from fingerprints alone.
 
@@ -34,10 +39,12 @@ are decoded by ``bnaudit.blocks``.  This module is numpy-only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +68,18 @@ from bnaudit.fileio import (
 from bnaudit.layout import TensorKey, TraceLayout, digest, keyframe_schedule, probe_schedule
 from bnaudit.spec import ExperimentSpec, spec_from_record_dict
 
-RECORD_SCHEMA = "bnaudit.record/2"
-"""2: record.json carries ``content_sha256``, a checksum over its own content."""
+RECORD_SCHEMA = "bnaudit.record/3"
+"""2: record.json carries ``content_sha256``, a checksum over its own content.
+3: state_digests.npy, a digest of each epoch row's state, covered by the overall digest."""
+LEGACY_RECORD = "bnaudit.record/2"
+"""Still loaded: its every per-tensor epoch digest is checked against the arrays instead."""
 OLD_RECORD_SCHEMAS = ("bnaudit.record/1",)
-FINGERPRINT_SCHEMA = "bnaudit.fingerprint/1"
+FINGERPRINT_SCHEMA = "bnaudit.fingerprint/2"
+"""2: ``state_digests``, the record's, covered by the overall digest."""
+LEGACY_FINGERPRINT = "bnaudit.fingerprint/1"
+"""Still loaded (a committed baseline of an older bnaudit); compared as ``Fingerprint.legacy``."""
+FINGERPRINT_SCHEMAS = (FINGERPRINT_SCHEMA, LEGACY_FINGERPRINT)
+RECORD_SCHEMAS = (RECORD_SCHEMA, LEGACY_RECORD)
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _HEXS = re.compile(r"[0-9a-f]*")
 
@@ -128,7 +143,7 @@ class Fingerprint:
     storage: str
     """Storage dtype of parameters (float32, float64, bfloat16)."""
     digest: str
-    """sha256 over all epoch digests and epoch-0 step digests: equal iff the runs are identical."""
+    """sha256 over the epoch digests, state digests (if any) and epoch-0 step digests: equal iff identical runs."""
     step_tensors: tuple[TensorKey, ...]
     """Layout of step digests."""
     step_rows: np.ndarray
@@ -165,6 +180,27 @@ class Fingerprint:
     """``extra["operator_audit"]`` decoded: the operator audit."""
     floor: ChaosFloor | None = None
     """``extra["perturbation"]`` decoded: the chaos floor of a --perturb run."""
+    state_digests: np.ndarray | None = None
+    """(epochs+1,) uint64 digest of each epoch row's parameters and running statistics
+    (``state_digests``), covered by ``digest``; None in inputs of an older bnaudit."""
+    tensor_check: Callable[[], None] | None = dataclasses.field(default=None, compare=False, repr=False)
+    """A record's check of every per-tensor epoch digest against its arrays, run (once) by
+    ``legacy``; None where there is nothing left to check."""
+
+    def legacy(self) -> Fingerprint:
+        """This input as an older bnaudit compares it: its identity from the epoch digests alone.
+
+        Without the state digests nothing but the per-tensor digests binds a record's
+        arrays to its identity, so a record's are checked against its arrays first, at
+        every row.
+        """
+        if self.state_digests is None:
+            return self
+        if self.tensor_check is not None:
+            self.tensor_check()
+        return dataclasses.replace(
+            self, state_digests=None, tensor_check=None,
+            digest=overall_digest(self.spec.hash, self.storage, self.row_digests, self.step_rows, self.step_digests))
 
     @property
     def controls(self) -> Controls:
@@ -202,15 +238,42 @@ def row_digests(digests: np.ndarray) -> np.ndarray:
     return np.array([_combine(r) for r in digests], dtype=np.uint64)
 
 
+def state_digests(params: np.ndarray, buffers: np.ndarray) -> np.ndarray:
+    """64-bit digest (``layout.digest``) of each epoch row's state: its parameters' bytes, then its running statistics'.
+
+    One hash per row: checking a 1000-epoch record's arrays against these costs a few
+    milliseconds, where its 32 000 per-tensor digests cost tens.
+    """
+    rows = zip(np.ascontiguousarray(params), np.ascontiguousarray(buffers))
+    return np.array([digest(p, b) for p, b in rows], dtype=np.uint64)
+
+
 def overall_digest(spec_hash: str, storage: str, epoch_rows: np.ndarray, step_rows: np.ndarray,
-                   step_digests: np.ndarray) -> str:
-    """sha256 of everything two identical runs share: epoch-row digests and epoch-0 steps."""
+                   step_digests: np.ndarray, state: np.ndarray | None = None) -> str:
+    """sha256 of everything two identical runs share: epoch-row digests, epoch-0 steps and the state digests.
+
+    Without ``state`` (an older bnaudit's inputs, and ``Fingerprint.legacy``) the
+    digest is the older definition, byte for byte.
+    """
     h = hashlib.sha256()
     h.update(f"{spec_hash}:{storage}:{len(epoch_rows)}:".encode())
     h.update(np.ascontiguousarray(epoch_rows, dtype="<u8").tobytes())
     first = step_rows[:, 0] == 0 if len(step_rows) else np.zeros(0, bool)
     h.update(np.ascontiguousarray(step_digests[first], dtype="<u8").tobytes())
+    if state is not None:
+        h.update(b"state:" + np.ascontiguousarray(state, dtype="<u8").tobytes())
     return h.hexdigest()
+
+
+def comparable(fps: Sequence[Fingerprint]) -> list[Fingerprint]:
+    """The inputs on one footing: as they are when every one carries state digests, else each as ``legacy``.
+
+    The overall digest of a fingerprint/2 or record/3 covers its state digests, an older
+    one's does not; mixed, they are compared as the older bnaudit compared them.
+    """
+    if all(fp.state_digests is not None for fp in fps):
+        return list(fps)
+    return [fp.legacy() for fp in fps]
 
 
 def content_sha256(doc: dict[str, Any]) -> str:
@@ -268,6 +331,7 @@ def fingerprint_dict(meta: dict[str, Any], arrays: dict[str, np.ndarray], layout
         "epoch_groups": [list(g) for g in groups],
         "epoch_group_digests": b64encode(gd.astype("<u4")),
         "epoch_digests": [format(int(d), "016x") for d in rd],
+        "state_digests": [format(int(d), "016x") for d in arrays["state_digests"]],
         "losses": {
             "train": bits.to_hex(arrays["losses"][:, 0], "float64"),
             "test": bits.to_hex(arrays["losses"][:, 1], "float64"),
@@ -291,6 +355,7 @@ def write_record(out: Path, meta: dict[str, Any], result: RunResult, layout: Tra
         "step_loss": result.step_loss.astype("<f8"),
         "min_var": result.min_var_over_eps.astype("<f8"),
         "epoch_digests": result.epoch_digests.astype("<u8"),
+        "state_digests": state_digests(result.params, result.buffers).astype("<u8"),
         "step_digests": result.step_digests.astype("<u8"),
         "step_rows": result.step_rows.astype("<i8"),
         "probe": result.probe,
@@ -298,7 +363,7 @@ def write_record(out: Path, meta: dict[str, Any], result: RunResult, layout: Tra
     probe_rows = [int(r) for r in result.probe_rows]
     meta = dict(meta)
     meta["digest"] = overall_digest(meta["spec_hash"], meta["storage"], row_digests(arrays["epoch_digests"]),
-                                    arrays["step_rows"], arrays["step_digests"])
+                                    arrays["step_rows"], arrays["step_digests"], arrays["state_digests"])
     meta["nonfinite"] = result.nonfinite
     meta["probe_rows"] = probe_rows
     meta["train_seconds"] = result.train_seconds
@@ -422,8 +487,8 @@ def read_fingerprint(path: Path) -> Fingerprint:
     where = str(path)
     f = Fields(raw, where)
     schema = f.get("schema", str)
-    if schema != FINGERPRINT_SCHEMA:
-        if schema in (RECORD_SCHEMA, *OLD_RECORD_SCHEMAS):
+    if schema not in FINGERPRINT_SCHEMAS:
+        if schema in (*RECORD_SCHEMAS, *OLD_RECORD_SCHEMAS):
             return read_record(path.parent)
         raise InputError(f"{where}: schema {schema[:40]!r} is not {FINGERPRINT_SCHEMA}")
     if f.get("content_sha256", str) != content_sha256(raw):
@@ -448,6 +513,11 @@ def read_fingerprint(path: Path) -> Fingerprint:
     rd = _hex64(f.get("epoch_digests", list), where, "epoch_digests")
     if len(rd) != epochs + 1:
         raise InputError(f"{where}: {len(rd)} epoch digests for {epochs} epochs")
+    state = None
+    if schema == FINGERPRINT_SCHEMA:
+        state = _hex64(f.get("state_digests", list), where, "state_digests")
+        if len(state) != epochs + 1:
+            raise InputError(f"{where}: {len(state)} state digests for {epochs} epochs")
     snaps = Fields(f.get("snapshots", dict), where)
     rows = snaps.get("rows", list)
     if rows != keyframe_schedule(epochs):
@@ -465,7 +535,7 @@ def read_fingerprint(path: Path) -> Fingerprint:
         raise InputError(f"{where}: malformed losses") from None
     if len(train) != epochs + 1 or len(test) != epochs + 1:
         raise InputError(f"{where}: losses do not cover {epochs} epochs")
-    recomputed = overall_digest(spec.hash, c["storage"], rd, step_rows, step_digests)
+    recomputed = overall_digest(spec.hash, c["storage"], rd, step_rows, step_digests, state)
     if recomputed != c["digest"]:
         raise InputError(f"{where}: digest does not match the digests it summarises (edited or corrupt)")
     extra = f.get("extra", dict, optional=True) or {}
@@ -475,7 +545,8 @@ def read_fingerprint(path: Path) -> Fingerprint:
         step_tensors=step_tensors, step_rows=step_rows, step_digests=step_digests,
         epoch_tensors=(), epoch_digests=None, groups=groups, group_digests=gd, row_digests=rd,
         keyframe_rows=np.array(rows, dtype=np.int64), keyframes=snapshots, params=params,
-        train_loss=train, test_loss=test, nonfinite=c["nonfinite"], extra=extra, **decode_extra(extra, where))
+        train_loss=train, test_loss=test, nonfinite=c["nonfinite"], extra=extra, state_digests=state,
+        **decode_extra(extra, where))
 
 
 def prefix(fp: Fingerprint, epochs: int) -> Fingerprint:
@@ -494,9 +565,10 @@ def prefix(fp: Fingerprint, epochs: int) -> Fingerprint:
     steps = fp.step_rows[:, 0] < epochs if len(fp.step_rows) else np.zeros(0, bool)
     keep = fp.keyframe_rows <= epochs
     rows = fp.row_digests[:n]
+    state = None if fp.state_digests is None else fp.state_digests[:n]
     return dataclasses.replace(
-        fp, config=dict(fp.config, epochs=epochs), epochs=epochs,
-        digest=overall_digest(fp.spec.hash, fp.storage, rows, fp.step_rows[steps], fp.step_digests[steps]),
+        fp, config=dict(fp.config, epochs=epochs), epochs=epochs, state_digests=state,
+        digest=overall_digest(fp.spec.hash, fp.storage, rows, fp.step_rows[steps], fp.step_digests[steps], state),
         step_rows=fp.step_rows[steps], step_digests=fp.step_digests[steps],
         epoch_digests=None if fp.epoch_digests is None else fp.epoch_digests[:n],
         group_digests=fp.group_digests[:n], row_digests=rows,
@@ -535,7 +607,7 @@ def read_record(folder: Path) -> Fingerprint:
 
 
 def _read_arrays(folder: Path, files: dict[str, Any], spec: ExperimentSpec, layout: TraceLayout, epochs: int,
-                 storage: str, n_probe_rows: int) -> dict[str, np.ndarray]:
+                 storage: str, n_probe_rows: int, *, state: bool = True) -> dict[str, np.ndarray]:
     """Every array file of a record, each checked against its sha256 in record.json, its dtype and shape."""
     where = str(folder)
     sdt = bits.storage(storage).numpy_dtype
@@ -551,6 +623,8 @@ def _read_arrays(folder: Path, files: dict[str, Any], spec: ExperimentSpec, layo
         "step_rows": (None, "<i8"),
         "probe": ((n_probe_rows, n_probe), sdt),
     }
+    if state:
+        expected["state_digests"] = ((epochs + 1,), "<u8")
     arrays = {}
     for name, (shape, dtype) in expected.items():
         sha = Fields(files.get(f"{name}.npy"), where).get("sha256", str)
@@ -562,18 +636,37 @@ def _read_arrays(folder: Path, files: dict[str, Any], spec: ExperimentSpec, layo
     return arrays
 
 
-def verify_state_digests(layout: TraceLayout, arrays: dict[str, np.ndarray], where: str) -> None:
-    """Every parameter and running statistic at every epoch row hashes to its epoch digest.
+def verify_state_rows(layout: TraceLayout, arrays: dict[str, np.ndarray], where: str) -> None:
+    """Every epoch row of params.npy and buffers.npy hashes to its state digest.
 
-    params.npy and buffers.npy hold the raw bytes the run digested at each epoch end, so
-    the digests (which the record's overall digest, and so every fingerprint and
-    baseline of the run, summarises) pin every value of every row: values edited at a
-    row no fingerprint carries are found here, before any verdict reads them.
+    The overall digest (and so every fingerprint and baseline of the run) covers the
+    state digests, so this pins every value of every row: values edited at a row no
+    fingerprint carries are found here, before any verdict reads them, or, with the
+    state digests recomputed too, give the record another identity.  A row that does
+    not match is then checked tensor by tensor, to name the tensor.
+    """
+    bad = np.flatnonzero(state_digests(arrays["params"], arrays["buffers"]) != arrays["state_digests"])
+    if bad.size:
+        row = int(bad[0])
+        verify_tensor_digests(layout, arrays, where, rows=slice(row, row + 1))
+        raise InputError(f"{where}: params.npy or buffers.npy row {row} does not match its state digest "
+                         "(edited or corrupt)")
+
+
+def verify_tensor_digests(layout: TraceLayout, arrays: dict[str, np.ndarray], where: str,
+                          rows: slice = slice(None)) -> None:
+    """Every parameter and running statistic at every epoch row (of ``rows``) hashes to its per-tensor epoch digest.
+
+    params.npy and buffers.npy hold the raw bytes the run digested at each epoch end.  A
+    record/3 binds them to its identity through the state digests (``verify_state_rows``)
+    and runs this only when compared with an input that has none (``Fingerprint.legacy``);
+    a record/2 has nothing else, and runs it when loaded.
     """
     column = {t.key: i for i, t in enumerate(layout.epoch_tensors)}
-    digests = arrays["epoch_digests"]
+    digests = arrays["epoch_digests"][rows]
+    first = range(len(arrays["epoch_digests"]))[rows].start
     for section, names in (("params", layout.params), ("buffers", layout.buffers)):
-        values = arrays[section]
+        values = arrays[section][rows]
         offset = 0
         for name, shape in names:
             width = math.prod(shape)
@@ -586,13 +679,13 @@ def verify_state_digests(layout: TraceLayout, arrays: dict[str, np.ndarray], whe
             found = np.where(found == 0, 1, found)  # layout.digest reserves 0 for "no tensor"
             bad = np.flatnonzero(found != digests[:, column[name]])
             if bad.size:
-                raise InputError(f"{where}: {section}.npy row {int(bad[0])} ({name}) does not match its digest "
-                                 "(edited or corrupt)")
+                raise InputError(f"{where}: {section}.npy row {first + int(bad[0])} ({name}) does not match its "
+                                 "digest (edited or corrupt)")
             offset += width
 
 
 def load_record(folder: Path) -> Record:
-    """Load and verify a record folder: every file's sha256, shape and dtype."""
+    """Load and verify a record folder: every file's sha256, shape and dtype, and every state row."""
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
@@ -607,7 +700,7 @@ def load_record(folder: Path) -> Record:
     if schema in OLD_RECORD_SCHEMAS:
         raise InputError(f"{where}: a record of an older bnaudit ({schema}), whose record.json carries no checksum "
                          "of its own; run it again, or use its fingerprint.json")
-    if schema != RECORD_SCHEMA:
+    if schema not in RECORD_SCHEMAS:
         raise InputError(f"{where}: schema {schema[:40]!r} is not {RECORD_SCHEMA}")
     if f.get("content_sha256", str) != record_sha256(meta):
         raise InputError(f"{where}: record.json does not match its content_sha256 (edited or corrupt)")
@@ -623,11 +716,18 @@ def load_record(folder: Path) -> Record:
     probe_rows = f.get("probe_rows", list)
     if probe_rows != probe_schedule(epochs):
         raise InputError(f"{where}: probe rows are not the schedule for {epochs} epochs")
-    arrays = _read_arrays(folder, files, spec, layout, epochs, storage, len(probe_rows))
+    has_state = schema == RECORD_SCHEMA
+    arrays = _read_arrays(folder, files, spec, layout, epochs, storage, len(probe_rows), state=has_state)
     rd = row_digests(arrays["epoch_digests"])
-    if overall_digest(spec.hash, storage, rd, arrays["step_rows"], arrays["step_digests"]) != c["digest"]:
+    state = arrays["state_digests"] if has_state else None
+    if overall_digest(spec.hash, storage, rd, arrays["step_rows"], arrays["step_digests"], state) != c["digest"]:
         raise InputError(f"{where}: digest does not match the record's digests (edited or corrupt)")
-    verify_state_digests(layout, arrays, where)
+    tensor_check = None
+    if has_state:
+        verify_state_rows(layout, arrays, where)
+        tensor_check = functools.cache(functools.partial(verify_tensor_digests, layout, arrays, where))
+    else:
+        verify_tensor_digests(layout, arrays, where)
     groups = layout.groups()
     extra = f.get("extra", dict, optional=True) or {}
     fp = Fingerprint(
@@ -638,7 +738,8 @@ def load_record(folder: Path) -> Record:
         group_digests=group_digests(layout.epoch_tensors, arrays["epoch_digests"], groups),
         row_digests=rd, keyframe_rows=np.arange(epochs + 1), keyframes=arrays["params"],
         params=layout.params, train_loss=arrays["losses"][:, 0], test_loss=arrays["losses"][:, 1],
-        nonfinite=c["nonfinite"], extra=extra, **decode_extra(extra, where))
+        nonfinite=c["nonfinite"], extra=extra, state_digests=state, tensor_check=tensor_check,
+        **decode_extra(extra, where))
     return Record(path=folder, meta=meta, layout=layout, arrays=arrays, fingerprint=fp)
 
 

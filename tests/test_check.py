@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnaudit import check, fileio, gate, record
+from bnaudit import check, compare, fileio, gate, record, schemas
+from bnaudit._version import __version__
 from bnaudit.baseline import BASELINE_SCHEMA, Signature, load_baseline, write_baseline
 from bnaudit.blocks import DivergenceBlock
 from bnaudit.errors import InputError, MismatchError, OutputError, ReferenceFailure, UsageError
@@ -679,8 +680,11 @@ def test_ulps_policy_refuses_a_run_ending_between_compared_rows(make_run, tmp_pa
     so a drift in epoch 3 would go unseen; the check refuses instead of passing."""
     base = write_baseline(tmp_path / "b5.json", make_run(5), update=False)
     run4 = record.load(make_run(4, perturb="linear1.weight[0,0]:1"))
-    with pytest.raises(UsageError, match="ends between them"):
+    with pytest.raises(UsageError) as exc:
         check.check_case(base, run4, check.parse_tolerance("ulps:1000000000"))
+    assert exc.value.message == ("--tolerance ulps:1000000000 compares parameters at epoch rows 0, 1, 2, 3; a "
+                                 "4-epoch run ends between them: check a length among those rows (e.g. --profile "
+                                 "smoke)")
 
 
 def test_the_key_never_reaches_a_run_or_a_baseline(base_run, tmp_path, monkeypatch):
@@ -735,3 +739,227 @@ def test_a_block_measured_against_another_reference_is_replaced_and_none_stored_
     with pytest.raises(ReferenceFailure, match="cannot be recomputed from its arrays") as exc:
         gate.with_reference(genuine)
     assert int(exc.value.exit_code) == 8
+
+
+# --------------------------------------------------------------------------- every field of a result
+
+def _worst_oracle(baseline, fp) -> tuple[int, int, str]:
+    """(ulps, row, layer) of the largest float32 ulp distance, first in (row, layer) order among equals."""
+    rows = np.intersect1d(baseline.fingerprint.keyframe_rows, fp.keyframe_rows)
+    a, b = _common_snapshots(baseline, fp)
+    best = (-1, -1, "")
+    for i, row in enumerate(rows):
+        offset, layers = 0, {}
+        for name, shape in fp.params:
+            width = int(np.prod(shape))
+            layers.setdefault(name.split(".")[0], []).extend(range(offset, offset + width))
+            offset += width
+        for layer, cols in layers.items():
+            d = _ulps_oracle(a[i, cols], b[i, cols])
+            if d > best[0]:
+                best = (d, int(row), layer)
+    return best
+
+
+def test_a_case_says_every_field_under_its_documented_name(baseline, drifted):
+    from referencing import Registry, Resource
+
+    case = check.check_case(baseline, drifted, check.parse_tolerance("ulps:16"), seconds=2.5)
+    ulps, row, layer = _worst_oracle(baseline, drifted)
+    d = case.to_dict()
+    assert {k: v for k, v in d.items() if k not in ("first_difference", "environment_diff")} == {
+        "name": "float32_t1_native_nondet", "dtype": "float32", "baseline": baseline.path,
+        "candidate": drifted.source, "epochs": EPOCHS, "baseline_epochs": EPOCHS, "tolerance": "ulps:16",
+        "verdict": "drift", "passed": False, "accepted_by": None, "seconds": 2.5,
+        "measured": {"value": float(ulps), "row": row, "layer": layer, "rows": [0, 1, 2, 3]}}
+    first = d["first_difference"]
+    assert first == {"epoch": 0, "step": 0, "phase": "init", "layer": "linear1", "tensor": "linear1.weight",
+                     "granularity": first["granularity"], "fraction_differing": 1 / 80, "max_ulps": 1, "row": 0,
+                     "elements": 80}
+    assert ["config.perturb.tensor", None, "linear1.weight"] in d["environment_diff"]
+    assert ["config.perturb.ulps", None, 1] in d["environment_diff"]
+    result = check.run_check([(baseline, drifted)], check.parse_tolerance("ulps:16"), seconds=[2.5])
+    assert result.to_dict() == {"schema": "bnaudit.check/1", "bnaudit": __version__, "tolerance": "ulps:16",
+                                "accept_classes": [], "passed": False, "failed_policy": "ulps:16", "cases": [d]}
+    import jsonschema
+
+    registry = Registry().with_resources((uri, Resource.from_contents(s)) for uri, s in schemas.all_schemas().items())
+    jsonschema.Draft202012Validator(schemas.load("check"), registry=registry).validate(result.to_dict())
+
+
+def test_strict_json_values_of_a_difference_or_a_fact():
+    assert check._json_value(float("nan")) == "nan" and check._json_value(float("-inf")) == "-inf"
+    assert check._json_value(0.25) == 0.25 and check._json_value(3) == 3 and check._json_value("x") == "x"
+    assert check._json_value(None) is None
+
+
+def test_a_case_without_seconds_took_none_and_a_check_names_its_accepted_classes(baseline, drifted, base_run):
+    same = record.load(base_run)
+    case = check.check_case(baseline, same)
+    assert case.seconds == 0.0 and case.to_dict()["seconds"] == 0.0
+    assert (case.name, case.dtype, case.epochs, case.baseline_epochs) == ("float32_t1_native_nondet", "float32",
+                                                                          EPOCHS, EPOCHS)
+    result = check.run_check([(baseline, drifted)], check.parse_tolerance("ulps:16"), accept=[drifted])
+    assert result.accept_classes == (drifted.source,) and result.passed and result.tolerance == check.Tolerance(
+        check.Policy.ULPS, 16)
+    assert result.cases[0].seconds == 0.0 and result.cases[0].accepted_by == drifted.source
+    named = check.run_check([(baseline, drifted)], check.parse_tolerance("ulps:16"), accept=[drifted],
+                            accept_paths=["classes/a.json"])
+    assert named.accept_classes == ("classes/a.json",)
+    timed = check.run_check([(baseline, same), (baseline, drifted)], seconds=[1.5, 4.0])
+    assert [c.seconds for c in timed.cases] == [1.5, 4.0]
+
+
+def test_one_configuration_from_several_machines_is_named_by_each_source(baseline, base_run, drifted):
+    same = record.load(base_run)
+    result = check.run_check([(baseline, same), (baseline, drifted)])
+    from bnaudit.baseline import source_name
+
+    assert [c.name for c in result.cases] == [f"float32_t1_native_nondet [{source_name(same.source)}]",
+                                              f"float32_t1_native_nondet [{source_name(drifted.source)}]"]
+    assert [c.verdict for c in result.cases] == [check.Verdict.IDENTICAL, check.Verdict.DRIFT]
+    alone = check.run_check([(baseline, same)])
+    assert [c.name for c in alone.cases] == ["float32_t1_native_nondet"]
+
+
+def test_a_baseline_shorter_than_the_run_and_an_unmatched_dtype_say_what_to_do(baseline, make_run, drifted):
+    longer = record.load(make_run(EPOCHS + 2))
+    with pytest.raises(MismatchError) as exc:
+        check.check_case(baseline, longer)
+    assert exc.value.message == (f"{baseline.path} covers {EPOCHS} epochs, the run {EPOCHS + 2}: make a longer "
+                                 "baseline or check fewer epochs (--profile smoke, --epochs N)")
+    f64 = record.load(make_run(EPOCHS, dtype="float64"))
+    other = dataclasses.replace(baseline, path="f64.json", fingerprint=f64)
+    with pytest.raises(MismatchError) as exc:
+        check.pair_candidates([baseline, other], [record.load(make_run(2, dtype="bfloat16"))])
+    assert exc.value.message.endswith("'s dtype bfloat16 (baselines: float32, float64)")
+
+
+def test_tolerance_messages_and_the_bounds_they_state():
+    with pytest.raises(UsageError) as exc:
+        check.parse_tolerance("nearly")
+    assert exc.value.message == ("--tolerance 'nearly': expected exact, ulps:N, rel:X or bits:N "
+                                 "(e.g. ulps:16, rel:1e-4, bits:20)")
+    with pytest.raises(UsageError) as exc:
+        check.parse_tolerance("ulps:1:2")
+    assert exc.value.message == "--tolerance 'ulps:1:2': ulps needs a non-negative whole number, e.g. ulps:16"
+    with pytest.raises(UsageError) as exc:
+        check.parse_tolerance(f"ulps:{check.MAX_ULPS + 1}")
+    assert exc.value.message == (f"--tolerance 'ulps:{check.MAX_ULPS + 1}': ulps must be at most {check.MAX_ULPS} "
+                                 "(2^53 - 1); a larger count cannot be measured exactly")
+    assert check.parse_tolerance(f"bits:{check.MAX_BITS}") == check.Tolerance(check.Policy.BITS, 64)
+
+
+def test_each_measure_describes_itself_in_its_policys_words():
+    m = check.Measure(value=17.0, row=3, layer="bn2", rows=(0, 1, 2, 3))
+    assert m.describe(check.Policy.ULPS) == "max 17 ulps (bn2 at epoch row 3)"
+    assert m.describe(check.Policy.REL) == "max relative error 17 (bn2 at epoch row 3)"
+    assert m.describe(check.Policy.BITS) == "fewest correct bits 17.0 (bn2 at epoch row 3)"
+    assert dataclasses.replace(m, value=2.5e-7).describe(check.Policy.REL) == (
+        "max relative error 2.5e-07 (bn2 at epoch row 3)")
+
+
+def test_a_reference_less_run_is_told_how_to_get_one(baseline, drifted):
+    with pytest.raises(ReferenceFailure) as exc:
+        check.reference_bits(_with_block(drifted, None))
+    assert exc.value.message == (f"{drifted.source}: the run carries no divergence from the mpmath reference "
+                                 "(is a reference stored for its spec? bnaudit reference build), so bits:N "
+                                 "cannot be judged")
+
+
+def test_bits_boundaries_identity_and_the_dtypes_width(baseline, base_run, drifted):
+    correct = np.array([[24.0, 20.0, 13.0, 12.5]])
+    run = _with_block(drifted, _divergence_block(["linear1"], [0, 1, 2, 3], correct))
+    assert check.check_case(baseline, run, check.parse_tolerance("bits:24")).verdict is check.Verdict.INACCURATE
+    assert check.check_case(baseline, _with_block(run, _divergence_block(["linear1"], [0, 1, 2, 3],
+                                                                          np.full((1, 4), 24.0))),
+                            check.parse_tolerance("bits:24")).verdict is check.Verdict.WITHIN  # 24 of 24 is enough
+    exact_limit = _with_block(drifted, _divergence_block(["linear1"], [0, 1, 2, 3], np.full((1, 4), 12.0)))
+    assert check.check_case(baseline, exact_limit, check.parse_tolerance("bits:12")).verdict is check.Verdict.WITHIN
+    same = _with_block(record.load(base_run), _divergence_block(["linear1"], [0, 1, 2, 3], correct))
+    case = check.check_case(baseline, same, check.parse_tolerance("bits:12"))
+    assert case.verdict is check.Verdict.IDENTICAL and case.measured is not None and case.measured.value == 12.5
+    assert (case.measured.row, case.measured.layer, case.measured.rows) == (3, "linear1 weights", (0, 1, 2, 3))
+
+
+def test_exact_drift_measures_nothing_and_a_drift_policy_reports_its_worst_row_and_layer(baseline, drifted):
+    case = check.check_case(baseline, drifted)
+    assert case.verdict is check.Verdict.DRIFT and case.measured is None
+    bad = _with_keyframe(drifted, EPOCHS, 0, np.nan)
+    assert check.check_case(baseline, bad).measured is None  # exact: non-finite, but nothing measured
+    ulps, row, layer = _worst_oracle(baseline, drifted)
+    m = check.measure_ulps(baseline.fingerprint, drifted)
+    assert (m.value, m.row, m.layer, m.rows) == (ulps, row, layer, (0, 1, 2, 3))
+
+
+def test_accepted_classes_are_searched_past_those_that_cannot_match(baseline, base_run, drifted, make_run):
+    f64 = record.load(make_run(EPOCHS, dtype="float64"))
+    short = record.load(make_run(EPOCHS - 1, perturb="linear1.weight[0,0]:1"))
+    for skipped in (f64, short):  # another storage dtype, fewer epochs: skipped, not the end of the search
+        case = check.check_case(baseline, drifted, check.parse_tolerance("ulps:0"), accept=[skipped, drifted])
+        assert case.verdict is check.Verdict.ACCEPTED and case.accepted_by == drifted.source
+        assert check.check_case(baseline, drifted, check.parse_tolerance("ulps:0"),
+                                accept=[skipped]).verdict is check.Verdict.DRIFT
+
+
+def test_a_longer_baseline_is_measured_over_the_runs_epochs_only(base_run, make_run, tmp_path):
+    long_base = write_baseline(tmp_path / "long.json", make_run(EPOCHS + 2), update=False)
+    short = record.load(make_run(EPOCHS, perturb="linear1.weight[0,0]:1"))
+    case = check.check_case(long_base, short, check.parse_tolerance(f"ulps:{check.MAX_ULPS}"))
+    assert case.verdict is check.Verdict.WITHIN and case.measured is not None
+    assert max(case.measured.rows) == EPOCHS and case.baseline_epochs == EPOCHS + 2 and case.epochs == EPOCHS
+
+
+def test_the_layer_of_a_keyframe_column(drifted):
+    widths = [int(np.prod(s)) for _, s in drifted.params]
+    assert check._layer_of_column(drifted, 0) == "linear1"
+    assert check._layer_of_column(drifted, widths[0] - 1) == "linear1"
+    assert check._layer_of_column(drifted, widths[0]) == drifted.params[1][0].split(".")[0]
+    assert check._layer_of_column(drifted, sum(widths[:3])) == drifted.params[3][0].split(".")[0]
+    assert check._layer_of_column(drifted, sum(widths)) == "?"
+
+
+def test_non_finite_parameters_are_read_in_the_runs_storage_dtype(make_run, tmp_path):
+    """bfloat16 keyframes are uint16 bit patterns: 0x7fc0 is a NaN only when read as bfloat16."""
+    run = make_run(2, dtype="bfloat16")
+    base = write_baseline(tmp_path / "bf16.json", run, update=False)
+    fp = record.load(run)
+    keyframes = fp.keyframes.copy()
+    keyframes[-1, 0] = np.uint16(0x7FC0)
+    bad = dataclasses.replace(fp, keyframes=keyframes)
+    m = check.nonfinite_parameters(base.fingerprint, bad)
+    assert m is not None and m.nonfinite and (m.row, m.layer) == (2, "linear1")
+    assert check.nonfinite_parameters(base.fingerprint, fp) is None
+
+
+def test_worst_of_nothing_is_refused_in_words():
+    empty = compare.LayerDivergence(rows=(), layers=("linear1",), max_abs=np.zeros((0, 1)),
+                                          max_rel=np.zeros((0, 1)), max_ulps=np.zeros((0, 1)))
+    with pytest.raises(MismatchError) as exc:
+        check._worst(np.zeros((0, 1)), empty)
+    assert exc.value.message == "the baseline and the run share no epoch row with parameter values"
+    no_layers = dataclasses.replace(empty, rows=(0,), layers=(), max_abs=np.zeros((1, 0)))
+    with pytest.raises(MismatchError):
+        check._worst(np.zeros((1, 0)), no_layers)
+
+
+def test_a_limit_of_zero_passes_nothing_that_moved(baseline, drifted):
+    """ulps:0 and rel:0 against a run one ulp away in one parameter at the last row (its digests differ from row 0)."""
+    keyframes = baseline.fingerprint.keyframes.copy()
+    keyframes[-1, 5] = np.nextafter(keyframes[-1, 5], np.float32(np.inf))
+    one_ulp = dataclasses.replace(drifted, keyframes=keyframes)
+    for text, passing in (("ulps:0", "ulps:1"), ("rel:0", "rel:1e-6")):
+        case = check.check_case(baseline, one_ulp, check.parse_tolerance(text))
+        assert case.verdict is check.Verdict.DRIFT and case.measured is not None and case.measured.value > 0, text
+        assert check.check_case(baseline, one_ulp, check.parse_tolerance(passing)).verdict is check.Verdict.WITHIN
+    assert check.measure_ulps(baseline.fingerprint, one_ulp).value == 1
+
+
+def test_parameters_of_another_storage_dtype_are_neither_measured_nor_read_as_non_finite(baseline, make_run):
+    f64 = record.load(make_run(EPOCHS, dtype="float64"))
+    with pytest.raises(MismatchError) as exc:
+        check.measure_ulps(baseline.fingerprint, f64)
+    assert exc.value.message == f"{baseline.path} and {f64.source} store parameters in different dtypes"
+    keyframes = f64.keyframes.copy()
+    keyframes[-1, 0] = np.nan
+    assert check.nonfinite_parameters(baseline.fingerprint, dataclasses.replace(f64, keyframes=keyframes)) is None

@@ -505,9 +505,10 @@ def _forge(src: Path, dst: Path, *, params: np.ndarray | None = None, digests: b
     """A copy of a record with new parameters or an edited record.json, every keyless checksum recomputed.
 
     The sha256 of each changed file in record.json and record.json's content_sha256; with
-    ``digests`` also the epoch digests of the new parameters and the record's digest, as
-    ``record.verify_state_digests`` and ``load_record`` recompute them (the folder's
-    fingerprint.json is left as it was: a record folder is read from record.json).
+    ``digests`` also the epoch and state digests of the new parameters and the record's
+    digest, as ``record.verify_state_rows``, ``record.verify_tensor_digests`` and
+    ``load_record`` recompute them (the folder's fingerprint.json is left as it was: a
+    record folder is read from record.json).
     """
     shutil.copytree(src, dst)
     meta = json.loads((dst / "record.json").read_text())
@@ -523,10 +524,11 @@ def _forge(src: Path, dst: Path, *, params: np.ndarray | None = None, digests: b
                 for row in range(params.shape[0]):
                     epoch_digests[row, column[name]] = record.digest(params[row, offset:offset + width].tobytes())
                 offset += width
-            files["epoch_digests"] = epoch_digests
+            state = record.state_digests(params, rec.arrays["buffers"])
+            files["epoch_digests"], files["state_digests"] = epoch_digests, state
             meta["digest"] = record.overall_digest(meta["spec_hash"], meta["storage"],
                                                    record.row_digests(epoch_digests), rec.arrays["step_rows"],
-                                                   rec.arrays["step_digests"])
+                                                   rec.arrays["step_digests"], state)
         for name, array in files.items():
             blob = fileio.npy_bytes(array)
             (dst / f"{name}.npy").write_bytes(blob)

@@ -52,7 +52,7 @@ def test_layout_orders_tensors_as_they_are_computed(run_dir):
     (lambda d: d.update(digest="f" * 64), "digest does not match"),
     (lambda d: d["epoch_digests"].__setitem__(1, "0" * 16), "digest does not match"),
     (lambda d: d.update(epochs_run=2), r"epoch_group_digests' has \d+ bytes, expected \d+"),
-    (lambda d: d.update(schema="bnaudit.fingerprint/99"), "is not bnaudit.fingerprint/1"),
+    (lambda d: d.update(schema="bnaudit.fingerprint/99"), "is not bnaudit.fingerprint/2"),
     (lambda d: d.pop("steps"), "missing field 'steps'"),
     (lambda d: d.update(storage="float16"), "unknown storage dtype"),
     (lambda d: d["snapshots"].update(params="!!"), "not base64"),
@@ -63,7 +63,7 @@ def test_edited_fingerprints_are_refused(run_dir, tmp_path, edit, message):
     edit(data)
     path = tmp_path / "fp.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(InputError, match=r"content_sha256 does not match|is not bnaudit\.fingerprint/1"):
+    with pytest.raises(InputError, match=r"content_sha256 does not match|is not bnaudit\.fingerprint/2"):
         record.load(path)
     # Re-sealed with a matching checksum, the field-by-field checks still catch the edit.
     data["content_sha256"] = record.content_sha256(data)
@@ -205,3 +205,108 @@ def test_records_of_the_unsealed_schema_are_refused_with_a_reason(run_dir, tmp_p
     with pytest.raises(InputError, match=r"older bnaudit \(bnaudit.record/1\).*use its fingerprint.json"):
         record.load(tmp_path / "r")
     assert record.load(tmp_path / "r" / "fingerprint.json").digest == record.load(run_dir).digest
+
+
+# --------------------------------------------------------------------------- state digests, and older inputs
+
+def _reseal(folder, meta, **arrays) -> None:
+    """Write ``arrays`` into a record folder, their sha256 into ``meta``, and re-seal record.json."""
+    import hashlib
+
+    for name, array in arrays.items():
+        blob = fileio.npy_bytes(array)
+        (folder / f"{name}.npy").write_bytes(blob)
+        meta["files"][f"{name}.npy"]["sha256"] = hashlib.sha256(blob).hexdigest()
+    meta["content_sha256"] = record.record_sha256(meta)
+    (folder / "record.json").write_text(json.dumps(meta))
+
+
+def _redigest(meta, rec, state) -> None:
+    meta["digest"] = record.overall_digest(meta["spec_hash"], meta["storage"], rec.fingerprint.row_digests,
+                                           rec.arrays["step_rows"], rec.arrays["step_digests"], state)
+
+
+def _as_older_bnaudit(src, dst):
+    """A record folder as bnaudit wrote it before state digests: record/2 and fingerprint/1, byte for byte the same
+    but for state_digests.npy, its entry, the fingerprint's state_digests and the older overall digest."""
+    shutil.copytree(src, dst)
+    rec = record.load_record(src)
+    (dst / "state_digests.npy").unlink()
+    meta = json.loads((dst / "record.json").read_text())
+    del meta["files"]["state_digests.npy"]
+    meta["schema"] = "bnaudit.record/2"
+    _redigest(meta, rec, None)
+    _reseal(dst, meta)
+    fp = json.loads((dst / "fingerprint.json").read_text())
+    del fp["state_digests"]
+    fp.update(schema="bnaudit.fingerprint/1", digest=meta["digest"])
+    fp["content_sha256"] = record.content_sha256(fp)
+    (dst / "fingerprint.json").write_text(json.dumps(fp))
+    return dst
+
+
+def test_the_state_digest_of_a_row_is_the_digest_of_its_parameters_then_its_running_statistics(run_dir):
+    rec = record.load_record(run_dir)
+    params, buffers = rec.arrays["params"], rec.arrays["buffers"]
+    expected = [record.digest(params[r].tobytes() + buffers[r].tobytes()) for r in range(len(params))]
+    assert rec.arrays["state_digests"].tolist() == expected == rec.fingerprint.state_digests.tolist()
+    assert record.load(run_dir / "fingerprint.json").state_digests.tolist() == expected
+    state = rec.arrays["state_digests"]
+    _redigest(meta := dict(rec.meta), rec, state)
+    assert rec.fingerprint.digest == meta["digest"]
+    older = rec.fingerprint.legacy()
+    assert older.state_digests is None and older.digest != rec.fingerprint.digest
+    _redigest(meta, rec, None)
+    assert older.digest == meta["digest"]
+
+
+def test_a_state_digest_edited_alone_is_refused(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "r")
+    rec = record.load_record(run_dir)
+    state = rec.arrays["state_digests"].copy()
+    state[2] ^= np.uint64(1)
+    meta = json.loads((tmp_path / "r" / "record.json").read_text())
+    _redigest(meta, rec, state)
+    _reseal(tmp_path / "r", meta, state_digests=state)
+    with pytest.raises(InputError, match=r"params.npy or buffers.npy row 2 does not match its state digest"):
+        record.load(tmp_path / "r")
+
+
+def test_values_edited_with_their_state_digest_recomputed_never_compare_identical(make_run, tmp_path):
+    """The forger recomputes every file hash, the row's state digest, the digest and the seal: a new identity."""
+    from bnaudit import compare
+
+    genuine = make_run(6)
+    _forge_params(genuine, tmp_path / "forged", 4, 7)
+    forged = tmp_path / "forged"
+    rec = record.load_record(genuine)
+    params = np.load(forged / "params.npy")
+    state = record.state_digests(params, rec.arrays["buffers"])
+    meta = json.loads((forged / "record.json").read_text())
+    _redigest(meta, rec, state)
+    _reseal(forged, meta, state_digests=state)
+    fp = record.load(forged)
+    assert fp.digest != rec.fingerprint.digest
+    assert fp.row_digests.tolist() == rec.fingerprint.row_digests.tolist()  # the per-tensor digests are the genuine
+    for other in (genuine, genuine / "fingerprint.json"):
+        with pytest.raises(InputError, match="epoch row 4 has different state digests but equal parameter"):
+            compare.compare_pair(fp, record.load(other))
+    older = _as_older_bnaudit(genuine, tmp_path / "older")
+    for other in (older, older / "fingerprint.json"):  # no state digests there: the forged record's tensors are checked
+        with pytest.raises(InputError, match=r"params.npy row 4 \(linear1.weight\) does not match its digest"):
+            compare.compare_pair(record.load(forged), record.load(other))
+
+
+def test_inputs_of_an_older_bnaudit_still_load_and_compare_as_it_did(run_dir, tmp_path):
+    from bnaudit import compare
+
+    older = _as_older_bnaudit(run_dir, tmp_path / "older")
+    new = record.load(run_dir)
+    for view in (record.load(older), record.load(older / "fingerprint.json")):
+        assert view.state_digests is None and view.digest == new.legacy().digest
+        assert compare.compare_pair(view, new).identical and compare.compare_pair(new, view).identical
+        assert len(compare.compare_many([new, view, record.load(run_dir / "fingerprint.json")]).classes) == 1
+    assert json.loads((older / "record.json").read_text())["schema"] == "bnaudit.record/2"
+    _forge_params(older, tmp_path / "older-forged", 2, 3)
+    with pytest.raises(InputError, match=r"params.npy row 2 \(linear1.weight\) does not match its digest"):
+        record.load(tmp_path / "older-forged")  # a record/2 has only its per-tensor digests: checked when loaded

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import bits, compare, emulate, fileio
+from bnaudit import bits, compare, emulate, fileio, record
 from bnaudit.compare import Difference, PairComparison
 from bnaudit.controls import Controls
 from bnaudit.layout import keyframe_schedule
@@ -71,7 +71,8 @@ class VariantRuns:
         return out
 
     def identical(self, a: str, b: str) -> bool:
-        return self.fingerprints[a].digest == self.fingerprints[b].digest
+        fa, fb = record.comparable([self.fingerprints[a], self.fingerprints[b]])
+        return fa.digest == fb.digest
 
 
 class Comparisons:

@@ -195,8 +195,9 @@ def _class_names(n: int) -> list[str]:
 def _classes(entries: Sequence[tuple[str, record.Record, controls.Controls]]) -> list[ClassInfo]:
     """Runs grouped by overall digest, named A, B, ... in order of first appearance."""
     by_digest: dict[str, list[int]] = {}
-    for i, (_, rec, _) in enumerate(entries):
-        by_digest.setdefault(rec.fingerprint.digest, []).append(i)
+    views = record.comparable([rec.fingerprint for _, rec, _ in entries])
+    for i, view in enumerate(views):
+        by_digest.setdefault(view.digest, []).append(i)
     names = _class_names(len(by_digest))
     out = []
     for name, (digest_value, idx) in zip(names, by_digest.items()):
