@@ -98,6 +98,32 @@ def _replace_by_symlink_loop(folder: Path) -> None:
     (folder / "record.json").symlink_to(folder / "record.json")
 
 
+def _restate(folder: Path, state: np.ndarray) -> None:
+    """New state digests into a record, and its overall digest and every file hash recomputed to match."""
+    arrays = {n: np.load(folder / f"{n}.npy") for n in ("epoch_digests", "step_rows", "step_digests")}
+    blob = fileio.npy_bytes(state)
+    (folder / "state_digests.npy").write_bytes(blob)
+    meta = json.loads((folder / "record.json").read_text())
+    meta["files"]["state_digests.npy"]["sha256"] = hashlib.sha256(blob).hexdigest()
+    meta["digest"] = record.overall_digest(meta["spec_hash"], meta["storage"],
+                                           record.row_digests(arrays["epoch_digests"]), arrays["step_rows"],
+                                           arrays["step_digests"], state)
+    _reseal(folder, meta)
+
+
+def _forge_state_digest(folder: Path) -> None:
+    state = np.load(folder / "state_digests.npy")
+    state[2] ^= np.uint64(1)
+    _restate(folder, state)
+
+
+def _forge_params_and_state(folder: Path, row: int) -> None:
+    """Values edited at a row, with that row's state digest, the overall digest and every hash recomputed:
+    everything but the per-tensor digests, which the fingerprints of the genuine run summarise."""
+    _forge_params(folder, row)
+    _restate(folder, record.state_digests(np.load(folder / "params.npy"), np.load(folder / "buffers.npy")))
+
+
 def _older_schema(folder: Path) -> None:
     meta = json.loads((folder / "record.json").read_text())
     _reseal(folder, {**meta, "schema": "bnaudit.record/1"})
@@ -109,6 +135,8 @@ RECORD_DAMAGE = {
     "params at a row no fingerprint carries, every hash recomputed": (
         lambda f: _forge_params(f, 4), r"params\.npy row 4 .* does not match its digest"),
     "params at a keyframe row, every hash recomputed": (lambda f: _forge_params(f, 5), r"params\.npy row 5"),
+    "a state digest edited, the digest and every hash recomputed": (
+        _forge_state_digest, r"params\.npy or buffers\.npy row 2 does not match its state digest"),
     "threads edited in record.json": (_edit_text("record.json", '"threads": 1', '"threads": 2'),
                                       r"record\.json does not match its content_sha256"),
     "environment edited in record.json": (_edit_text("record.json", '"machine": "', '"machine": "x'),
@@ -139,6 +167,21 @@ def test_damaged_and_forged_records(genuine, tmp_path, cli, damage, command):
     assert code == ExitCode.BAD_INPUT, (code, err)
     one_line(err, pattern)
     assert not (tmp_path / "report").exists()
+
+
+def test_values_forged_with_their_state_digests_never_compare_identical(genuine, tmp_path, cli):
+    """Such a record loads (its hashes are consistent), but it is not the run whose tensor digests it kept."""
+    forged = _copy(genuine["long"], tmp_path / "forged")
+    _forge_params_and_state(forged, 4)
+    baseline = tmp_path / "long.json"
+    assert cli("baseline", "create", "--record", str(genuine["long"]), "--out", str(baseline))[0] == 0
+    for argv in (["compare", str(genuine["long"]), str(forged)],
+                 ["compare", str(genuine["long"] / "fingerprint.json"), str(forged)],
+                 ["check", "--baseline", str(baseline), "--record", str(forged)],
+                 ["check", "--baseline", str(baseline), "--record", str(forged), "--tolerance", "ulps:100"]):
+        code, out, err = cli(*argv)
+        assert code == ExitCode.BAD_INPUT and "identical" not in out and "PASS" not in out, (argv, code, out)
+        one_line(err, r"epoch row 4 has different state digests but equal parameter and running-statistics digests")
 
 
 @pytest.mark.parametrize("path", ["/dev/zero", "fifo", "folder"])
