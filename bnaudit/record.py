@@ -39,7 +39,6 @@ are decoded by ``bnaudit.blocks``.  This module is numpy-only.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -653,6 +652,19 @@ def verify_state_rows(layout: TraceLayout, arrays: dict[str, np.ndarray], where:
                          "(edited or corrupt)")
 
 
+class TensorCheck:
+    """``verify_tensor_digests`` of one loaded record, run at most once (a record view's ``tensor_check``)."""
+
+    def __init__(self, layout: TraceLayout, arrays: dict[str, np.ndarray], where: str) -> None:
+        self.layout, self.arrays, self.where = layout, arrays, where
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            verify_tensor_digests(self.layout, self.arrays, self.where)
+            self.done = True
+
+
 def verify_tensor_digests(layout: TraceLayout, arrays: dict[str, np.ndarray], where: str,
                           rows: slice = slice(None)) -> None:
     """Every parameter and running statistic at every epoch row (of ``rows``) hashes to its per-tensor epoch digest.
@@ -725,7 +737,7 @@ def load_record(folder: Path) -> Record:
     tensor_check = None
     if has_state:
         verify_state_rows(layout, arrays, where)
-        tensor_check = functools.cache(functools.partial(verify_tensor_digests, layout, arrays, where))
+        tensor_check = TensorCheck(layout, arrays, where)
     else:
         verify_tensor_digests(layout, arrays, where)
     groups = layout.groups()

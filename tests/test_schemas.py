@@ -31,6 +31,7 @@ from bnaudit import bits, blocks, check, compare, controls, layout, schemas, spe
 from bnaudit.cli import main
 from bnaudit.errors import ExitCode
 from bnaudit.matrix import plan, results
+from bnaudit.reference.sensitivity import Window
 
 PACKAGE = Path(schemas.__file__).parent.parent
 PERTURB = "linear1.weight[0,0]:1"
@@ -78,6 +79,7 @@ def documents(make_run, tmp_path_factory) -> dict[str, dict[str, Any]]:
                              "--tolerance", f"ulps:{check.MAX_ULPS}"]),
         "run": (0, ["run", "--epochs", "2", "--perturb", PERTURB, "--out", str(tmp / "run"), "--json"]),
         "env": (0, ["env", "--json"]),
+        "sensitivity": (0, ["reference", "sensitivity", "--epochs", "2", "--json"]),
         "error": (ExitCode.BAD_INPUT, ["compare", str(tmp / "missing.json"), str(run), "--json"]),
         "matrix": (0, ["matrix", "--dtype", "float32,bf16-mixed", "--threads", "1", "--isa", "native", "--epochs", "2",
                        "--audit-every", "0", "-j", "2", "--out", str(tmp / "matrix"), "--json"]),
@@ -178,6 +180,7 @@ def test_closed_sets_are_the_codes_own():
     assert _enum(summary, "verdicts", "items", "properties", "control") == list(plan.CONTROL_FIELDS)
     assert set(summary) == _fields(results.MatrixSummary) | {"schema", "bnaudit", "complete"}
     assert _props(schemas.load("matrix"), "$defs", "grid") == _fields(plan.Grid)
+    assert _props(schemas.load("sensitivity"), "properties", "windows", "items") == _fields(Window)
     error = schemas.load("error")["properties"]["error"]["properties"]
     failures = [c for c in ExitCode if c is not ExitCode.OK]
     assert error["code"]["enum"] == [int(c) for c in failures] and error["name"]["enum"] == [c.name for c in failures]
@@ -193,6 +196,7 @@ VALID = [
     ("check", "check-pass"), ("check", "check-fail"), ("check", "check-within"),
     ("run-summary", "run"), ("env", "env"), ("error", "error"),
     ("matrix-summary", "matrix"), ("matrix-summary", "matrix-summary.json"), ("matrix", "matrix.json"),
+    ("sensitivity", "sensitivity"),
 ]
 
 
@@ -344,6 +348,12 @@ MUTATIONS: dict[str, list[tuple[str, str, Callable[[Any], None]]]] = {
         ("matrix", "grid unknown control", put("grid", UNKNOWN, value=[1])),
         ("matrix", "verdict unknown control", put("verdicts", 0, "control", value="compiler")),
         ("matrix", "change unknown key", put("verdicts", 0, "first", UNKNOWN, value=1)),
+    ],
+    "sensitivity": [
+        ("sensitivity", "window unknown key", put("windows", 0, UNKNOWN, value=1)),
+        ("sensitivity", "rate a string", put("windows", 0, "rate", value="fast")),
+        ("sensitivity", "perturbation not a power of two", put("perturbation", "relative", value="tiny")),
+        ("sensitivity", "a distance a string", put("log_distance", 0, 0, value="-140")),
     ],
     "matrix": [
         ("matrix.json", "plan id short", cut("plan_id")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -119,6 +120,83 @@ def reference_verify(
     typer.echo(f"reference {escape.printable(ref.path)} verified: manifest sha256 OK, {which} recomputed from "
                f"epoch 0 at {ref.precision} bits match bit for bit ({done.seconds:.1f} s); {ref.epochs} epochs stored, "
                f"precisions agree on >= {ref.agreement.min():.1f} digits")
+    return 0
+
+
+_ELEMENT = re.compile(r"^([A-Za-z0-9_]+\.[A-Za-z0-9_]+)\[([0-9]{1,6}(?:,[0-9]{1,6})?)\]$")
+_WINDOW = re.compile(r"^([0-9]{1,6})\.\.([0-9]{1,6})$")
+
+
+def _element(text: str, spec: Any) -> tuple[str, tuple[int, ...]]:
+    """``linear1.weight[0,0]`` -> ("linear1.weight", (0, 0)), a parameter of the spec and an index inside it."""
+    m = _ELEMENT.match(text.strip())
+    if m is None:
+        raise UsageError(f"--element {text!r}: expected TENSOR[INDEX], e.g. linear1.weight[0,0] or bn1.bias[3]")
+    shapes = dict(spec.parameters())
+    name, index = m.group(1), tuple(int(i) for i in m.group(2).split(","))
+    if name not in shapes:
+        raise UsageError(f"--element: no parameter {name!r}; parameters are {', '.join(shapes)}")
+    shape = shapes[name]
+    if len(index) != len(shape) or not all(0 <= i < n for i, n in zip(index, shape)):
+        raise UsageError(f"--element: index {list(index)} out of range for {name} of shape {list(shape)}")
+    return name, index
+
+
+def _windows(texts: list[str] | None, epochs: int) -> list[tuple[int, int]]:
+    from bnaudit.reference import sensitivity
+
+    if not texts:
+        return sensitivity.default_windows(epochs)
+    out = []
+    for text in texts:
+        m = _WINDOW.match(text.strip())
+        if m is None or not 0 <= int(m.group(1)) < int(m.group(2)) <= epochs:
+            raise UsageError(f"--window {text!r}: expected A..B with 0 <= A < B <= {epochs} (the epochs run)")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+@reference_app.command("sensitivity")
+def reference_sensitivity(
+    spec: SpecOption = None,
+    epochs: Annotated[int, typer.Option(
+        min=1, max=100_000, help="Epochs both copies train (about 1 s an epoch for the default spec).")] = 10,
+    element: Annotated[str, typer.Option(
+        metavar="TENSOR[INDEX]", help="The initial parameter that is moved.")] = "linear1.weight[0,0]",
+    scale: Annotated[int, typer.Option(
+        min=20, max=100_000, metavar="N",
+        help="Move it by a relative 2^-N (by 2^-N if it is 0): small, so that the two stay in the linear "
+             "regime and the growth rates do not depend on N.")] = 200,
+    precision: Annotated[int | None, typer.Option(
+        metavar="BITS", help="Bits of the engine (default N + 312; at least N + 100).")] = None,
+    window: Annotated[list[str] | None, typer.Option(
+        metavar="A..B", help="Epoch rows to measure the growth over; repeatable (default 0..7, and 0..epochs "
+                             "when longer).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the measurement as JSON.")] = False,
+) -> int:
+    """Measure how the training amplifies a tiny perturbation, in exact arithmetic (no float rounding)."""
+    from bnaudit import frozen
+    from bnaudit.cli._options import json_document
+    from bnaudit.reference import sensitivity
+    from bnaudit.report import reference_view
+    from bnaudit.spec import load_spec
+
+    experiment = load_spec(spec)
+    if epochs > experiment.train.epochs:
+        raise UsageError(f"--epochs {epochs}: the spec trains {experiment.train.epochs} epochs")
+    tensor, index = _element(element, experiment)
+    windows = _windows(window, epochs)
+    bits = scale + 312 if precision is None else precision
+    if bits - scale < 100 or bits > 100_000:
+        raise UsageError(f"--precision {bits}: must be at least --scale + 100 ({scale + 100}) and at most 100000")
+    with reference_view.build_progress(epochs, f"sensitivity {experiment.short_hash}", enabled=not as_json,
+                                       agreement=False) as advance:
+        result = sensitivity.measure(experiment, frozen.load(experiment), epochs=epochs, tensor=tensor, index=index,
+                                     scale=scale, precision=bits, progress=lambda done, total: advance(done, total, {}))
+    if as_json:
+        typer.echo(json_document(sensitivity.SENSITIVITY_SCHEMA, result.to_dict(windows)))
+    else:
+        reference_view.render_sensitivity(result, windows)
     return 0
 
 

@@ -30,9 +30,10 @@ times as fast as mpmath's ``mpf_sum`` of exact ``mpf_mul`` products, with the sa
 a Linear layer converts each weight row once per step and each input row once, and
 reuses them for the whole batch.)  One training step is a few hundred operations deep,
 so one step loses at most ~10 bits to rounding; what costs precision is the chaos of
-training, which amplifies any perturbation by about e^0.16 per epoch (0.23 bits per
-epoch) in the first hundred epochs.  That growth is not estimated here but measured: the build
-(``build.py``) runs the trajectory at two precisions and stores only what they agree on.
+training, which amplifies any perturbation (the default spec: by about e^1.15 per epoch over
+its first 7 epochs, ``sensitivity.py``).  That growth is not estimated here but measured:
+the build (``build.py``) runs the trajectory at two precisions and stores only what they
+agree on.
 
 No torch and no numpy in the arithmetic: numpy is only touched to read the frozen
 arrays (converted element by element to exact ``mpf``).

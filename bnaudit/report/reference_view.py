@@ -1,4 +1,4 @@
-"""Terminal rendering of the mpmath reference, a run's divergence from it, and the operator audit.
+"""Terminal rendering of the mpmath reference, its sensitivity, a run's divergence from it, and the operator audit.
 
 rich only (no torch, no mpmath): the blocks rendered here are the decoded
 ``blocks.DivergenceBlock`` (measured by ``bnaudit.divergence.versus_reference``) and
@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnaudit.blocks import AUDIT_OPS, AuditBlock, DivergenceBlock
+from bnaudit.reference.sensitivity import Sensitivity, Window, bits_per_epoch
 from bnaudit.report import console as console_policy
 from bnaudit.report import escape
 
@@ -26,11 +27,12 @@ err_console = console_policy.stderr()
 
 
 @contextlib.contextmanager
-def build_progress(epochs: int, label: str, *,
-                   enabled: bool = True) -> Iterator[Callable[[int, int, dict[str, Any]], None]]:
-    """A progress bar over the reference build's epochs; yields the build's progress callback."""
+def build_progress(epochs: int, label: str, *, enabled: bool = True,
+                   agreement: bool = True) -> Iterator[Callable[[int, int, dict[str, Any]], None]]:
+    """A progress bar over the reference engine's epochs (with the build's agreement); yields its callback."""
+    detail = [TextColumn("agreement {task.fields[agree]} digits")] if agreement else []
     bar = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("agreement {task.fields[agree]} digits"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   *detail, TimeElapsedColumn(), TimeRemainingColumn(),
                    console=err_console, transient=True, disable=not (enabled and err_console.is_terminal))
     with bar:
         task = bar.add_task(escape.printable(label), total=epochs, agree="-")
@@ -162,3 +164,41 @@ def render_audit(block: AuditBlock | None, *, out: Console | None = None) -> Non
         table.add_row(str(f.row), escape.terminal(f.layer), str(f.unit), f"{f.var_over_eps:.3g}",
                       _ratio(f.mean_over_std), f"{f.amplification:.3g}", escape.terminal(", ".join(f.why)))
     out.print(table)
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+def _ln(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _window_line(w: Window, what: str) -> str:
+    if w.rate is None or w.slope is None:
+        return f"{what} over rows {w.start}..{w.end}: not measured (a distance of 0 in the window)"
+    spread = "" if w.low is None or w.high is None else (
+        f"; sub-windows of at least {max(1, (w.end - w.start + 1) // 2)} epochs: {w.low:.3f} to {w.high:.3f}")
+    return (f"{what} over rows {w.start}..{w.end}: {w.rate:.3f} ln per epoch ({bits_per_epoch(w.rate):.2f} bits), "
+            f"least-squares slope {w.slope:.3f}{spread}")
+
+
+def render_sensitivity(s: Sensitivity, windows: list[tuple[int, int]], *, out: Console | None = None) -> None:
+    """The distances row by row (ln of the largest |difference| per layer), then the growth over each window."""
+    out = out or console
+    element = f"{s.tensor}[{','.join(map(str, s.index))}]"
+    out.print(_title(f"bnaudit reference sensitivity: {element} moved by a relative 2^-{s.scale}, both copies "
+                     f"at {s.precision} bits, {s.rows[-1]} epochs ({s.seconds:.1f} s)"))
+    keep = set(_sample_columns(list(s.rows), 24)) | {r for w in windows for r in w}
+    table = Table(title="ln max |perturbed - unperturbed| of the parameters, by epoch row", title_justify="left")
+    for name in ("row", "all", "per epoch", *s.layers):
+        table.add_column(escape.terminal(name), justify="right")
+    for i, row in enumerate(s.rows):
+        if i not in keep:
+            continue
+        step = "-" if i == 0 else f"{s.log_overall[i] - s.log_overall[i - 1]:+.2f}"
+        table.add_row(str(row), _ln(s.log_overall[i]), step, *(_ln(v) for v in s.log_distance[i]))
+    out.print(table)
+    for a, b in windows:
+        out.print(Text(_window_line(s.window(a, b), "growth")))
+    total = s.log_overall[-1] - s.log_overall[0]
+    out.print(Text(f"over the {s.rows[-1]} epochs the training amplified the perturbation by e^{total:.2f} "
+                   f"(x{math.exp(total):.3g}); in exact arithmetic, so no float rounding is in these rates"))
