@@ -310,3 +310,57 @@ def test_inputs_of_an_older_bnaudit_still_load_and_compare_as_it_did(run_dir, tm
     _forge_params(older, tmp_path / "older-forged", 2, 3)
     with pytest.raises(InputError, match=r"params.npy row 2 \(linear1.weight\) does not match its digest"):
         record.load(tmp_path / "older-forged")  # a record/2 has only its per-tensor digests: checked when loaded
+
+
+# --------------------------------------------------------------------------- writing, in this process
+
+_WRITTEN = ("digest", "nonfinite", "probe_rows", "train_seconds", "layout", "files", "content_sha256")
+"""The record.json fields ``write_record`` adds to ``new_meta``'s."""
+
+
+def _result_of(rec) -> record.RunResult:
+    a = rec.arrays
+    return record.RunResult(
+        params=a["params"], buffers=a["buffers"], train_loss=a["losses"][:, 0], test_loss=a["losses"][:, 1],
+        step_loss=a["step_loss"], min_var_over_eps=a["min_var"], epoch_digests=a["epoch_digests"],
+        step_rows=a["step_rows"], step_digests=a["step_digests"], probe_rows=np.array(rec.meta["probe_rows"]),
+        probe=a["probe"], nonfinite=rec.meta["nonfinite"], train_seconds=rec.meta["train_seconds"])
+
+
+@pytest.mark.parametrize("epochs, controls", [(3, {}), (2, {"dtype": "bfloat16"})])
+def test_a_record_written_again_from_what_it_holds_is_the_same_bytes(make_run, tmp_path, epochs, controls):
+    """The runs are written in their own process; here write_record, fingerprint_dict and layout_dict run in this
+    one on the same measurements, and every file comes out byte for byte as the run wrote it."""
+    src = make_run(epochs, **controls)
+    rec = record.load_record(src)
+    meta = {k: v for k, v in rec.meta.items() if k not in _WRITTEN}
+    fp = record.write_record(tmp_path / "again", meta, _result_of(rec), rec.layout)
+    names = sorted(p.name for p in src.iterdir())
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "again" / name).read_bytes() == (src / name).read_bytes(), name
+    assert fp == json.loads((src / "fingerprint.json").read_text())
+    with pytest.raises(OutputError):
+        record.write_record(tmp_path / "again", meta, _result_of(rec), rec.layout)  # never over a record unasked
+    record.write_record(tmp_path / "again", meta, _result_of(rec), rec.layout, force=True)
+    assert (tmp_path / "again" / "record.json").read_bytes() == (src / "record.json").read_bytes()
+
+
+def test_new_meta_is_the_record_json_a_run_starts_from(run_dir):
+    rec = record.load_record(run_dir)
+    m = rec.meta
+    made = record.new_meta(spec=rec.spec, frozen_digest=m["frozen"], config=m["config"], storage=m["storage"],
+                           effective=m["effective"], environment=m["environment"], created=m["created"])
+    assert {k: v for k, v in made.items() if k != "extra"} == {k: v for k, v in m.items()
+                                                               if k not in (*_WRITTEN, "extra")}
+    assert made["schema"] == record.RECORD_SCHEMA == "bnaudit.record/3" and made["kind"] == "record"
+    assert made["epochs_run"] == m["config"]["epochs"] == 3 and made["extra"] == {}
+
+
+def test_the_layout_written_is_the_specs(run_dir):
+    rec = record.load_record(run_dir)
+    lay = record.layout_dict(rec.layout)
+    assert lay == rec.meta["layout"]
+    assert lay["params"][0] == ["linear1.weight", [16, 5]] and lay["bn_layers"][0] == "bn1"
+    assert lay["step_tensors"][0] == ["forward", "linear1", "linear1.out"]
+    assert set(lay) == {"step_tensors", "epoch_tensors", "params", "buffers", "bn_layers", "modules", "probe_width"}
