@@ -460,9 +460,13 @@ def _common(f: Fields, where: str) -> dict[str, Any]:
             "nonfinite": nonfinite}
 
 
-def _steps_from_fingerprint(raw: Any, n_tensors: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(raw, list) or len(raw) > 1_000_000:
-        raise InputError(f"{where}: field 'steps' must be a list")
+MAX_STEP_ROWS = 1_000_000
+"""Traced steps a fingerprint may list (a 1000-epoch run traced at every step has 10 000)."""
+
+
+def _steps_from_fingerprint(raw: list[Any], n_tensors: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    if len(raw) > MAX_STEP_ROWS:
+        raise InputError(f"{where}: field 'steps' lists more than {MAX_STEP_ROWS} traced steps")
     rows, digests = [], []
     for item in raw:
         g = Fields(item, where)

@@ -378,3 +378,84 @@ def test_divergence_cells_are_log10_with_identical_marked():
     # A full record and a fingerprint of the same 1000-epoch run show the same round columns.
     light = keyframe_schedule(1000)
     assert picked == [light[i] for i in compare_view.selected_rows(light)] == [0, 1, 3, 10, 30, 100, 300, 1000]
+
+
+# --------------------------------------------------------------------------- the experiment, in words
+
+def test_facts_flatten_nested_mappings_and_lists_of_them_by_their_names():
+    out: dict = {}
+    compare._flat({"b": {"y": 2, "x": 1}, "libs": [{"name": "mkl", "v": 1}, {"prefix": "/opt", "name": "z"},
+                                                   {"v": 3}], "plain": [1, 2], "empty": [], "a": None}, "", out)
+    assert out == {"a": None, "b.x": 1, "b.y": 2, "empty": [], "libs[mkl].name": "mkl", "libs[mkl].v": 1,
+                   "libs[/opt].prefix": "/opt", "libs[/opt].name": "z", "libs[2].v": 3, "plain": [1, 2]}
+    assert list(out)[:3] == ["a", "b.x", "b.y"]  # keys sorted at every level
+    top: dict = {}
+    compare._flat({"k": 1}, "config", top)
+    assert top == {"config.k": 1}
+
+
+def _spec_with(tmp_path, name: str, text: str):
+    from bnaudit.spec import load_spec
+
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return load_spec(path)
+
+
+def test_spec_and_experiment_differences_say_each_field(tmp_path):
+    from bnaudit.spec import load_spec
+
+    default = load_spec(None)
+    one = _spec_with(tmp_path, "lr", "[train]\nlr = 0.02\n")
+    assert compare.spec_differences(default, default) == ()
+    assert compare.spec_differences(default, one) == ("train.lr: 0.01 vs 0.02",)
+    many = _spec_with(tmp_path, "many", "[train]\nlr = 0.02\nmomentum = 0.5\nbatch_size = 20\n"
+                                        "[model]\nbn_eps = 0.001\n")
+    assert compare.spec_differences(default, many) == (
+        "model.bn_eps: 1e-05 vs 0.001", "train.batch_size: 10 vs 20", "train.lr: 0.01 vs 0.02",
+        "train.momentum: 0.9 vs 0.5")
+    assert compare.experiment_differences(default, many) == [
+        f"different spec ({default.short_hash} vs {many.short_hash}: model.bn_eps: 1e-05 vs 0.001; "
+        "train.batch_size: 10 vs 20; train.lr: 0.01 vs 0.02; and 1 more)"]
+    assert compare.experiment_differences(default, one) == [
+        f"different spec ({default.short_hash} vs {one.short_hash}: train.lr: 0.01 vs 0.02)"]
+    assert compare.experiment_differences(default, default, "a" * 64, "b" * 64) == [
+        f"different frozen inputs ({'a' * 12} vs {'b' * 12})"]
+    assert compare.experiment_differences(default, default, "a" * 64, None) == []
+    assert compare.experiment_differences(default, default, None, "b" * 64) == []
+    assert compare.experiment_differences(default, default, "a" * 64, "a" * 64) == []
+
+
+def test_what_compare_refuses_is_named_in_one_message(runs):
+    t1, bf16, nobn = load(runs, "t1"), load(runs, "bf16"), load(runs, "nobn")
+    assert compare.mismatches(t1, load(runs, "same")) == []
+    assert compare.mismatches(t1, bf16) == ["different storage dtype (float32 vs bfloat16)",
+                                            "different epoch counts (3 vs 2)"]
+    found = compare.mismatches(t1, nobn)
+    assert len(found) == 2 and found[0].startswith(f"different spec ({t1.spec.short_hash} vs {nobn.spec.short_hash}: "
+                                                   "model.batchnorm: True vs False)")
+    assert found[1].startswith("different frozen inputs (")
+    with pytest.raises(MismatchError) as exc:
+        compare.ensure_comparable(t1, bf16)
+    assert exc.value.message == (f"refusing to compare {t1.source} with {bf16.source}: different storage dtype "
+                                 "(float32 vs bfloat16); different epoch counts (3 vs 2) (--allow-different-spec "
+                                 "compares what still can be)")
+    assert compare.ensure_comparable(t1, bf16, allow_different_spec=True) is None
+    assert compare.ensure_comparable(t1, load(runs, "same")) is None
+
+
+def test_common_keys_keep_the_first_inputs_order():
+    keys, ia, ib = compare._common_keys(["a", "b", "c", "d"], ["d", "x", "b"])
+    assert keys == ["b", "d"] and ia.tolist() == [1, 3] and ib.tolist() == [2, 0]
+    assert ia.dtype == np.intp and ib.dtype == np.intp
+    keys, ia, ib = compare._common_keys(["a"], ["b"])
+    assert keys == [] and ia.tolist() == [] and ib.tolist() == []
+
+
+def test_overall_divergence_is_the_largest_layer_per_row():
+    div = compare.LayerDivergence(rows=(0, 1), layers=("l1", "l2"), max_abs=np.array([[1.0, 3.0], [5.0, 2.0]]),
+                                  max_rel=np.zeros((2, 2)), max_ulps=np.zeros((2, 2), np.int64))
+    assert div.overall().tolist() == [3.0, 5.0]
+    none = compare.LayerDivergence(rows=(0, 1, 2), layers=(), max_abs=np.zeros((3, 0)), max_rel=np.zeros((3, 0)),
+                                   max_ulps=np.zeros((3, 0), np.int64))
+    assert none.overall().tolist() == [0.0, 0.0, 0.0]

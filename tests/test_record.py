@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bnaudit import fileio, record
-from bnaudit.errors import InputError, OutputError
+from bnaudit.errors import InputError, MismatchError, OutputError
 from bnaudit.layout import keyframe_schedule
 
 
@@ -57,6 +57,21 @@ def test_layout_orders_tensors_as_they_are_computed(run_dir):
     (lambda d: d.update(storage="float16"), "unknown storage dtype"),
     (lambda d: d["snapshots"].update(params="!!"), "not base64"),
     (lambda d: d["spec"]["train"].update(lr=0.02), "spec_hash does not match"),
+    (lambda d: d["steps"][0].update(digests=d["steps"][0]["digests"][:-16]), r"a step row has \d+ digests, expected"),
+    (lambda d: d["steps"][0].update(digests="g" + d["steps"][0]["digests"][1:]), "a step row holds a non-hex digest"),
+    (lambda d: d["steps"][0].update(epoch=-1), "a step row's epoch or step is out of range"),
+    (lambda d: d["steps"][0].update(step=1 << 31), "a step row's epoch or step is out of range"),
+    (lambda d: d["steps"][-1].update(epoch=3), "traced steps are out of range, repeated or out of order"),
+    (lambda d: d.update(steps={}), "field 'steps' has the wrong type"),
+    (lambda d: d["state_digests"].pop(), "3 state digests for 3 epochs"),
+    (lambda d: d.update(state_digests="x"), "field 'state_digests' has the wrong type"),
+    (lambda d: d["state_digests"].__setitem__(0, "X" * 16), "field 'state_digests' must be a list of 16-digit"),
+    (lambda d: d["state_digests"].__setitem__(1, "0" * 16), "digest does not match"),
+    (lambda d: d["epoch_digests"].pop(), "3 epoch digests for 3 epochs"),
+    (lambda d: d["snapshots"].update(rows=[0, 1]), "snapshot rows are not the schedule for 3 epochs"),
+    (lambda d: d["losses"].update(train=["zz"]), "malformed losses"),
+    (lambda d: d["losses"]["train"].pop(), "losses do not cover 3 epochs"),
+    (lambda d: d["epoch_groups"].__setitem__(0, ["forward"]), "malformed epoch_groups"),
 ])
 def test_edited_fingerprints_are_refused(run_dir, tmp_path, edit, message):
     data = json.loads((run_dir / "fingerprint.json").read_text())
@@ -364,3 +379,104 @@ def test_the_layout_written_is_the_specs(run_dir):
     assert lay["params"][0] == ["linear1.weight", [16, 5]] and lay["bn_layers"][0] == "bn1"
     assert lay["step_tensors"][0] == ["forward", "linear1", "linear1.out"]
     assert set(lay) == {"step_tensors", "epoch_tensors", "params", "buffers", "bn_layers", "modules", "probe_width"}
+
+
+# --------------------------------------------------------------------------- views and their pieces
+
+@pytest.mark.parametrize("kind", ["record", "fingerprint"])
+def test_a_prefix_of_a_longer_run_is_the_shorter_run(make_run, kind):
+    """Epoch e trains from what came before it only: 3 epochs of a 6-epoch run are the 3-epoch run, bit for bit."""
+    long, short = make_run(6), make_run(3)
+    view = record.load(long if kind == "record" else long / "fingerprint.json")
+    genuine = record.load(short if kind == "record" else short / "fingerprint.json")
+    cut = record.prefix(view, 3)
+    assert cut.digest == genuine.digest and cut.epochs == 3 and cut.config["epochs"] == 3
+    for field in ("row_digests", "group_digests", "state_digests", "step_rows", "step_digests", "keyframe_rows",
+                  "keyframes", "train_loss", "test_loss"):
+        assert getattr(cut, field).tobytes() == getattr(genuine, field).tobytes(), field
+    if kind == "record":
+        assert cut.epoch_digests.tobytes() == genuine.epoch_digests.tobytes()
+    else:
+        assert cut.epoch_digests is None
+    assert cut.divergence is None and "divergence" not in cut.extra
+    assert cut.audit == view.audit and {k for k in cut.extra} == {k for k in view.extra} - {"divergence"}
+    assert record.prefix(view, 6) is view
+    for bad in (0, 7):
+        with pytest.raises(MismatchError) as exc:
+            record.prefix(view, bad)
+        assert exc.value.message == f"{view.source} covers 6 epochs; cannot check {bad}"
+
+
+def test_a_prefix_of_an_older_input_keeps_its_older_digest(run_dir, tmp_path, make_run):
+    older = record.load(_as_older_bnaudit(make_run(6), tmp_path / "older") / "fingerprint.json")
+    cut = record.prefix(older, 3)
+    assert cut.state_digests is None and cut.digest == record.load(run_dir).legacy().digest
+
+
+def test_the_blocks_of_extra_are_decoded_once_each(make_run):
+    from bnaudit.blocks import AuditBlock, ChaosFloor, DivergenceBlock
+
+    plain = record.load(make_run(3))
+    perturbed = record.load(make_run(3, perturb="linear1.weight[0,0]:1"))
+    blocks = record.decode_extra(perturbed.extra, "here")
+    assert set(blocks) == {"divergence", "audit", "floor"}
+    assert isinstance(blocks["audit"], AuditBlock) and isinstance(blocks["floor"], ChaosFloor)
+    assert blocks["divergence"] is None or isinstance(blocks["divergence"], DivergenceBlock)
+    assert record.decode_extra(plain.extra, "here")["floor"] is None
+    assert (perturbed.audit.rows, perturbed.audit.every) == (blocks["audit"].rows, blocks["audit"].every)
+    assert perturbed.floor.twin_digest_rows == blocks["floor"].twin_digest_rows
+    assert perturbed.floor.max_ulps == blocks["floor"].max_ulps and perturbed.floor.max_ulps[0] == 1
+    for empty in ({}, None, "x", []):
+        assert record.decode_extra(empty, "here") == {"divergence": None, "audit": None, "floor": None}
+
+
+def test_group_and_row_digests_by_their_definition(run_dir):
+    rec = record.load_record(run_dir)
+    digests = rec.arrays["epoch_digests"]
+    groups = rec.layout.groups()
+    found = record.group_digests(rec.layout.epoch_tensors, digests, groups)
+    assert found.dtype == np.uint32 and found.shape == (len(digests), len(groups))
+    for j, g in enumerate(groups):
+        cols = [i for i, t in enumerate(rec.layout.epoch_tensors) if (t.phase, t.layer) == g]
+        for r in (0, len(digests) - 1):
+            expected = record.digest(digests[r, cols].astype("<u8").tobytes()) & 0xFFFFFFFF
+            assert int(found[r, j]) == expected, (g, r)
+    rows = record.row_digests(digests)
+    assert rows.dtype == np.uint64
+    assert [int(x) for x in rows] == [record.digest(digests[r].astype("<u8").tobytes()) for r in range(len(digests))]
+
+
+def test_the_content_checksum_covers_everything_but_itself_and_the_baseline_block(run_dir):
+    doc = json.loads((run_dir / "fingerprint.json").read_text())
+    sealed = record.content_sha256(doc)
+    assert sealed == doc["content_sha256"]
+    assert record.content_sha256({**doc, "content_sha256": "x"}) == sealed
+    assert record.content_sha256({**doc, "extra": {**doc["extra"], "baseline": {"made_from": "a"}}}) == sealed
+    assert record.content_sha256({**doc, "extra": {**doc["extra"], "note": 1}}) != sealed
+    assert record.content_sha256({**doc, "created": "yesterday"}) != sealed
+    body = {k: v for k, v in doc.items() if k != "content_sha256"}
+    assert sealed == fileio.canonical_sha256(body)
+    meta = json.loads((run_dir / "record.json").read_text())
+    assert record.record_sha256(meta) == meta["content_sha256"] == fileio.canonical_sha256(
+        {k: v for k, v in meta.items() if k != "content_sha256"})
+
+
+def test_a_records_tensor_check_runs_once_and_only_for_an_older_input(run_dir, monkeypatch):
+    calls = []
+    real = record.verify_tensor_digests
+    monkeypatch.setattr(record, "verify_tensor_digests", lambda *a, **k: calls.append(a) or real(*a, **k))
+    view = record.load(run_dir)
+    assert calls == [] and isinstance(view.tensor_check, record.TensorCheck) and not view.tensor_check.done
+    assert record.comparable([view, view]) == [view, view] and calls == []
+    older = view.legacy()
+    assert len(calls) == 1 and view.tensor_check.done and older.tensor_check is None
+    view.legacy()
+    assert len(calls) == 1 and older.legacy() is older
+
+
+def test_a_fingerprint_listing_more_traced_steps_than_any_run_has_is_refused(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(record, "MAX_STEP_ROWS", 3)
+    data = json.loads((run_dir / "fingerprint.json").read_text())
+    assert len(data["steps"]) > 3
+    with pytest.raises(InputError, match="field 'steps' lists more than 3 traced steps"):
+        record.load(run_dir / "fingerprint.json")
