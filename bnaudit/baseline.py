@@ -1,6 +1,6 @@
 """The baseline file of ``bnaudit check``: a fingerprint sealed whole, and optionally signed.
 
-A **baseline** is a fingerprint file (``bnaudit.fingerprint/2``, or /1 from an older
+A **baseline** is a fingerprint file (``bnaudit.fingerprint/3``, or /2 or /1 from an older
 bnaudit; so ``bnaudit compare`` reads it as is) with one more block, ``extra["baseline"]``::
 
     {"schema": "bnaudit.baseline/2", "bnaudit": VERSION, "created": ISO-8601 UTC,

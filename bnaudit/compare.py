@@ -17,11 +17,19 @@ detail both have and says which it used (``granularity``):
   runs' storage dtype, ``bits.ulp_distance``) are exact; where only digests exist
   (tensors inside a step), only "differs" is known.
 
-Timeline of "first difference": epoch row 0 (phase "init") < the traced steps of epoch 0
-(forward < backward < update, tensors in computation order) < epoch row 1 < traced steps
-of epoch 1, if any < epoch row 2 < ...  Within an epoch row, tensors (or groups) are taken
-in the layout's order: running statistics, last gradients, momentum buffers and
-parameters, then eval-mode activations.
+Where two runs part is told as the training's story, then the side passes:
+
+- **the training split** (``first``): the first differing tensor of the training
+  computation, on the timeline epoch row 0's state (phase "init": a --perturb run) <
+  the traced steps of epoch 0 (forward < backward < update, tensors in computation
+  order) < epoch row 1's state < traced steps of epoch 1, if any < epoch row 2 < ...
+  Within an epoch row, tensors (or groups) are taken in the layout's order: running
+  statistics, last gradients, momentum buffers and parameters.  At the first traced
+  step (epoch 0, step 0) both inputs carry every tensor's values (``firststep``), so the
+  share of elements that differ and their ulps are exact there too.
+- **the eval pass** (``eval_first``): the first epoch row whose eval-mode activations or
+  losses differ.  It never feeds back into training: at row 0 it is the eval pass over
+  the (identical) initial parameters, and it can differ while the training has not.
 
 Growth and saturation (``growth``): the series is the largest absolute parameter
 difference over all layers at each epoch row both runs have values for.
@@ -44,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import bits, divergence, record
+from bnaudit import bits, divergence, firststep, record
 from bnaudit.errors import InputError, MismatchError
 from bnaudit.layout import TraceLayout
 from bnaudit.record import Fingerprint, TensorKey
@@ -87,7 +95,10 @@ class Difference:
     @property
     def where(self) -> str:
         """One line for people: epoch, step, phase, layer, tensor."""
-        if self.row == 0:
+        if self.phase == "eval":
+            when = ("eval pass over the initial parameters" if self.row == 0
+                    else f"eval pass at the end of epoch {self.epoch}")
+        elif self.row == 0:
             when = "initial state (epoch 0, step 0, phase init)"
         elif self.step is None:
             when = f"end of epoch {self.epoch} (phase {self.phase})"
@@ -95,6 +106,28 @@ class Difference:
             when = f"epoch {self.epoch}, step {self.step}, phase {self.phase}"
         what = f"tensor {self.tensor}" if self.tensor else f"layer {self.layer} ({self.phase} group)"
         return f"{when}, layer {self.layer}, {what}" if self.tensor else f"{when}, {what}"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTensorDelta:
+    """One tensor of the first traced step that differs, with exact counts (both inputs have its values)."""
+
+    phase: str
+    """forward, backward or update."""
+    layer: str
+    """Module name or "loss"."""
+    tensor: str
+    """Tensor name (linear1.out, bn1.weight.grad, ...)."""
+    differing: int
+    """Elements whose bits differ."""
+    elements: int
+    """Elements of the tensor."""
+    max_ulps: int
+    """Largest ulp distance, in the tensor's own dtype."""
+    max_abs: float
+    """Largest |a - b|."""
+    scale: float
+    """Largest |value| of the tensor in a or b: the scale |a - b| is measured against."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +161,8 @@ class PairComparison:
     identical: bool
     """All compared digests equal (bits compared)."""
     first: Difference | None
-    """Where they first part; None when identical."""
+    """Where they first part: the training split, or (when every training tensor is identical) the eval
+    pass's first difference; None when identical."""
     divergence: LayerDivergence | None
     """Per-layer parameter divergence; None when identical or not comparable (different storage dtypes)."""
     growth_rate: float | None
@@ -157,6 +191,11 @@ class PairComparison:
     """Eval-mode training MSE at the last compared row, in a and in b."""
     nonfinite: tuple[dict[str, Any] | None, dict[str, Any] | None] = (None, None)
     """First non-finite tensor of each run, if any."""
+    eval_first: Difference | None = None
+    """Where the eval pass first differs (it never feeds back into training); None if it never does."""
+    first_step: tuple[StepTensorDelta, ...] | None = None
+    """Every tensor of the first traced step that differs, in computation order; None when an input lacks
+    the step's values (an older bnaudit's)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,61 +456,123 @@ def _check_snapshots_consistent(a: Fingerprint, b: Fingerprint, row_differs: np.
                              "parameter snapshots (an edited or corrupt input)")
 
 
-def first_difference(a: Fingerprint, b: Fingerprint, *, epochs: int | None = None) -> tuple[Difference | None, str,
-                                                                                           int, int]:
-    """(first difference or None, epoch granularity, traced steps compared, epoch rows compared)."""
+def _is_eval(keys: Sequence[Any]) -> np.ndarray:
+    """Which epoch columns (TensorKey or (phase, layer) group) belong to the eval pass."""
+    return np.array([(k.phase if isinstance(k, TensorKey) else k[0]) == "eval" for k in keys], dtype=bool)
+
+
+def split(a: Fingerprint, b: Fingerprint, *, epochs: int | None = None
+          ) -> tuple[Difference | None, Difference | None, str, int, int]:
+    """(training split, eval-pass difference, epoch granularity, traced steps compared, epoch rows compared).
+
+    Both from one pass over the digests, which also checks the inputs' digests against each other.
+    """
     epochs = min(a.epochs, b.epochs) if epochs is None else epochs
     n_rows = epochs + 1
     granularity, keys, differs, row_differs = _epoch_view(a, b, n_rows)
     _check_snapshots_consistent(a, b, row_differs)
     step_rows, step_keys, step_differs = _step_view(a, b, epochs)
-
-    rows_hit = np.flatnonzero(row_differs)
+    evals = _is_eval(keys)
+    eval_hit = np.flatnonzero(differs[:, evals].any(axis=1)) if evals.any() else np.zeros(0, np.intp)
+    eval_first = _row_difference(a, b, int(eval_hit[0]), keys, differs, evals, granularity) if len(eval_hit) \
+        else None
+    # A row whose digest differs where no column does is a 32-bit group-digest collision: counted as training.
+    train_rows = differs[:, ~evals].any(axis=1) | (row_differs & ~differs.any(axis=1))
+    rows_hit = np.flatnonzero(train_rows)
     steps_hit = np.flatnonzero(step_differs.any(axis=1)) if step_differs.size else np.zeros(0, np.intp)
-    row_pos = (int(rows_hit[0]), -1) if len(rows_hit) else None
+    # Timeline positions: row 0 before every step, row r >= 1 after every step of epoch r - 1.
+    row_pos = None
+    if len(rows_hit):
+        r0 = int(rows_hit[0])
+        row_pos = (-1, 0) if r0 == 0 else (r0 - 1, math.inf)
     step_pos = (int(step_rows[steps_hit[0], 0]), int(step_rows[steps_hit[0], 1])) if len(steps_hit) else None
     if row_pos is None and step_pos is None:
-        return None, granularity, len(step_rows), n_rows
-
-    if step_pos is not None and (row_pos is None or step_pos < row_pos):
+        training = None
+    elif step_pos is not None and (row_pos is None or step_pos < row_pos):
         i = int(steps_hit[0])
         t: TensorKey = step_keys[int(np.flatnonzero(step_differs[i])[0])]
-        diff = Difference(epoch=step_pos[0], step=step_pos[1], phase=t.phase, layer=t.layer, tensor=t.key,
-                          granularity="step", fraction_differing=None, max_ulps=None, row=None)
-        return diff, granularity, len(step_rows), n_rows
+        delta = _first_step_delta(a, b, t) if step_pos == firststep.FIRST_STEP else None
+        training = Difference(epoch=step_pos[0], step=step_pos[1], phase=t.phase, layer=t.layer, tensor=t.key,
+                              granularity="step", row=None,
+                              fraction_differing=None if delta is None else delta.differing / delta.elements,
+                              max_ulps=None if delta is None else delta.max_ulps,
+                              elements=None if delta is None else delta.elements)
+    else:
+        training = _row_difference(a, b, int(rows_hit[0]), keys, differs, ~evals, granularity)
+    return training, eval_first, granularity, len(step_rows), n_rows
 
-    assert row_pos is not None
-    r = row_pos[0]
+
+def _row_difference(a: Fingerprint, b: Fingerprint, r: int, keys: list[Any], differs: np.ndarray,
+                    among: np.ndarray, granularity: str) -> Difference:
+    """The first differing column of epoch row ``r`` among the columns ``among``, with values where both have them."""
     epoch, step = (0, 0) if r == 0 else (r - 1, None)
-    cols = np.flatnonzero(differs[r])
+    cols = np.flatnonzero(differs[r] & among)
     params = {name for name, _ in a.params} & {name for name, _ in b.params}
     if not len(cols):  # whole-row digests differ but no group does: a 32-bit group-digest collision
-        diff = Difference(epoch=epoch, step=step, phase="init" if r == 0 else "unknown", layer="unknown",
+        return Difference(epoch=epoch, step=step, phase="init" if r == 0 else "unknown", layer="unknown",
                           tensor=None, granularity="epoch-row", fraction_differing=None, max_ulps=None, row=r)
-    elif granularity == "epoch-tensor":
+    if granularity == "epoch-tensor":
         t = keys[int(cols[0])]
+        if t.phase == "eval":
+            return Difference(epoch=epoch, step=None, phase="eval", layer=t.layer, tensor=t.key,
+                              granularity=granularity, fraction_differing=None, max_ulps=None, row=r)
         values = _values(a, b, r, t.key) if t.key in params else None
-        diff = Difference(epoch=epoch, step=step, phase="init" if r == 0 else t.phase, layer=t.layer, tensor=t.key,
+        return Difference(epoch=epoch, step=step, phase="init" if r == 0 else t.phase, layer=t.layer, tensor=t.key,
                           granularity=granularity, fraction_differing=None if values is None else values[0],
                           max_ulps=None if values is None else values[1], row=r,
                           elements=None if values is None else values[2])
-    else:
-        phase, layer = keys[int(cols[0])]
-        tensor, values = None, None
-        if r == 0 and phase == "update":
-            # At the initial state there are no momentum buffers: an update group that differs is one of
-            # the layer's parameters, which the snapshot of row 0 names (in parameter order).
-            for name, _ in a.params:
-                if name in params and name.split(".")[0] == layer:
-                    v = _values(a, b, 0, name)
-                    if v is not None and v[0] > 0:
-                        tensor, values = name, v
-                        break
-        diff = Difference(epoch=epoch, step=step, phase="init" if r == 0 else phase, layer=layer, tensor=tensor,
-                          granularity=granularity, fraction_differing=None if values is None else values[0],
-                          max_ulps=None if values is None else values[1], row=r,
-                          elements=None if values is None else values[2])
-    return diff, granularity, len(step_rows), n_rows
+    phase, layer = keys[int(cols[0])]
+    if phase == "eval":
+        return Difference(epoch=epoch, step=None, phase="eval", layer=layer, tensor=None, granularity=granularity,
+                          fraction_differing=None, max_ulps=None, row=r)
+    tensor, values = None, None
+    if r == 0 and phase == "update":
+        # At the initial state there are no momentum buffers: an update group that differs is one of
+        # the layer's parameters, which the snapshot of row 0 names (in parameter order).
+        for name, _ in a.params:
+            if name in params and name.split(".")[0] == layer:
+                v = _values(a, b, 0, name)
+                if v is not None and v[0] > 0:
+                    tensor, values = name, v
+                    break
+    return Difference(epoch=epoch, step=step, phase="init" if r == 0 else phase, layer=layer, tensor=tensor,
+                      granularity=granularity, fraction_differing=None if values is None else values[0],
+                      max_ulps=None if values is None else values[1], row=r,
+                      elements=None if values is None else values[2])
+
+
+def first_step_deltas(a: Fingerprint, b: Fingerprint) -> tuple[StepTensorDelta, ...] | None:
+    """Every traced tensor of the first traced step whose bits differ, in computation order.
+
+    None when either input lacks the step's values.
+    """
+    if a.first_step is None or b.first_step is None:
+        return None
+    keys, _, _ = _common_keys(a.step_tensors, b.step_tensors)
+    out = []
+    for t in keys:
+        delta = _first_step_delta(a, b, t)
+        if delta is not None and delta.differing:
+            out.append(delta)
+    return tuple(out)
+
+
+def _first_step_delta(a: Fingerprint, b: Fingerprint, t: TensorKey) -> StepTensorDelta | None:
+    """Exact counts of one tensor of the first traced step, when both inputs hold it in the same dtype."""
+    got_a = a.first_step.get(t.key) if a.first_step is not None else None
+    got_b = b.first_step.get(t.key) if b.first_step is not None else None
+    if got_a is None or got_b is None or got_a[1] != got_b[1] or got_a[0].shape != got_b[0].shape:
+        return None
+    (va, dtype), (vb, _) = got_a, got_b
+    va, vb = va.reshape(-1), vb.reshape(-1)
+    absd, _, ulps = element_distances(va, vb, dtype)
+    differ = bits.as_bits(va, dtype) != bits.as_bits(vb, dtype)
+    with np.errstate(invalid="ignore"):
+        scale = np.maximum(np.abs(bits.to_float64(va, dtype)), np.abs(bits.to_float64(vb, dtype)))
+    return StepTensorDelta(phase=t.phase, layer=t.layer, tensor=t.key, differing=int(differ.sum()),
+                           elements=len(va), max_ulps=int(ulps.max()) if len(va) else 0,
+                           max_abs=float(absd.max()) if len(va) else 0.0,
+                           scale=float(np.nanmax(scale)) if len(va) and not np.isnan(scale).all() else 0.0)
 
 
 def element_distances(a: np.ndarray, b: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -639,7 +740,8 @@ def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool =
     ensure_comparable(a, b, allow_different_spec=allow_different_spec)
     a, b = record.comparable([a, b])
     epochs = min(a.epochs, b.epochs)
-    first, granularity, n_steps, n_rows = first_difference(a, b, epochs=epochs)
+    first, eval_first, granularity, n_steps, n_rows = split(a, b, epochs=epochs)
+    first = first or eval_first
     identical = first is None
     divergence = None if identical else layer_divergence(a, b, epochs=epochs)
     rate = saturation = None
@@ -655,7 +757,8 @@ def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool =
         labels=(a.label, b.label),
         spec_differences=spec_differences(a.spec, b.spec) if a.spec.hash != b.spec.hash else (),
         final_train_loss=(float(a.train_loss[epochs]), float(b.train_loss[epochs])),
-        nonfinite=(a.nonfinite, b.nonfinite))
+        nonfinite=(a.nonfinite, b.nonfinite), eval_first=eval_first,
+        first_step=None if identical else first_step_deltas(a, b))
 
 
 def equivalence_classes(fps: Sequence[Fingerprint]) -> list[EquivalenceClass]:

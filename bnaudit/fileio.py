@@ -136,6 +136,7 @@ MARKERS = {
     "reference": ("manifest.json", "bnaudit.reference/"),
     "report": ("report.json", "bnaudit.report/"),
     "matrix": ("matrix.json", "bnaudit.matrix/"),
+    "bundle": ("bundle.json", "bnaudit.bundle/"),
 }
 """Each kind of folder bnaudit writes, by the file that marks it and that file's schema prefix."""
 

@@ -15,6 +15,8 @@ A **record** is a folder written by one run:
                     parameters' bytes, then its running statistics' (``state_digests``)
     step_digests.npy  (n_step_rows, n_step_tensors) uint64 digests after each traced step
     step_rows.npy   (n_step_rows, 2) int64 (epoch, step) of each traced step
+    first_step.npy  uint8: the exact values of the first traced step (``bnaudit.firststep``),
+                    tensor after tensor as record.json's ``first_step`` table lists them
     probe.npy       (n_probe_rows, n_probe) probe-batch activations at the probe schedule's rows
     fingerprint.json the fingerprint derived from all of the above
 
@@ -49,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import bits
+from bnaudit import bits, firststep
 from bnaudit._version import __version__
 from bnaudit.blocks import AuditBlock, ChaosFloor, DivergenceBlock, Fields
 from bnaudit.controls import Controls, Perturbation
@@ -67,18 +69,23 @@ from bnaudit.fileio import (
 from bnaudit.layout import TensorKey, TraceLayout, digest, keyframe_schedule, probe_schedule
 from bnaudit.spec import ExperimentSpec, spec_from_record_dict
 
-RECORD_SCHEMA = "bnaudit.record/3"
+RECORD_SCHEMA = "bnaudit.record/4"
 """2: record.json carries ``content_sha256``, a checksum over its own content.
-3: state_digests.npy, a digest of each epoch row's state, covered by the overall digest."""
+3: state_digests.npy, a digest of each epoch row's state, covered by the overall digest.
+4: first_step.npy, the exact values of the first traced step."""
+STATE_RECORD = "bnaudit.record/3"
+"""Still loaded: a record/4 without the first step's values."""
 LEGACY_RECORD = "bnaudit.record/2"
 """Still loaded: its every per-tensor epoch digest is checked against the arrays instead."""
 OLD_RECORD_SCHEMAS = ("bnaudit.record/1",)
-FINGERPRINT_SCHEMA = "bnaudit.fingerprint/2"
-"""2: ``state_digests``, the record's, covered by the overall digest."""
+FINGERPRINT_SCHEMA = "bnaudit.fingerprint/3"
+"""2: ``state_digests``, the record's, covered by the overall digest.  3: ``first_step``."""
+STATE_FINGERPRINT = "bnaudit.fingerprint/2"
+"""Still loaded: a fingerprint/3 without the first step's values."""
 LEGACY_FINGERPRINT = "bnaudit.fingerprint/1"
 """Still loaded (a committed baseline of an older bnaudit); compared as ``Fingerprint.legacy``."""
-FINGERPRINT_SCHEMAS = (FINGERPRINT_SCHEMA, LEGACY_FINGERPRINT)
-RECORD_SCHEMAS = (RECORD_SCHEMA, LEGACY_RECORD)
+FINGERPRINT_SCHEMAS = (FINGERPRINT_SCHEMA, STATE_FINGERPRINT, LEGACY_FINGERPRINT)
+RECORD_SCHEMAS = (RECORD_SCHEMA, STATE_RECORD, LEGACY_RECORD)
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _HEXS = re.compile(r"[0-9a-f]*")
 
@@ -117,6 +124,8 @@ class RunResult:
     """The first non-finite tensor (epoch, step, phase, layer, tensor), or None."""
     train_seconds: float
     """Wall time of the training loop with its instrumentation."""
+    first_step: firststep.FirstStep | None = None
+    """The exact values of the first traced step."""
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -182,6 +191,8 @@ class Fingerprint:
     state_digests: np.ndarray | None = None
     """(epochs+1,) uint64 digest of each epoch row's parameters and running statistics
     (``state_digests``), covered by ``digest``; None in inputs of an older bnaudit."""
+    first_step: firststep.FirstStep | None = dataclasses.field(default=None, compare=False, repr=False)
+    """The exact values of the first traced step (verified against its digests); None in older inputs."""
     tensor_check: Callable[[], None] | None = dataclasses.field(default=None, compare=False, repr=False)
     """A record's check of every per-tensor epoch digest against its arrays, run (once) by
     ``legacy``; None where there is nothing left to check."""
@@ -336,6 +347,7 @@ def fingerprint_dict(meta: dict[str, Any], arrays: dict[str, np.ndarray], layout
             "test": bits.to_hex(arrays["losses"][:, 1], "float64"),
         },
         "snapshots": {"rows": rows, "params": b64encode(arrays["params"][rows])},
+        "first_step": {"tensors": meta["first_step"], "values": b64encode(arrays["first_step"])},
         "extra": meta.get("extra", {}),
     }
     doc["content_sha256"] = content_sha256(doc)
@@ -358,6 +370,7 @@ def write_record(out: Path, meta: dict[str, Any], result: RunResult, layout: Tra
         "step_digests": result.step_digests.astype("<u8"),
         "step_rows": result.step_rows.astype("<i8"),
         "probe": result.probe,
+        "first_step": np.frombuffer(result.first_step.blob() if result.first_step else b"", np.uint8),
     }
     probe_rows = [int(r) for r in result.probe_rows]
     meta = dict(meta)
@@ -367,6 +380,7 @@ def write_record(out: Path, meta: dict[str, Any], result: RunResult, layout: Tra
     meta["probe_rows"] = probe_rows
     meta["train_seconds"] = result.train_seconds
     meta["layout"] = layout_dict(layout)
+    meta["first_step"] = result.first_step.tensors_json() if result.first_step else []
     blobs = {f"{name}.npy": npy_bytes(a) for name, a in arrays.items()}
     meta["files"] = {
         name: {"sha256": hashlib.sha256(b).hexdigest(), "shape": list(arrays[name[:-4]].shape),
@@ -517,7 +531,7 @@ def read_fingerprint(path: Path) -> Fingerprint:
     if len(rd) != epochs + 1:
         raise InputError(f"{where}: {len(rd)} epoch digests for {epochs} epochs")
     state = None
-    if schema == FINGERPRINT_SCHEMA:
+    if schema != LEGACY_FINGERPRINT:
         state = _hex64(f.get("state_digests", list), where, "state_digests")
         if len(state) != epochs + 1:
             raise InputError(f"{where}: {len(state)} state digests for {epochs} epochs")
@@ -541,6 +555,10 @@ def read_fingerprint(path: Path) -> Fingerprint:
     recomputed = overall_digest(spec.hash, c["storage"], rd, step_rows, step_digests, state)
     if recomputed != c["digest"]:
         raise InputError(f"{where}: digest does not match the digests it summarises (edited or corrupt)")
+    first = None
+    if schema == FINGERPRINT_SCHEMA:
+        first = firststep.from_json(f.get("first_step", dict), firststep.first_step_shapes(spec, layout), where)
+        _verify_first_step(first, layout, step_rows, step_digests, snapshots[0], c["storage"], where)
     extra = f.get("extra", dict, optional=True) or {}
     return Fingerprint(
         source=where, spec=spec, frozen=c["frozen"], config=c["config"], effective=c["effective"],
@@ -549,7 +567,15 @@ def read_fingerprint(path: Path) -> Fingerprint:
         epoch_tensors=(), epoch_digests=None, groups=groups, group_digests=gd, row_digests=rd,
         keyframe_rows=np.array(rows, dtype=np.int64), keyframes=snapshots, params=params,
         train_loss=train, test_loss=test, nonfinite=c["nonfinite"], extra=extra, state_digests=state,
-        **decode_extra(extra, where))
+        first_step=first, **decode_extra(extra, where))
+
+
+def _verify_first_step(block: firststep.FirstStep, layout: TraceLayout, step_rows: np.ndarray,
+                       step_digests: np.ndarray, initial: np.ndarray, storage: str, where: str) -> None:
+    hit = np.flatnonzero((step_rows[:, 0] == firststep.FIRST_STEP[0]) & (step_rows[:, 1] == firststep.FIRST_STEP[1]))
+    if not len(hit):
+        raise InputError(f"{where}: first-step values without the first traced step")
+    firststep.verify(block, layout, step_digests[int(hit[0])], initial, storage, where)
 
 
 def prefix(fp: Fingerprint, epochs: int) -> Fingerprint:
@@ -610,7 +636,7 @@ def read_record(folder: Path) -> Fingerprint:
 
 
 def _read_arrays(folder: Path, files: dict[str, Any], spec: ExperimentSpec, layout: TraceLayout, epochs: int,
-                 storage: str, n_probe_rows: int, *, state: bool = True) -> dict[str, np.ndarray]:
+                 storage: str, n_probe_rows: int, *, state: bool, first: bool) -> dict[str, np.ndarray]:
     """Every array file of a record, each checked against its sha256 in record.json, its dtype and shape."""
     where = str(folder)
     sdt = bits.storage(storage).numpy_dtype
@@ -628,6 +654,8 @@ def _read_arrays(folder: Path, files: dict[str, Any], spec: ExperimentSpec, layo
     }
     if state:
         expected["state_digests"] = ((epochs + 1,), "<u8")
+    if first:
+        expected["first_step"] = (None, "|u1")
     arrays = {}
     for name, (shape, dtype) in expected.items():
         sha = Fields(files.get(f"{name}.npy"), where).get("sha256", str)
@@ -732,8 +760,10 @@ def load_record(folder: Path) -> Record:
     probe_rows = f.get("probe_rows", list)
     if probe_rows != probe_schedule(epochs):
         raise InputError(f"{where}: probe rows are not the schedule for {epochs} epochs")
-    has_state = schema == RECORD_SCHEMA
-    arrays = _read_arrays(folder, files, spec, layout, epochs, storage, len(probe_rows), state=has_state)
+    has_state = schema != LEGACY_RECORD
+    has_first = schema == RECORD_SCHEMA
+    arrays = _read_arrays(folder, files, spec, layout, epochs, storage, len(probe_rows), state=has_state,
+                          first=has_first)
     rd = row_digests(arrays["epoch_digests"])
     state = arrays["state_digests"] if has_state else None
     if overall_digest(spec.hash, storage, rd, arrays["step_rows"], arrays["step_digests"], state) != c["digest"]:
@@ -744,6 +774,13 @@ def load_record(folder: Path) -> Record:
         tensor_check = TensorCheck(layout, arrays, where)
     else:
         verify_tensor_digests(layout, arrays, where)
+    first = None
+    if has_first:
+        first = firststep.decode(f.get("first_step", list), arrays["first_step"].tobytes(),
+                                 firststep.first_step_shapes(spec, layout), where)
+        _verify_first_step(first, layout, arrays["step_rows"], arrays["step_digests"], arrays["params"][0],
+                           storage, where)
+        _verify_initial_buffers(first, layout, arrays["buffers"][0], storage, where)
     groups = layout.groups()
     extra = f.get("extra", dict, optional=True) or {}
     fp = Fingerprint(
@@ -755,8 +792,22 @@ def load_record(folder: Path) -> Record:
         row_digests=rd, keyframe_rows=np.arange(epochs + 1), keyframes=arrays["params"],
         params=layout.params, train_loss=arrays["losses"][:, 0], test_loss=arrays["losses"][:, 1],
         nonfinite=c["nonfinite"], extra=extra, state_digests=state, tensor_check=tensor_check,
-        **decode_extra(extra, where))
+        first_step=first, **decode_extra(extra, where))
     return Record(path=folder, meta=meta, layout=layout, arrays=arrays, fingerprint=fp)
+
+
+def _verify_initial_buffers(block: firststep.FirstStep, layout: TraceLayout, buffers: np.ndarray, storage: str,
+                            where: str) -> None:
+    """A record also has row 0's running statistics: the block's initial ones must be those."""
+    offset, bits_dtype = 0, bits.storage(storage).bits_dtype
+    for name, shape in layout.buffers:
+        n = math.prod(shape)
+        got = block.get(f"initial.{name}")
+        if got is None or got[1] != storage or not np.array_equal(
+                got[0].reshape(-1).view(bits_dtype), buffers[offset:offset + n].view(bits_dtype)):
+            raise InputError(f"{where}: first-step initial.{name} differs from the row-0 running statistics "
+                             "(edited or corrupt)")
+        offset += n
 
 
 def load(path: Path | str) -> Fingerprint:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._utils import _flatten_dense_tensors
 
-from bnaudit import bits, record
+from bnaudit import bits, firststep, record
 from bnaudit.controls import RunConfig
 from bnaudit.frozen import FrozenInputs
 from bnaudit.layout import TraceLayout, digest, probe_indices, probe_schedule, storage_numpy
@@ -45,6 +45,8 @@ from bnaudit.spec import ExperimentSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
                 "bf16-mixed": torch.float32}
+STORAGE_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
+"""Storage dtype name of each tensor dtype a run computes in."""
 
 Tensors = Sequence[torch.Tensor]
 Outputs = list[tuple[str, torch.Tensor]]
@@ -329,6 +331,14 @@ class Training:
         named.update(self.named_buffers)
         return named
 
+    def first_step(self, xb: torch.Tensor, yb: torch.Tensor, outs: Outputs,
+                   loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """What the first traced step's block keeps (``firststep``): its batch, every module's output, its tensors."""
+        named = self.traced(outs, loss)
+        named.update((f"{name}.out", out) for name, out in outs)
+        named.update(input=xb, target=yb)
+        return named
+
     def evaluate(self) -> Evaluation:
         """Eval-mode forward of every sample and the training and test MSE; leaves the model in train mode."""
         data = self.data
@@ -378,6 +388,8 @@ class Recorder:
         self.probe_rows = probe_schedule(config.epochs)
         self.probe: list[np.ndarray] = []
         self.nonfinite: dict[str, Any] | None = None
+        self.first_step: firststep.FirstStep | None = None
+        self._first_shapes = firststep.first_step_shapes(spec, layout)
         self._probe_rows = set(self.probe_rows)
         self._param_sizes = [math.prod(shape) for _, shape in layout.params]
         self._buffer_sizes = [math.prod(shape) for _, shape in layout.buffers]
@@ -395,6 +407,22 @@ class Recorder:
         if self.nonfinite is None:
             self._first_nonfinite(f"epoch {epoch} step {step}", [
                 (t.phase, t.layer, t.key, v) for t, v in zip(keys, tensors) if v is not None], epoch, step)
+
+    def record_first_step(self, named: Mapping[str, torch.Tensor | None]) -> None:
+        """The first traced step's values: copies, taken before the next step changes the parameters."""
+        values: dict[str, np.ndarray] = {}
+        dtypes: dict[str, str] = {}
+        for key in self._first_shapes:
+            t = named.get(key)
+            if t is not None:
+                values[key], dtypes[key] = to_storage(t).copy(), STORAGE_OF[t.dtype]
+        for section, names in ((self.params[0], self.layout.params), (self.buffers[0], self.layout.buffers)):
+            offset = 0
+            for name, shape in names:
+                n = math.prod(shape)
+                values[f"initial.{name}"], dtypes[f"initial.{name}"] = section[offset:offset + n].copy(), self.storage
+                offset += n
+        self.first_step = firststep.make(values, dtypes, self._first_shapes)
 
     def record_epoch_end(self, end: EpochEnd) -> None:
         """An epoch row: exact parameters, buffers and losses, the epoch-end digests, the probe."""
@@ -461,6 +489,7 @@ class Recorder:
             probe=np.stack(self.probe),
             nonfinite=self.nonfinite,
             train_seconds=train_seconds,
+            first_step=self.first_step,
         )
 
 
@@ -503,6 +532,8 @@ def run(spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig,
             bn_inputs += training.bn_inputs(outs)
             if epoch in traced:
                 rec.record_step(epoch, step, training.traced(outs, loss))
+            if (epoch, step) == firststep.FIRST_STEP:
+                rec.record_first_step(training.first_step(xb, yb, outs, loss))
         training.scheduler.step()
         row = epoch + 1
         end = training.epoch_end(row, probe=rec.wants_probe(row), step_losses=torch.stack(step_losses),

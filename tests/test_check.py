@@ -963,3 +963,48 @@ def test_parameters_of_another_storage_dtype_are_neither_measured_nor_read_as_no
     keyframes = f64.keyframes.copy()
     keyframes[-1, 0] = np.nan
     assert check.nonfinite_parameters(baseline.fingerprint, dataclasses.replace(f64, keyframes=keyframes)) is None
+
+
+def test_a_parameter_already_non_finite_in_the_baseline_is_not_the_runs_fault(make_run):
+    """bfloat16 keyframes are uint16 patterns: the baseline's are read as bfloat16 too, so a NaN (0x7fc0) or an
+    infinity (0xff80) the baseline already stores there is not a new non-finite parameter of the run."""
+    fp = record.load(make_run(2, dtype="bfloat16"))
+    widths = [int(np.prod(s)) for _, s in fp.params]
+    second = next(k for k, (name, _) in enumerate(fp.params) if not name.startswith("linear1."))
+    other_col = sum(widths[:second])
+    other_layer = fp.params[second][0].split(".")[0]
+    last = int(np.flatnonzero(fp.keyframe_rows == 2)[0])
+    base_kf, cand_kf = fp.keyframes.copy(), fp.keyframes.copy()
+    base_kf[last, 0], cand_kf[last, 0] = np.uint16(0x7FC0), np.uint16(0x7FC0)
+    base_kf[last, 1], cand_kf[last, 1] = np.uint16(0xFF80), np.uint16(0xFF80)
+    base = dataclasses.replace(fp, keyframes=base_kf)
+    assert check.nonfinite_parameters(base, dataclasses.replace(fp, keyframes=cand_kf)) is None
+    cand_kf[last, other_col] = np.uint16(0x7F80)  # +inf, where the baseline's is finite
+    m = check.nonfinite_parameters(base, dataclasses.replace(fp, keyframes=cand_kf))
+    assert m is not None and m.nonfinite and m.value == float("inf")
+    assert (m.row, m.layer, m.rows) == (2, other_layer, (0, 1, 2))
+
+
+def test_only_configurations_checked_more_than_once_are_named_by_source(baseline, base_run, drifted, make_run):
+    """Two candidates of one configuration get their source in their names; a third of another keeps its name."""
+    from bnaudit.baseline import source_name
+
+    same = record.load(base_run)
+    f64 = record.load(make_run(EPOCHS, dtype="float64"))
+    f64_baseline = dataclasses.replace(baseline, path="f64.json", fingerprint=f64)
+    result = check.run_check([(baseline, same), (f64_baseline, f64), (baseline, drifted)])
+    assert [c.name for c in result.cases] == [f"float32_t1_native_nondet [{source_name(same.source)}]",
+                                              "float64_t1_native_nondet",
+                                              f"float32_t1_native_nondet [{source_name(drifted.source)}]"]
+    assert [c.verdict for c in result.cases] == [check.Verdict.IDENTICAL, check.Verdict.IDENTICAL,
+                                                 check.Verdict.DRIFT]
+    assert [c.candidate for c in result.cases] == [same.source, f64.source, drifted.source]
+
+
+def test_environment_differences_are_written_with_both_values(baseline, drifted):
+    """Each environment difference is [key, baseline value, candidate value], non-finite floats as strings."""
+    case = dataclasses.replace(check.check_case(baseline, drifted), environment_diff=(
+        ("threads", 1, 2), ("cpu_model", "a", "b"), ("loss_scale", float("nan"), 0.5), ("x", float("-inf"), None)))
+    assert case.to_dict()["environment_diff"] == [["threads", 1, 2], ["cpu_model", "a", "b"],
+                                                  ["loss_scale", "nan", 0.5], ["x", "-inf", None]]
+    json.dumps(case.to_dict(), allow_nan=False)  # strict JSON

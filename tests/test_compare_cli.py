@@ -37,7 +37,7 @@ def test_threads_1_vs_2_exit_1_and_name_the_first_step(cli, runs):
         pytest.skip("on this host 1 and 2 threads give the same float32 bits (the --perturb tests do not depend on it)")
     code, out, _ = cli("compare", str(runs["t1"]), str(runs["t2"]))
     assert code == ExitCode.DIFFERENT == 1
-    first = next(line for line in out.splitlines() if line.startswith("first difference"))
+    first = next(line for line in out.splitlines() if line.startswith("training split"))
     assert "epoch 0, step 0, phase forward" in first
     # The named tensor is the first one whose step digest differs (an oracle on the raw digests).
     import numpy as np
@@ -55,7 +55,7 @@ def test_json_and_b_a_agree(cli, runs):
         assert code == 1
         outs.append(json.loads(out))
     ab, ba = outs
-    assert ab["schema"] == "bnaudit.compare/1" and ab["verdict"] == ba["verdict"] == "different"
+    assert ab["schema"] == "bnaudit.compare/2" and ab["verdict"] == ba["verdict"] == "different"
     assert ab["pair"]["first"] == ba["pair"]["first"]
     first = ab["pair"]["first"]
     assert (first["epoch"], first["step"], first["phase"], first["layer"], first["tensor"], first["max_ulps"]) == (
@@ -137,7 +137,7 @@ def test_comparison_json_reads_back_strictly(cli, runs):
     assert code == 1
     assert compare_view.to_json(compare_view.from_json(out)) == out.strip()
     for bad, message in (('{"schema": NaN}', "not JSON"), ("[1]", "top level is not an object"),
-                         ('{"schema": "bnaudit.compare/0"}', "schema is not bnaudit.compare/1"),
-                         ('{"schema": "bnaudit.compare/1", "kind": "pair"}', "malformed pair comparison")):
+                         ('{"schema": "bnaudit.compare/1"}', "schema is not bnaudit.compare/2"),
+                         ('{"schema": "bnaudit.compare/2", "kind": "pair"}', "malformed pair comparison")):
         with pytest.raises(InputError, match=message):
             compare_view.from_json(bad)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from bnaudit import compare, emulate, record
@@ -83,32 +86,35 @@ def test_unknown_model_gets_one_line_and_exit_2(cli, tmp_path, command):
 
 
 EMULATED_EPOCHS = 20
+ROME = "float32_t1_default_nondet_cpu-EPYC-Rome"
+NEHALEM = "float32_t1_default_nondet_cpu-Nehalem"
 
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    """Haswell and Nehalem, 20 epochs each, side by side (-j 2), through the real matrix command."""
+    """An AMD and an Intel CPU, both capped to torch's default kernels (--isa default), 20 epochs each, side by
+    side (-j 2), through the real matrix command."""
     from bnaudit.cli import main
 
     out = tmp_path_factory.mktemp("emulated") / "m"
-    code = main(["matrix", "--cpu-model", "Haswell,Nehalem", "--epochs", str(EMULATED_EPOCHS), "-j", "2",
-                 "--audit-every", "0", "--out", str(out), "--json"])
+    code = main(["matrix", "--cpu-model", "EPYC-Rome,Nehalem", "--isa", "default", "--epochs", str(EMULATED_EPOCHS),
+                 "-j", "2", "--audit-every", "0", "--out", str(out), "--json"])
     assert code == 0
     return out
 
 
 @pytest.mark.emulation
 @needs_qemu
-def test_emulated_capabilities_and_first_difference_against_native_default(emulated, make_run):
-    haswell = record.load_record(emulated / "runs" / "float32_t1_native_nondet_cpu-Haswell")
-    nehalem = record.load_record(emulated / "runs" / "float32_t1_native_nondet_cpu-Nehalem")
-    assert haswell.meta["effective"]["cpu_capability"] == "AVX2"
-    assert nehalem.meta["effective"]["cpu_capability"] == "DEFAULT"
-    # The emulated model is what the run's own process saw (CPUID via numpy), recorded as resolved.
-    assert haswell.meta["environment"]["emulated_cpu_model"] == "Haswell"
-    assert "AVX2" in haswell.meta["environment"]["cpu_features"]
+def test_emulated_cpuid_and_first_difference_against_native_default(emulated, make_run):
+    rome = record.load_record(emulated / "runs" / ROME)
+    nehalem = record.load_record(emulated / "runs" / NEHALEM)
+    # The cap took effect under emulation, and each run's own process saw its model's CPUID (via numpy).
+    assert rome.meta["effective"]["cpu_capability"] == nehalem.meta["effective"]["cpu_capability"] == "DEFAULT"
+    assert rome.meta["environment"]["emulated_cpu_model"] == "EPYC-Rome"
+    assert "AVX2" in rome.meta["environment"]["cpu_features"]
+    assert "avx2" in rome.meta["environment"]["supported_isas"]
     assert "AVX" not in nehalem.meta["environment"]["cpu_features"]
-    assert haswell.fingerprint.epochs == EMULATED_EPOCHS
+    assert rome.fingerprint.epochs == EMULATED_EPOCHS
 
     native = record.load(make_run(EMULATED_EPOCHS, isa="default"))
     assert native.effective["cpu_capability"] == "DEFAULT"
@@ -119,15 +125,64 @@ def test_emulated_capabilities_and_first_difference_against_native_default(emula
     assert pc.first.epoch == 0  # they part before the first epoch ends
 
 
+def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 ulp distance from the int32 bit patterns (ordered as integers), independent of bnaudit.bits."""
+    ia, ib = (x.view("<i4").astype(np.int64) for x in (a, b))
+    ia = np.where(ia < 0, -(ia & 0x7FFFFFFF), ia)
+    ib = np.where(ib < 0, -(ib & 0x7FFFFFFF), ib)
+    return np.abs(ia - ib)
+
+
+@pytest.mark.emulation
+@needs_qemu
+def test_two_cpus_part_at_step_0s_first_matmul_and_the_bundle_reproduces_it_on_both(emulated, cli, tmp_path):
+    """EPYC-Rome vs Nehalem at --isa default: the training parts at step 0's linear1.out, which compare names with
+    its element share and ulps (the eval pass listed apart), and the exported operation alone reproduces each
+    CPU's bits under that CPU."""
+    rome, nehalem = (record.load(emulated / "runs" / k) for k in (ROME, NEHALEM))
+    va, vb = (fp.first_step.get("linear1.out")[0].reshape(-1) for fp in (rome, nehalem))
+    differing = int((va.view("<u4") != vb.view("<u4")).sum())
+    assert differing > 0
+
+    c = compare.compare_pair(rome, nehalem)
+    d = c.first
+    assert d is not None
+    assert (d.epoch, d.step, d.phase, d.layer, d.tensor) == (0, 0, "forward", "linear1", "linear1.out")
+    assert (round(d.fraction_differing * d.elements), d.elements) == (differing, va.size)
+    assert d.max_ulps == int(_ulps(va, vb).max())
+    assert c.first_step and c.first_step[0].tensor == "linear1.out" and c.first_step[0].differing == differing
+    assert c.eval_first is not None and (c.eval_first.row, c.eval_first.phase) == (0, "eval")
+
+    bundle = tmp_path / "bundle"
+    code, out, err = cli("compare", str(emulated / "runs" / ROME), str(emulated / "runs" / NEHALEM),
+                         "--bundle", str(bundle))
+    assert code == ExitCode.DIFFERENT, err
+    text = " ".join(out.split())
+    assert (f"training split: epoch 0, step 0, phase forward, layer linear1, tensor linear1.out; {differing} of "
+            f"{va.size} elements differ") in text
+    assert "also differs: eval pass over the initial parameters" in text
+    doc = json.loads((bundle / "bundle.json").read_text())
+    assert doc["op"] == "linear" and set(doc["inputs"]) == {"input", "weight", "bias"}
+    assert doc["expected"]["linear1.out"]["a"] != doc["expected"]["linear1.out"]["b"]
+    # Both emulated CPUs at once (2 cores): each computes its own run's bits from the same inputs.
+    procs = {side: subprocess.Popen(emulate.wrap([sys.executable, "reproduce.py", side], model), cwd=bundle,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for side, model in (("a", "EPYC-Rome"), ("b", "Nehalem"))}
+    for side, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (side, stdout, stderr[-2000:])
+        assert f"linear1.out: {doc['expected']['linear1.out'][side]}  = run {side}" in stdout
+
+
 @pytest.mark.emulation
 @needs_qemu
 def test_emulated_matrix_summary_records_the_machines(emulated):
     summary = json.loads((emulated / "summary.json").read_text())
     runs = {r["key"]: r for r in summary["runs"]}
-    assert runs["float32_t1_native_nondet_cpu-Haswell"]["emulated_model"] == "Haswell"
-    assert runs["float32_t1_native_nondet_cpu-Nehalem"]["capability"] == "DEFAULT"
+    assert runs[ROME]["emulated_model"] == "EPYC-Rome"
+    assert runs[NEHALEM]["capability"] == "DEFAULT"
     (pair,) = summary["machines"]
-    assert {pair["cpu_a"], pair["cpu_b"]} == {"Haswell", "Nehalem"}
-    # AVX2 + FMA against SSE kernels: the two machines cannot agree bit for bit.
+    assert {pair["cpu_a"], pair["cpu_b"]} == {"EPYC-Rome", "Nehalem"}
+    # The same capped settings compute the first matmul differently on the two CPUIDs.
     assert pair["identical"] is False and pair["first"]["tensor"]
     assert "first part at" in " ".join(summary["findings"])

@@ -40,6 +40,7 @@ NOT_COVERED = {
     "bnaudit.reference/1": "the mpmath reference's manifest (reference/mpmath)",
     "bnaudit.reference-job/3": "the reference build's resumable job state",
     "bnaudit.report/1": "bnaudit report's JSON",
+    "bnaudit.bundle/1": "compare --bundle's manifest, read by the reproduce.py beside it",
 }
 """Schema strings the code writes that no schema file covers yet, and what they are."""
 
@@ -137,7 +138,7 @@ def _written_schema_strings() -> set[str]:
 def test_every_schema_string_the_code_writes_has_a_schema_file():
     written = _written_schema_strings()
     ids = set(schemas.all_schemas()) - {"bnaudit.defs/1"}
-    assert {"bnaudit.fingerprint/2", "bnaudit.record/3", "bnaudit.error/1"} <= written  # the scan finds them
+    assert {"bnaudit.fingerprint/3", "bnaudit.record/4", "bnaudit.error/1"} <= written  # the scan finds them
     assert written - set(NOT_COVERED) == ids, "schema strings without a schema file, or schema files of nothing"
     assert set(NOT_COVERED) <= written, "NOT_COVERED names a schema string the code no longer writes"
 
@@ -260,6 +261,8 @@ UNKNOWN = "surprise"
 MUTATIONS: dict[str, list[tuple[str, str, Callable[[Any], None]]]] = {
     "fingerprint": [
         ("fingerprint", "digest short", cut("digest")),
+        ("fingerprint", "first-step tensor of an unknown dtype", put("first_step", "tensors", 0, 1, value="float16")),
+        ("fingerprint", "first-step values missing", drop("first_step", "values")),
         ("fingerprint", "content_sha256 short", cut("content_sha256")),
         ("fingerprint", "epoch digest short", cut("epoch_digests", 0)),
         ("fingerprint", "step digests not a multiple of 16", cut("steps", 0, "digests")),
@@ -283,6 +286,8 @@ MUTATIONS: dict[str, list[tuple[str, str, Callable[[Any], None]]]] = {
     "record": [
         ("record", "file sha256 short", cut("files", "params.npy", "sha256")),
         ("record", "array file missing", drop("files", "probe.npy")),
+        ("record", "first-step file missing", drop("files", "first_step.npy")),
+        ("record", "first-step tensor without a shape", put("first_step", 0, value=["input", "float32"])),
         ("record", "unknown array file", put("files", "extra.npy", value={"sha256": "0" * 64, "shape": [1],
                                                                           "dtype": "<f4"})),
         ("record", "layout unknown key", put("layout", UNKNOWN, value=[])),

@@ -19,8 +19,8 @@ MAX_FUNCTION_LINES = 80
 # Stages that must import neither torch nor mpmath, so that a light CI job (compare,
 # check, report) runs without them.
 LIGHT = ("bnaudit.api", "bnaudit.pytest_plugin", "bnaudit.fileio", "bnaudit.layout", "bnaudit.blocks",
-         "bnaudit.record", "bnaudit.compare", "bnaudit.divergence", "bnaudit.check", "bnaudit.baseline",
-         "bnaudit.matrix", "bnaudit.report", "bnaudit.cli")
+         "bnaudit.firststep", "bnaudit.bundle", "bnaudit.record", "bnaudit.compare", "bnaudit.divergence",
+         "bnaudit.check", "bnaudit.baseline", "bnaudit.matrix", "bnaudit.report", "bnaudit.cli")
 
 
 def _module_name(path: Path) -> str:

@@ -16,6 +16,12 @@ def compare(
     allow_different_spec: Annotated[bool, typer.Option(
         "--allow-different-spec",
         help="Compare what still can be across different specs, frozen inputs, dtypes or epoch counts.")] = False,
+    bundle: Annotated[Path | None, typer.Option(
+        "--bundle", metavar="DIR",
+        help="Export the operation where the training parts (a forward operation of the first step) as a "
+             "standalone reproducer: its exact inputs, both runs' settings and digests, and reproduce.py.",
+        show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --bundle folder.")] = False,
 ) -> int:
     """Compare runs bit for bit: identical, or the first difference, the divergence and the environment diff.
 
@@ -30,18 +36,27 @@ def compare(
         raise UsageError("compare needs at least two inputs (A B [C ...])")
     if as_json and as_markdown:
         raise UsageError("choose one of --json and --markdown")
+    if bundle is not None and len(inputs) != 2:
+        raise UsageError("--bundle exports the split of two inputs (A B)")
     fps = [record.load(p) for p in inputs]
     if len(fps) == 2:
         result: core.PairComparison | core.ManyComparison = core.compare_pair(
             fps[0], fps[1], allow_different_spec=allow_different_spec)
     else:
         result = core.compare_many(fps, allow_different_spec=allow_different_spec)
+    if bundle is not None:
+        from bnaudit import bundle as bundles
+
+        assert isinstance(result, core.PairComparison)
+        bundles.export(fps[0], fps[1], result, bundle, force=force)
     if as_json:
         typer.echo(compare_view.to_json(result))
     elif as_markdown:
         typer.echo(compare_view.markdown(result))
     else:
         compare_view.render(result)
+    if bundle is not None and not as_json:
+        typer.echo(f"bundle written to {bundle} (see its README.txt)", err=as_markdown)
     return int(ExitCode.OK if result.identical else ExitCode.DIFFERENT)
 
 

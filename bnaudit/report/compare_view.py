@@ -32,12 +32,14 @@ from bnaudit.compare import (
     LayerDivergence,
     ManyComparison,
     PairComparison,
+    StepTensorDelta,
 )
 from bnaudit.errors import InputError
 from bnaudit.report import console as console_policy
 from bnaudit.report import escape
 
-SCHEMA = "bnaudit.compare/1"
+SCHEMA = "bnaudit.compare/2"
+"""2: ``eval_first`` and ``first_step``: the eval pass apart from the training split, the first step in detail."""
 MAX_COLUMNS = 10
 MAX_ENV_ROWS = 12
 MAX_VALUE_CHARS = 48
@@ -119,6 +121,33 @@ def first_text(d: Difference | None) -> str:
     return text
 
 
+def split_lines(c: PairComparison) -> list[str]:
+    """Where two runs part, as the training's story: the training split, the first step in detail, the eval pass."""
+    if c.identical:
+        return []
+    training = c.first if c.first is not None and c.first.phase != "eval" else None
+    lines = [f"training split: {first_text(training)}" if training is not None
+             else "training split: none (every training tensor compared is bit-identical)"]
+    if c.first_step:
+        n = len(c.first_step)
+        shown = "; ".join(_delta_text(d) for d in c.first_step[:FIRST_STEP_SHOWN])
+        more = f"; and {n - FIRST_STEP_SHOWN} more" if n > FIRST_STEP_SHOWN else ""
+        lines.append(f"first step (epoch 0, step 0): {n} traced tensor{'' if n == 1 else 's'} differ: {shown}{more}")
+    if c.eval_first is not None:
+        lines.append(f"also differs: {first_text(c.eval_first)}; the eval pass never feeds back into training")
+    return lines
+
+
+FIRST_STEP_SHOWN = 4
+"""Tensors of the first step named in the text outputs (JSON has them all)."""
+
+
+def _delta_text(d: StepTensorDelta) -> str:
+    ulps = f"{d.max_ulps} ulp{'' if d.max_ulps == 1 else 's'}"
+    return (f"{d.tensor} {d.differing}/{d.elements} elements, <= {ulps} "
+            f"(max |a - b| {d.max_abs:.2g} at scale {d.scale:.3g})")
+
+
 def first_short(d: Difference | None) -> str:
     """The first difference in a few words (for a table cell)."""
     if d is None:
@@ -184,8 +213,9 @@ def _render_pair(c: PairComparison, console: Console) -> None:
     console.print(escape.terminal(f"  compared: {compared_text(c)}"))
     for d in c.spec_differences:
         console.print(escape.terminal(f"  spec differs (allowed): {d}"))
-    if not c.identical:
-        console.print(Text.assemble(("first difference", "bold"), ": ", escape.terminal(first_text(c.first))))
+    for line in split_lines(c):
+        head, _, rest = line.partition(": ")
+        console.print(Text.assemble((head, "bold"), ": ", escape.terminal(rest)))
     _render_env(c, console)
     if c.divergence is not None and c.divergence.rows:
         headers, body = divergence_table(c.divergence)
@@ -289,8 +319,9 @@ def markdown(result: Result) -> str:
                   f"- b: {escape.markdown_code(c.b)} ({escape.markdown(c.labels[1])})",
                   f"- compared: {escape.markdown(compared_text(c))}"]
         lines += [f"- spec differs (allowed): {escape.markdown(d)}" for d in c.spec_differences]
-        if not c.identical:
-            lines += [f"- **first difference**: {escape.markdown(first_text(c.first))}"]
+        for line in split_lines(c):
+            head, _, rest = line.partition(": ")
+            lines.append(f"- **{head}**: {escape.markdown(rest)}")
         lines.append("")
         if c.environment_diff:
             lines += ["**Environment differences** (likely causes first)", ""]
@@ -367,6 +398,9 @@ def pair_dict(c: PairComparison) -> dict[str, Any]:
         "steps_compared": c.steps_compared, "rows_compared": c.rows_compared, "value_rows": c.value_rows,
         "storage": c.storage, "labels": list(c.labels), "spec_differences": list(c.spec_differences),
         "final_train_loss": [_float(v) for v in c.final_train_loss], "nonfinite": list(c.nonfinite),
+        "eval_first": _difference_dict(c.eval_first),
+        "first_step": None if c.first_step is None else [
+            {**dataclasses.asdict(d), "max_abs": _float(d.max_abs), "scale": _float(d.scale)} for d in c.first_step],
     }
 
 
@@ -415,6 +449,13 @@ def _divergence_from(raw: Any) -> LayerDivergence | None:
         raise InputError("comparison JSON: malformed divergence table") from None
 
 
+def _delta_from(raw: Any) -> StepTensorDelta:
+    names = {f.name for f in dataclasses.fields(StepTensorDelta)}
+    if not isinstance(raw, dict) or set(raw) != names:
+        raise InputError("comparison JSON: malformed first-step tensor")
+    return StepTensorDelta(**{**raw, "max_abs": _unfloat(raw["max_abs"]), "scale": _unfloat(raw["scale"])})
+
+
 def pair_from_dict(raw: Any) -> PairComparison:
     """Inverse of ``pair_dict``."""
     try:
@@ -430,7 +471,8 @@ def pair_from_dict(raw: Any) -> PairComparison:
             labels=(str(raw["labels"][0]), str(raw["labels"][1])),
             spec_differences=tuple(str(s) for s in raw["spec_differences"]),
             final_train_loss=(_unfloat(raw["final_train_loss"][0]), _unfloat(raw["final_train_loss"][1])),
-            nonfinite=(raw["nonfinite"][0], raw["nonfinite"][1]))
+            nonfinite=(raw["nonfinite"][0], raw["nonfinite"][1]), eval_first=_difference_from(raw["eval_first"]),
+            first_step=None if raw["first_step"] is None else tuple(_delta_from(d) for d in raw["first_step"]))
     except (KeyError, TypeError, ValueError, IndexError):
         raise InputError("comparison JSON: malformed pair comparison") from None
 
