@@ -629,7 +629,7 @@ def test_a_longer_run_is_compared_over_the_shorter_runs_rows(runs, kind):
 # --------------------------------------------------------------------------- the first traced step, exactly
 
 def _oracle_step_deltas(a: record.Fingerprint, b: record.Fingerprint) -> list[tuple]:
-    """(phase, layer, tensor, differing, elements, max ulps, max |a-b|, scale) of every same-dtype tensor that differs."""
+    """(phase, layer, tensor, differing, elements, max ulps, max |a-b|, scale) of each same-dtype tensor differing."""
     out = []
     in_b = {t.key for t in b.step_tensors}
     for t in a.step_tensors:
@@ -1088,7 +1088,8 @@ def test_an_initial_statistics_group_is_named_as_a_group(runs):
     a = load(runs, "t1", "fingerprint")
     kf = a.keyframes.copy()
     _move_ulps(kf, 0, _param_cols(a, "bn1.weight")[0], 1)
-    b = dataclasses.replace(a, keyframes=kf, group_digests=_flip(a.group_digests, (0, a.groups.index(("forward", "bn1")))),
+    bn1 = (0, a.groups.index(("forward", "bn1")))
+    b = dataclasses.replace(a, keyframes=kf, group_digests=_flip(a.group_digests, bn1),
                             row_digests=_flip(a.row_digests, 0), state_digests=_flip(a.state_digests, 0))
     assert compare.split(a, b)[0] == compare.Difference(
         epoch=0, step=0, phase="init", layer="bn1", tensor=None, granularity="epoch-group",
@@ -1404,7 +1405,8 @@ def test_run_length_and_tracing_are_not_causes_and_rank_last():
         assert compare.is_cause(key) and compare._rank(key) == len(compare._CAUSES)
     assert compare.is_cause("config.perturb.tensor") and compare._rank("config.perturb.tensor") == 0
     assert compare._rank("effective.threadpools[libgomp].num_threads") == compare._rank("env.OMP_NUM_THREADS")
-    assert compare._rank("effective.threadpools[libgomp].num_threads") < compare._rank("effective.deterministic_algorithms")
+    threads = compare._rank("effective.threadpools[libgomp].num_threads")
+    assert threads < compare._rank("effective.deterministic_algorithms")
     assert compare._rank("effective.threadpools[libgomp].prefix") == compare._rank("environment.torch")
 
 
@@ -1477,7 +1479,7 @@ def test_facts_of_mappings_with_non_string_keys_are_ordered_by_their_text():
 
 def test_values_of_an_empty_parameter_are_zero_ulps_apart(runs):
     a = load(runs, "t1", "fingerprint")
-    empty = dataclasses.replace(a, params=a.params + (("linear7.weight", (0, 16)),))
+    empty = dataclasses.replace(a, params=(*a.params, ("linear7.weight", (0, 16))))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the mean of no elements
         got = compare._values(empty, empty, 1, "linear7.weight")
@@ -1571,3 +1573,45 @@ def test_an_initial_parameter_differing_only_in_the_sign_of_a_zero_is_named(runs
     assert compare.split(x, y)[0] == compare.Difference(
         epoch=0, step=0, phase="init", layer="linear1", tensor="linear1.weight", granularity="epoch-group",
         fraction_differing=1 / 80, max_ulps=0, row=0, elements=80)
+
+
+def test_traced_steps_of_very_late_epochs_are_still_told_apart(runs):
+    # (epoch, step) keys stay exact integers: steps 0-9 of epoch 2^23 are ten different steps
+    a = load(runs, "t1", "fingerprint")
+    rows = np.array([[2 ** 23, s] for s in range(10)], dtype=a.step_rows.dtype)
+    late = dataclasses.replace(a, step_rows=rows)
+    edited = dataclasses.replace(late, step_digests=_flip(late.step_digests, (6, 0)))
+    training, _, _, steps, _ = compare.split(late, edited, epochs=2 ** 24)
+    assert steps == 10
+    assert training is not None and (training.epoch, training.step) == (2 ** 23, 6)
+
+
+def test_steps_of_consecutive_huge_epochs_keep_their_timeline_order(runs):
+    a = load(runs, "t1", "fingerprint")
+    e = 2 ** 30
+    rows = np.array([[e - 1, s] for s in range(5)] + [[e, s] for s in range(5)], dtype=a.step_rows.dtype)
+    late = dataclasses.replace(a, step_rows=rows)
+    edited = dataclasses.replace(late, step_digests=_flip(_flip(late.step_digests, (7, 0)), (3, 0)))
+    training, _, _, steps, _ = compare.split(late, edited, epochs=e + 1)
+    assert steps == 10
+    assert training is not None and (training.epoch, training.step) == (e - 1, 3)
+
+
+def test_step_digests_are_matched_by_tensor_not_by_position(runs):
+    a = load(runs, "t1", "fingerprint")
+    order = np.arange(len(a.step_tensors))[::-1]
+    b = dataclasses.replace(a, step_tensors=tuple(a.step_tensors[i] for i in order),
+                            step_digests=a.step_digests[:, order])
+    assert compare.split(a, b) == (None, None, "epoch-group", 10, 4)
+    key = [t.key for t in b.step_tensors].index("bn3.out")
+    edited = dataclasses.replace(b, step_digests=_flip(b.step_digests, (2, key)))
+    training = compare.split(a, edited)[0]
+    assert training is not None and (training.step, training.tensor) == (2, "bn3.out")
+
+
+def test_no_reference_opinion_when_only_one_run_carries_a_block(runs):
+    with_block = load(runs, "t1", "fingerprint")
+    assert with_block.divergence is not None  # a run of the default spec measures itself against the reference
+    without = dataclasses.replace(load(runs, "t2", "fingerprint"), divergence=None)
+    assert compare.closer_to_reference(with_block, without) is None
+    assert compare.closer_to_reference(without, with_block) is None
