@@ -16,7 +16,7 @@ Each function calls the core function its command calls (``bnaudit run``: ``laun
 
 ``run(dtype="float32", *, epochs=None, threads=1, isa="native", deterministic=False, out=None,
 spec=None, perturb=None, trace_epochs=(), audit_every=10, cpu_model=None, onednn_isa=None,
-mkl_cbwr=None, force=False, on_progress=None) -> Run``
+mkl_cbwr=None, promote=None, force=False, on_progress=None) -> Run``
     One run under controlled numerics, in a fresh process whose environment carries its
     controls (the caller's process never imports torch for it; threads and ISA caps take
     effect only when torch loads).  Options as ``bnaudit run``'s; ``out=None`` writes the
@@ -123,12 +123,14 @@ def run(
     cpu_model: str | None = None,
     onednn_isa: str | None = None,
     mkl_cbwr: str | None = None,
+    promote: str | None = None,
     force: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Run:
     """Run the experiment under controlled numerics in its own process, as ``bnaudit run`` does; return the run.
 
     ``epochs``: default the spec's.  ``perturb``: ``"LAYER.PARAM[INDEX]:ULPS"``.
+    ``promote``: ``"bn,loss"`` and the like, as ``bnaudit run --promote`` takes it.
     ``out``: the record folder (default: a new temporary folder); ``force`` replaces a
     record there.  ``on_progress`` receives the run process's progress events.
     Raises ``BnauditError`` (UsageError for a request this machine cannot honour,
@@ -140,12 +142,14 @@ def run(
         ("dtype", dtype, str, False), ("isa", isa, str, False), ("threads", threads, int, False),
         ("audit_every", audit_every, int, False), ("deterministic", deterministic, bool, False),
         ("force", force, bool, False), ("epochs", epochs, int, True), ("perturb", perturb, str, True),
-        ("cpu_model", cpu_model, str, True), ("onednn_isa", onednn_isa, str, True), ("mkl_cbwr", mkl_cbwr, str, True))
+        ("cpu_model", cpu_model, str, True), ("onednn_isa", onednn_isa, str, True), ("mkl_cbwr", mkl_cbwr, str, True),
+        ("promote", promote, str, True))
     for name, value, kind, optional in arguments:
         _require(name, value, kind, optional=optional)
     experiment = load_spec(None if spec is None else Path(spec))
     c = controls.Controls(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
-                          onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model)
+                          onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model,
+                          promote=() if promote is None else controls.parse_promote(promote))
     config = controls.RunConfig.requested(experiment, c, epochs=epochs, perturb=perturb,
                                           trace_epochs=_epochs_traced(trace_epochs), audit_every=audit_every)
     controls.validate(config, experiment)  # before a temporary folder is made for a run that cannot start

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnaudit import promote
 from bnaudit.blocks import AUDIT_SCHEMA
 from bnaudit.controls import RunConfig
 from bnaudit.reference import engine
@@ -161,9 +162,9 @@ class OperatorAudit:
         """Batch statistics and output of train-mode BN, exactly, from the run's own input."""
         ctx, mpf = self.ctx, self.ctx.mpf
         eps = module.eps
-        out, save_mean, save_invstd = torch.native_batch_norm(h, module.weight, module.bias, None, None,
-                                                               True, 0.0, eps)
-        nxt = F.batch_norm(h, None, None, module.weight, module.bias, True, 0.0, eps)  # as runner.probe_forward
+        out, save_mean, save_invstd = promote.batch_forward(module, h)
+        nxt = out if isinstance(module, promote.PromotedBatchNorm1d) else (
+            F.batch_norm(h, None, None, module.weight, module.bias, True, 0.0, eps))  # as runner.probe_forward
         var_run, _ = torch.var_mean(h, 0, unbiased=False)
         x = _rows(h)
         n = len(x)

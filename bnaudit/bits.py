@@ -53,11 +53,16 @@ def as_bits(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def to_float64(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values as float64 (exact: every float32 and bfloat16 value is a float64)."""
-    if dtype == "bfloat16":
-        wide = values.astype("<u4") << np.uint32(16)
-        return wide.view("<f4").astype("<f8")
-    return values.astype("<f8")
+    """Stored values as float64 (exact: every float32 and bfloat16 value is a float64).
+
+    A signalling NaN comes out quiet, with no warning: the cast is exact for every other
+    value, and comparisons of NaNs go by their stored bits (``as_bits``), never by this.
+    """
+    with np.errstate(invalid="ignore"):
+        if dtype == "bfloat16":
+            wide = values.astype("<u4") << np.uint32(16)
+            return wide.view("<f4").astype("<f8")
+        return values.astype("<f8")
 
 
 def from_float64(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -66,7 +71,8 @@ def from_float64(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float64":
         return values.copy()
     if dtype == "float32":
-        return values.astype("<f4")
+        with np.errstate(over="ignore"):  # past float32's range: inf, the nearest-even result
+            return values.astype("<f4")
     # bfloat16: round the float64 to float32 first would double-round; round directly.
     bits = values.view("<u8")
     sign = (bits >> np.uint64(63)).astype("<u2")

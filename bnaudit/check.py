@@ -84,7 +84,8 @@ class Tolerance:
         if self.policy is Policy.EXACT:
             return "exact"
         if self.policy is Policy.REL:
-            return f"rel:{self.limit:g}"
+            short = f"{self.limit:g}"  # as the user wrote it, unless that loses digits
+            return f"rel:{short if float(short) == self.limit else repr(self.limit)}"
         return f"{self.policy.value}:{self.limit}"
 
     @property

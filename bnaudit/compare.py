@@ -667,7 +667,7 @@ def growth(series_epochs: np.ndarray, series_values: np.ndarray) -> tuple[float 
 
 # Most likely causes first.  A key's rank is that of the first pattern it starts with.
 _CAUSES: tuple[tuple[str, ...], ...] = (
-    ("config.perturb", "config.controls.dtype"),
+    ("config.perturb", "config.controls.dtype", "config.controls.promote"),
     ("effective.cpu_capability", "config.controls.isa", "config.controls.onednn_isa", "config.controls.mkl_cbwr",
      "env.ATEN_CPU_CAPABILITY", "env.ONEDNN_MAX_CPU_ISA", "env.DNNL_MAX_CPU_ISA", "env.MKL_ENABLE_INSTRUCTIONS",
      "env.MKL_CBWR"),

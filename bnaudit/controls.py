@@ -49,6 +49,11 @@ ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_
 MKL_CBWR_BRANCHES = ("AUTO", "COMPATIBLE", "SSE2", "SSE3", "SSSE3", "SSE4_1", "SSE4_2", "AVX", "AVX2",
                      "AVX512_MIC", "AVX512", "AVX512_E1", "AVX512_MIC_E1")
 
+# Operations ``--promote`` can compute in float64 inside a float32 or bfloat16 run
+# (``promote.py``), in the order they are listed; bn-stats is BN's statistics alone.
+PROMOTABLE = ("linear", "bn", "bn-stats", "loss", "optimizer")
+PROMOTING_DTYPES = ("float32", "bfloat16")
+
 # Inherited variables that would silently change a run; the child gets only ours.
 CONTROLLED_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "OMP_", "KMP_", "GOMP_", "BNAUDIT_CPU_MODEL")
 
@@ -107,6 +112,19 @@ def parse_perturbation(text: str, spec: ExperimentSpec) -> Perturbation:
     return Perturbation(name, index, ulps)
 
 
+def parse_promote(text: str) -> tuple[str, ...]:
+    """``--promote``: a comma list of PROMOTABLE operations (``none``: nothing), in PROMOTABLE's order."""
+    tokens = [t.strip().lower() for t in text.split(",")]
+    if tokens == ["none"]:
+        return ()
+    unknown = [t for t in tokens if t not in PROMOTABLE]
+    if unknown or not tokens:
+        raise UsageError(f"--promote {text!r}: expected a comma list of {', '.join(PROMOTABLE)} (or none)")
+    if {"bn", "bn-stats"} <= set(tokens):
+        raise UsageError(f"--promote {text!r}: bn already promotes BN's statistics; give bn or bn-stats")
+    return tuple(op for op in PROMOTABLE if op in tokens)
+
+
 @dataclasses.dataclass(frozen=True)
 class Controls:
     """The numerics a run asks for."""
@@ -125,6 +143,8 @@ class Controls:
     """Override of MKL_CBWR alone ("none" removes it), e.g. "COMPATIBLE" or "AVX2,STRICT"."""
     cpu_model: str | None = None
     """qemu-x86_64 CPU model to emulate; None runs natively."""
+    promote: tuple[str, ...] = ()
+    """Operations computed in float64 and rounded once to the run's dtype (``parse_promote``)."""
 
     def label(self) -> str:
         """A short, filesystem-safe name of this configuration."""
@@ -135,7 +155,19 @@ class Controls:
             parts.append("cbwr-" + self.mkl_cbwr.lower().replace(",", "-"))
         if self.cpu_model:
             parts.append(f"cpu-{self.cpu_model}")
+        if self.promote:
+            parts.append("promote-" + "+".join(self.promote))
         return "_".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        """The controls as records, fingerprints and plans write them: ``promote`` only when it names something,
+        so that files of unpromoted runs are as they were before promotion existed."""
+        d: dict[str, Any] = dataclasses.asdict(self)
+        if self.promote:
+            d["promote"] = list(self.promote)
+        else:
+            del d["promote"]
+        return d
 
     @property
     def storage(self) -> str:
@@ -147,14 +179,18 @@ class Controls:
         if not isinstance(raw, dict) or set(raw) - {f.name for f in dataclasses.fields(cls)}:
             raise InputError(f"{where}: config.controls is malformed")
         values = {**dataclasses.asdict(cls()), **raw}
+        promote = values["promote"]
         ok = (values["dtype"] in DTYPES and values["isa"] in ISAS
+              and isinstance(promote, (list, tuple)) and all(isinstance(op, str) for op in promote)
+              and list(promote) == [op for op in PROMOTABLE if op in promote]
+              and not {"bn", "bn-stats"} <= set(promote) and (not promote or values["dtype"] in PROMOTING_DTYPES)
               and isinstance(values["threads"], int) and not isinstance(values["threads"], bool)
               and 1 <= values["threads"] <= 4096 and isinstance(values["deterministic"], bool)
               and all(values[k] is None or (isinstance(values[k], str) and 0 < len(values[k]) <= 64)
                       for k in ("onednn_isa", "mkl_cbwr", "cpu_model")))
         if not ok:
             raise InputError(f"{where}: config.controls holds a value out of range")
-        return cls(**values)
+        return cls(**{**values, "promote": tuple(promote)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +209,8 @@ class RunConfig:
     """Operator audit (mpmath recomputation of each layer on the run's own values) every N epochs; 0 = off."""
 
     def to_dict(self) -> dict[str, Any]:
-        c = dataclasses.asdict(self.controls)
         return {
-            "controls": c,
+            "controls": self.controls.to_json(),
             "epochs": self.epochs,
             "perturb": None if self.perturb is None else {
                 "tensor": self.perturb.tensor, "index": list(self.perturb.index), "ulps": self.perturb.ulps},
@@ -197,7 +232,7 @@ class RunConfig:
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         p = raw.get("perturb")
         return cls(
-            controls=Controls(**raw["controls"]),
+            controls=Controls.from_json(raw["controls"], "config"),
             epochs=int(raw["epochs"]),
             perturb=None if p is None else Perturbation(
                 str(p["tensor"]), tuple(int(i) for i in p["index"]), int(p["ulps"])),
@@ -213,6 +248,10 @@ def validate(config: RunConfig, spec: ExperimentSpec, *, check_cpu: bool = True)
         raise UsageError(f"unknown dtype {c.dtype!r}; choose from {', '.join(DTYPES)}")
     if c.isa not in ISAS:
         raise UsageError(f"unknown ISA {c.isa!r}; choose from {', '.join(ISAS)}")
+    if c.promote and c.dtype not in PROMOTING_DTYPES:
+        raise UsageError(f"--promote needs --dtype float32 or bfloat16, not {c.dtype}: "
+                         + ("float64 is what promotion computes in" if c.dtype == "float64"
+                            else "under bf16-mixed, autocast already chooses each operation's precision"))
     if not 1 <= c.threads <= 1024:
         raise UsageError(f"--threads must be between 1 and 1024, got {c.threads}")
     if c.onednn_isa is not None and c.onednn_isa.upper() not in ONEDNN_ISAS:

@@ -16,7 +16,7 @@ bare loop with the same settings.
 reads what it is handed; ``run`` is the loop between them.
 
 torch is imported only inside a run's process, where the controls were set before it
-loaded: by this module, ``worker.py`` and ``audit.py`` (and by ``bnaudit env`` in
+loaded: by this module, ``promote.py``, ``worker.py`` and ``audit.py`` (and by ``bnaudit env`` in
 ``cli/run.py``, which only reads torch's view of the machine).  Every other module is
 torch-free.
 """
@@ -38,6 +38,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors
 
 from bnaudit import bits, firststep, record
+from bnaudit import promote as promote_ops
 from bnaudit.controls import RunConfig
 from bnaudit.frozen import FrozenInputs
 from bnaudit.layout import TraceLayout, digest, probe_indices, probe_schedule, storage_numpy
@@ -53,16 +54,20 @@ Outputs = list[tuple[str, torch.Tensor]]
 """Each module's output of one forward pass, (module name, output), in forward order."""
 
 
-def build_model(spec: ExperimentSpec) -> nn.Sequential:
-    """Linear -> [BatchNorm1d ->] ReLU, hidden_layers times, then Linear(units, 1)."""
+def build_model(spec: ExperimentSpec, promote: tuple[str, ...] = ()) -> nn.Sequential:
+    """Linear -> [BatchNorm1d ->] ReLU, hidden_layers times, then Linear(units, 1).
+
+    ``promote`` (``Controls.promote``) builds the layers it names as their float64 twins
+    (``promote.py``); the state-dict names stay the same.
+    """
     shapes = {name: (fan_in, fan_out) for name, _, fan_in, fan_out in spec.layers()}
     mods: list[tuple[str, nn.Module]] = []
     for name, kind in spec.modules():
         if kind == "linear":
-            mods.append((name, nn.Linear(*shapes[name])))
+            mods.append((name, promote_ops.linear(*shapes[name], promote)))
         elif kind == "bn":
-            mods.append((name, nn.BatchNorm1d(shapes[name][1], eps=spec.model.bn_eps,
-                                              momentum=spec.model.bn_momentum)))
+            mods.append((name, promote_ops.batch_norm(shapes[name][1], spec.model.bn_eps, spec.model.bn_momentum,
+                                                      promote)))
         else:
             mods.append((name, nn.ReLU()))
     return nn.Sequential(OrderedDict(mods))
@@ -220,7 +225,9 @@ def probe_forward(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
     h = x
     with torch.no_grad():
         for _, module in model.named_children():
-            if isinstance(module, nn.BatchNorm1d):
+            if isinstance(module, promote_ops.PromotedBatchNorm1d):
+                h = module.batch_forward(h, update=False)[0]
+            elif isinstance(module, nn.BatchNorm1d):
                 h = F.batch_norm(h, None, None, module.weight, module.bias, True, 0.0, module.eps)
             else:
                 h = module(h)
@@ -280,7 +287,9 @@ class Training:
 
     def __init__(self, spec: ExperimentSpec, frozen: FrozenInputs, config: RunConfig) -> None:
         self.dtype = TORCH_DTYPES[config.controls.dtype]
-        self.model = build_model(spec).to(self.dtype)
+        promote = config.controls.promote
+        self.model = build_model(spec, promote).to(self.dtype)
+        self.promote_loss = "loss" in promote
         load_initial_state(self.model, spec, frozen, config)
         self.data = TrainingData.load(spec, frozen, config.controls.storage, self.dtype)
         self.modules = list(self.model.named_children())
@@ -290,8 +299,8 @@ class Training:
         self.named_buffers = [(n, b) for n, b in self.model.named_buffers() if b.dim() > 0]
         self.buffers = [b for _, b in self.named_buffers]
         self.bn_index = [i for i, (_, m) in enumerate(self.modules) if isinstance(m, nn.BatchNorm1d)]
-        self.optimizer = torch.optim.SGD(self.params, lr=spec.train.lr, momentum=spec.train.momentum,
-                                         foreach=False)
+        self.optimizer = promote_ops.sgd(self.params, lr=spec.train.lr, momentum=spec.train.momentum,
+                                         promote=promote)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(spec.train.lr_milestones), gamma=spec.train.lr_gamma)
         # bf16-mixed runs each forward under bf16 autocast (a null context otherwise); the
@@ -306,7 +315,7 @@ class Training:
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision():
             outs = forward_layers(self.modules, xb)
-        loss = F.mse_loss(outs[-1][1].to(self.dtype), yb)
+        loss = promote_ops.mse_loss(outs[-1][1].to(self.dtype), yb, self.promote_loss)
         loss.backward()
         self.optimizer.step()
         return outs, loss
@@ -348,7 +357,8 @@ class Training:
                 outs = forward_layers(self.modules, data.inputs)
             pred = outs[-1][1].to(self.dtype)
             n_train = len(data.x_train)
-            losses = torch.stack([F.mse_loss(pred[:n_train], data.y_train), F.mse_loss(pred[n_train:], data.y_test)])
+            losses = torch.stack([promote_ops.mse_loss(pred[:n_train], data.y_train, self.promote_loss),
+                                  promote_ops.mse_loss(pred[n_train:], data.y_test, self.promote_loss)])
         self.model.train()
         return Evaluation(outs=outs, losses=losses)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -204,6 +206,25 @@ def test_to_float64_of_float32_and_float64_is_exact_and_float64(dtype, stored):
     want = {"float32": [1.0 + 2.0**-23, -(2.0**-149), float("inf")],
             "float64": [1.0 + 2.0**-52, -5e-324, float("-inf")]}[dtype]
     assert got.tolist() == want
+
+
+@pytest.mark.parametrize("dtype, stored", [
+    ("float32", _f32(0x7F810000, 0xFF800001)),
+    ("bfloat16", np.array([0x7F81, 0xFF81], "<u2")),
+])
+def test_to_float64_quiets_a_signalling_nan_without_a_warning(dtype, stored):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = bits.to_float64(stored, dtype)
+    assert np.isnan(got).all(), f"{dtype}: {got}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_from_float64_rounds_past_the_range_to_infinity_without_a_warning(dtype):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = bits.to_float64(bits.from_float64(np.array([1e39, -1e39, 1.0]), dtype), dtype)
+    assert got.tolist() == [float("inf"), float("-inf"), 1.0]
 
 
 def test_ordered_keys_and_steps_across_zero():

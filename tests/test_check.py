@@ -70,6 +70,15 @@ def test_tolerances_parse(text, policy, limit):
     assert check.parse_tolerance(str(tol)) == tol
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("rel:1e-4", "rel:0.0001"), ("rel:0.5", "rel:0.5"), ("rel:2", "rel:2"), ("rel:1e-06", "rel:1e-06"),
+    ("rel:0.1234567", "rel:0.1234567"), ("rel:1234567", "rel:1234567.0"), ("rel:0.1", "rel:0.1"),
+])
+def test_a_rel_tolerance_is_shown_with_every_digit_it_has(text, shown):
+    # shown as %g where that loses nothing, else with all the digits that tell the float apart
+    assert str(check.parse_tolerance(text)) == shown
+
+
 @pytest.mark.parametrize("text", [
     "", "exact:1", "EXACT", "ulps", "ulps:", "ulps:-1", "ulps:+3", "ulps:1.5", "ulps:1e3", "ulps:016",
     "ulps:99999999999999999999", "rel:", "rel:nan", "rel:inf", "rel:-1e-3", "rel:1e400", "rel:0x10", "rel:1e-4x",

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from bnaudit import compare, record
+from bnaudit import bits, compare, record
 from bnaudit.blocks import DivergenceBlock
 from bnaudit.errors import InputError, MismatchError
 from bnaudit.layout import TensorKey, keyframe_schedule
@@ -810,6 +810,20 @@ def test_element_distances_of_bfloat16_patterns_and_float64():
     # big - (-big) overflows float64: as far apart as can be
     assert absd.tolist() == [inf, inf, 0.0] and rel.tolist() == [inf, inf, 0.0]
     assert ulps[2] == 0
+
+
+@pytest.mark.parametrize("storage, a, b", [
+    ("float32", np.array([0x7F810000, 0x7F810000, 0x3F800000], "<u4").view("<f4"),
+     np.array([0x7F810000, 0x7FC00000, 0x7F810000], "<u4").view("<f4")),
+    ("bfloat16", np.array([0x7F81, 0x7F81, 0x3F80], "<u2"), np.array([0x7F81, 0x7FC0, 0x7F81], "<u2")),
+])
+def test_element_distances_of_a_signalling_nan(storage, a, b):
+    # the same signalling NaN is 0 apart; against a quiet NaN or a number it is as far as can be
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        absd, rel, ulps = compare.element_distances(a, b, storage)
+    assert absd.tolist() == [0.0, math.inf, math.inf] and rel.tolist() == [0.0, math.inf, math.inf]
+    assert ulps.tolist() == [0, bits.NAN_DISTANCE, bits.NAN_DISTANCE]
 
 
 # --------------------------------------------------------------------------- collisions, eval pass, timeline

@@ -85,14 +85,14 @@ def test_unknown_model_gets_one_line_and_exit_2(cli, tmp_path, command):
     assert not (tmp_path / "out" / "runs").exists()
 
 
-EMULATED_EPOCHS = 20
+EMULATED_EPOCHS = 3  # the CPUs part at step 0: a short run shows it
 ROME = "float32_t1_default_nondet_cpu-EPYC-Rome"
 NEHALEM = "float32_t1_default_nondet_cpu-Nehalem"
 
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    """An AMD and an Intel CPU, both capped to torch's default kernels (--isa default), 20 epochs each, side by
+    """An AMD and an Intel CPU, both capped to torch's default kernels (--isa default), 3 epochs each, side by
     side (-j 2), through the real matrix command."""
     from bnaudit.cli import main
 

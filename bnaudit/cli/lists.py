@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bnaudit import emulate
+from bnaudit import controls, emulate
 from bnaudit.errors import UsageError
 from bnaudit.matrix.plan import INHERIT
 
@@ -73,6 +73,19 @@ def parse_cpu_models(text: str) -> tuple[str | None, ...]:
     return tuple(dict.fromkeys(None if emulate.is_native(t) else t for t in split_list(text, "--cpu-model")))
 
 
+def parse_promote_sets(text: str) -> tuple[tuple[str, ...], ...]:
+    """Sets of promoted operations, comma-separated, the operations of one set joined by ``+``:
+    ``none,bn,bn+loss`` is three configurations (nothing promoted, BN, BN and the loss)."""
+    sets = []
+    for t in split_list(text, "--promote"):
+        try:
+            sets.append(controls.parse_promote(t.replace("+", ",")))
+        except UsageError:
+            raise UsageError(f"--promote {text!r}: {t!r} is not a set of {', '.join(controls.PROMOTABLE)} "
+                             "joined by + (or none)") from None
+    return tuple(dict.fromkeys(sets))
+
+
 PARSERS: dict[str, Callable[[str], tuple[Any, ...]]] = {
     "dtype": lambda text: tuple(split_list(text, "--dtype")),
     "threads": parse_threads,
@@ -81,6 +94,7 @@ PARSERS: dict[str, Callable[[str], tuple[Any, ...]]] = {
     "onednn_isa": parse_onednn,
     "mkl_cbwr": parse_mkl_cbwr,
     "cpu_model": parse_cpu_models,
+    "promote": parse_promote_sets,
 }
 """The parser of each grid option, by ``matrix.plan.Grid`` field."""
 

@@ -31,6 +31,9 @@ def matrix(
     cpu_model: Annotated[ListOption, typer.Option(
         metavar="LIST", help="CPUs to emulate under qemu-x86_64 (models or presets seed-i7, seed-i5); "
                              "native runs on this CPU.")] = None,
+    promote: Annotated[ListOption, typer.Option(
+        metavar="LIST", help="Sets of operations computed in float64, e.g. none,bn,bn-stats,linear+bn+loss+optimizer "
+                             "(+ joins the operations of one configuration).")] = None,
     preset: Annotated[str | None, typer.Option(
         help="A named matrix: seed-machines (the seed's two CPUs, with and without BN). Grid options given "
              "explicitly replace the preset's values.")] = None,
@@ -58,7 +61,8 @@ def matrix(
 
     experiment = load_spec(spec)
     overrides = lists.grid_values(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
-                                  onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model)
+                                  onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model,
+                                  promote=promote)
     trace = _epoch_list(trace_epochs)
     if preset is not None:
         plan = mplan.preset_plan(preset, experiment, epochs=epochs, overrides=overrides, trace_epochs=trace,

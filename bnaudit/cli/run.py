@@ -48,6 +48,9 @@ def run(
         help="Run under qemu-x86_64 -cpu MODEL (or preset seed-i7, seed-i5).")] = None,
     onednn_isa: Annotated[str | None, typer.Option(help="Override ONEDNN_MAX_CPU_ISA alone.")] = None,
     mkl_cbwr: Annotated[str | None, typer.Option(help="Override MKL_CBWR alone ('none' removes it).")] = None,
+    promote: Annotated[str | None, typer.Option(
+        metavar="OPS", help="Compute these in float64, each output rounded once to the run's dtype: a comma list "
+                            "of linear, bn, bn-stats (BN's statistics only), loss, optimizer.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> int:
     """Run the experiment under controlled numerics and write its record and fingerprint."""
@@ -58,7 +61,8 @@ def run(
 
     experiment = load_spec(spec)
     c = controls.Controls(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
-                          onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model)
+                          onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model,
+                          promote=() if promote is None else controls.parse_promote(promote))
     config = controls.RunConfig.requested(experiment, c, epochs=epochs, perturb=perturb,
                                           trace_epochs=_epoch_list(trace_epochs), audit_every=audit_every)
     target = out if out is not None else default_out(c.label(), experiment.hash)

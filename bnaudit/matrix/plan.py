@@ -54,6 +54,8 @@ class Grid:
     """MKL_CBWR overrides (None: what --isa sets; "none": removed)."""
     cpu_model: tuple[str | None, ...] = (None,)
     """Emulated CPU models (None: this machine)."""
+    promote: tuple[tuple[str, ...], ...] = ((),)
+    """Sets of operations computed in float64 (``()``: none)."""
 
     def controls(self) -> list[Controls]:
         """Every configuration, in a stable order (last control varies fastest)."""
@@ -65,7 +67,14 @@ class Grid:
         return tuple(f for f in CONTROL_FIELDS if len(getattr(self, f)) > 1)
 
     def to_dict(self) -> dict[str, list[Any]]:
-        return {f: list(getattr(self, f)) for f in CONTROL_FIELDS}
+        """The grid as matrix.json holds it; ``promote`` only when it promotes something (so that the
+        plan id, and the folder name, of a matrix without promotion are what they were before it existed)."""
+        d = {f: list(getattr(self, f)) for f in CONTROL_FIELDS}
+        if self.promote == ((),):
+            del d["promote"]
+        else:
+            d["promote"] = [list(ops) for ops in self.promote]
+        return d
 
 
 assert tuple(f.name for f in dataclasses.fields(Grid)) == CONTROL_FIELDS, "Grid needs one field per Controls field"

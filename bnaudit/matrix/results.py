@@ -16,7 +16,9 @@ _PHASE_ORDER = {p: i for i, p in enumerate(PHASES)}
 
 
 def shown(control: str, value: Any) -> str:
-    """A control's value for people: native CPU, inherited caps, on/off."""
+    """A control's value for people: native CPU, inherited caps, on/off, promoted operations joined by +."""
+    if control == "promote":
+        return "+".join(value) or "none"
     if value is None:
         return "native" if control == "cpu_model" else INHERIT
     if isinstance(value, bool):

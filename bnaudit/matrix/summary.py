@@ -233,7 +233,7 @@ def machine_pairs(plan: Plan, runs: VariantRuns, compared: Comparisons) -> list[
             pc = compared(a, b)
             out.append(MachinePair(
                 variant=runs.variant, a=a, b=b, cpu_a=ca.cpu_model or "native", cpu_b=cb.cpu_model or "native",
-                controls={f: v for f, v in dataclasses.asdict(ca).items() if f != "cpu_model"},
+                controls={f: v for f, v in ca.to_json().items() if f != "cpu_model"},
                 identical=pc.identical, first=None if pc.first is None else _change(pc.first, a, b),
                 growth_rate=pc.growth_rate, saturation_epoch=pc.saturation_epoch, series=_series(pc),
                 closer_to_reference=pc.closer_to_reference,
@@ -262,7 +262,7 @@ def run_rows(plan: Plan, records: Mapping[str, Record], status: Mapping[str, tup
         fp = None if rec is None else rec.fingerprint
         state, error = status[run.key]
         rows.append(RunRow(
-            key=run.key, variant=run.variant, controls=dataclasses.asdict(run.controls), status=state,
+            key=run.key, variant=run.variant, controls=run.controls.to_json(), status=state,
             digest=None if fp is None else fp.digest, class_index=class_of.get(run.key),
             capability=None if fp is None else fp.effective.get("cpu_capability"),
             threads_read_back=None if fp is None else fp.effective.get("intra_op_threads"),

@@ -488,6 +488,8 @@ def _value_text(key: str, value: object) -> str:
         return f"t{value}"
     if key == "deterministic":
         return "det" if value else "nondet"
+    if key == "promote":
+        return "+".join(value) or "none" if isinstance(value, (tuple, list)) else str(value)
     if value is None:
         return "-"
     return str(value)

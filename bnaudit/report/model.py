@@ -69,6 +69,8 @@ class RunEntry:
             value = getattr(c, key)
             if value:
                 parts.append(f"{key} {value}")
+        if c.promote:
+            parts.append(f"promote {'+'.join(c.promote)}")
         if self.perturb:
             parts.append(f"perturb {self.perturb_text}")
         return ", ".join(parts)

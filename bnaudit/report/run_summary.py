@@ -48,6 +48,8 @@ def render(summary: RunSummary) -> None:
     table.add_column()
     _row(table, "configuration", f"dtype {c.dtype}, threads {c.threads}, isa {c.isa}, "
                                 f"{'deterministic' if c.deterministic else 'non-deterministic'}")
+    if c.promote:
+        _row(table, "promoted", f"{', '.join(c.promote)}: computed in float64, each output rounded once to {c.dtype}")
     if summary.cpu_model:
         _row(table, "emulated CPU", summary.cpu_model)
     _row(table, "effective", f"capability {e['cpu_capability']}, intra-op threads {e['intra_op_threads']}, "
