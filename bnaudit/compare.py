@@ -567,8 +567,7 @@ def _first_step_delta(a: Fingerprint, b: Fingerprint, t: TensorKey) -> StepTenso
     va, vb = va.reshape(-1), vb.reshape(-1)
     absd, _, ulps = element_distances(va, vb, dtype)
     differ = bits.as_bits(va, dtype) != bits.as_bits(vb, dtype)
-    with np.errstate(invalid="ignore"):
-        scale = np.maximum(np.abs(bits.to_float64(va, dtype)), np.abs(bits.to_float64(vb, dtype)))
+    scale = np.maximum(np.abs(bits.to_float64(va, dtype)), np.abs(bits.to_float64(vb, dtype)))
     return StepTensorDelta(phase=t.phase, layer=t.layer, tensor=t.key, differing=int(differ.sum()),
                            elements=len(va), max_ulps=int(ulps.max()) if len(va) else 0,
                            max_abs=float(absd.max()) if len(va) else 0.0,

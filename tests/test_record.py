@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import errno
 import hashlib
@@ -333,6 +334,15 @@ def test_inputs_of_an_older_bnaudit_still_load_and_compare_as_it_did(run_dir, tm
         record.load(tmp_path / "older-forged")  # a record/2 has only its per-tensor digests: checked when loaded
 
 
+def test_a_fingerprint_carries_the_first_steps_values_and_an_older_input_none(run_dir, tmp_path):
+    fp, rec = record.load(run_dir / "fingerprint.json"), record.load(run_dir)
+    assert fp.first_step is not None and fp.first_step.blob() == rec.first_step.blob()
+    assert list(fp.first_step.values)[:2] == ["input", "target"]
+    older = _as_older_bnaudit(run_dir, tmp_path / "older")
+    for view in (record.load(older), record.load(older / "fingerprint.json")):
+        assert view.first_step is None
+
+
 # --------------------------------------------------------------------------- writing, in this process
 
 _WRITTEN = ("digest", "nonfinite", "probe_rows", "train_seconds", "layout", "first_step", "files", "content_sha256")
@@ -366,6 +376,21 @@ def test_a_record_written_again_from_what_it_holds_is_the_same_bytes(make_run, t
         record.write_record(tmp_path / "again", meta, _result_of(rec), rec.layout)  # never over a record unasked
     record.write_record(tmp_path / "again", meta, _result_of(rec), rec.layout, force=True)
     assert (tmp_path / "again" / "record.json").read_bytes() == (src / "record.json").read_bytes()
+
+
+def test_a_result_without_first_step_values_and_of_other_float_widths_is_written_in_the_records_format(
+        run_dir, tmp_path):
+    rec = record.load_record(run_dir)
+    meta = {k: v for k, v in rec.meta.items() if k not in _WRITTEN}
+    result = dataclasses.replace(_result_of(rec), first_step=None, train_loss=rec.arrays["losses"][:, 0].astype("<f4"),
+                                 step_loss=rec.arrays["step_loss"].astype(">f8"),
+                                 min_var_over_eps=rec.arrays["min_var"].astype("<f4"))
+    record.write_record(tmp_path / "w", meta, result, rec.layout)
+    written = json.loads((tmp_path / "w" / "record.json").read_text())
+    assert written["first_step"] == []
+    for name in ("losses", "step_loss", "min_var"):
+        assert np.load(tmp_path / "w" / f"{name}.npy").dtype.str == "<f8", name
+    assert np.load(tmp_path / "w" / "first_step.npy").size == 0
 
 
 def test_new_meta_is_the_record_json_a_run_starts_from(run_dir):
@@ -528,6 +553,13 @@ def _first_step(d, **fields):
     d["steps"][0] = {**d["steps"][0], **fields}
 
 
+def _flip_last_first_step_byte(d):
+    """One bit of the first step's last value (linear6.bias after the update), base64 kept valid."""
+    raw = bytearray(base64.b64decode(d["first_step"]["values"]))
+    raw[-1] ^= 1
+    d["first_step"]["values"] = base64.b64encode(bytes(raw)).decode()
+
+
 _MAX_EPOCHS = 1000  # the default spec's train.epochs
 
 
@@ -565,6 +597,9 @@ _MAX_EPOCHS = 1000  # the default spec's train.epochs
     (lambda d: _set(d, "extra", {"divergence": "x"}), re.escape("divergence block: missing field 'schema'")),
     (lambda d: _set(d, "extra", {"perturbation": "x"}),
      re.escape("perturbation block: missing field 'twin_digest_rows'")),
+    (lambda d: d["first_step"].update(values="!!"), re.escape("field 'first_step' values are not base64")),
+    (lambda d: _flip_last_first_step_byte(d),
+     re.escape("first-step values of linear6.bias do not match the step's digest (edited or corrupt)")),
 ])
 def test_fingerprint_refusals_name_the_file_and_the_fault(run_dir, tmp_path, edit, message):
     path, found = _fp_refusal(run_dir, tmp_path, edit)
