@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bnaudit import promote
@@ -161,10 +160,8 @@ class OperatorAudit:
     def _observe_bn(self, row: int, name: str, module: nn.BatchNorm1d, h: torch.Tensor) -> torch.Tensor:
         """Batch statistics and output of train-mode BN, exactly, from the run's own input."""
         ctx, mpf = self.ctx, self.ctx.mpf
-        eps = module.eps
         out, save_mean, save_invstd = promote.batch_forward(module, h)
-        nxt = out if isinstance(module, promote.PromotedBatchNorm1d) else (
-            F.batch_norm(h, None, None, module.weight, module.bias, True, 0.0, eps))  # as runner.probe_forward
+        nxt = promote.probe_batch_norm(module, h)  # as runner.probe_forward
         var_run, _ = torch.var_mean(h, 0, unbiased=False)
         x = _rows(h)
         n = len(x)

@@ -125,6 +125,11 @@ def parse_promote(text: str) -> tuple[str, ...]:
     return tuple(op for op in PROMOTABLE if op in tokens)
 
 
+def promote_text(ops: tuple[str, ...]) -> str:
+    """Promoted operations as people and folder names read them: ``bn+loss``, or ``none``."""
+    return "+".join(ops) or "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class Controls:
     """The numerics a run asks for."""
@@ -156,7 +161,7 @@ class Controls:
         if self.cpu_model:
             parts.append(f"cpu-{self.cpu_model}")
         if self.promote:
-            parts.append("promote-" + "+".join(self.promote))
+            parts.append(f"promote-{promote_text(self.promote)}")
         return "_".join(parts)
 
     def to_json(self) -> dict[str, Any]:

@@ -149,6 +149,14 @@ def batch_forward(module: nn.BatchNorm1d, h: torch.Tensor) -> tuple[torch.Tensor
     return torch.native_batch_norm(h, module.weight, module.bias, None, None, True, 0.0, module.eps)
 
 
+def probe_batch_norm(module: nn.BatchNorm1d, h: torch.Tensor) -> torch.Tensor:
+    """The output of train-mode BN as the probe forward computes it: the batch's own statistics,
+    running statistics untouched (``F.batch_norm`` with none passed, or the promoted layer's)."""
+    if isinstance(module, PromotedBatchNorm1d):
+        return module.batch_forward(h, update=False)[0]
+    return F.batch_norm(h, None, None, module.weight, module.bias, True, 0.0, module.eps)
+
+
 def mse_loss(pred: torch.Tensor, target: torch.Tensor, promoted: bool) -> torch.Tensor:
     """The MSE loss (mean over the batch), in float64 and rounded once when ``promoted``."""
     if not promoted:

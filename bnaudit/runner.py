@@ -33,7 +33,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._utils import _flatten_dense_tensors
 
@@ -225,10 +224,8 @@ def probe_forward(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
     h = x
     with torch.no_grad():
         for _, module in model.named_children():
-            if isinstance(module, promote_ops.PromotedBatchNorm1d):
-                h = module.batch_forward(h, update=False)[0]
-            elif isinstance(module, nn.BatchNorm1d):
-                h = F.batch_norm(h, None, None, module.weight, module.bias, True, 0.0, module.eps)
+            if isinstance(module, nn.BatchNorm1d):
+                h = promote_ops.probe_batch_norm(module, h)
             else:
                 h = module(h)
             outs.append(h)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from bnaudit._version import __version__
+from bnaudit.controls import promote_text
 from bnaudit.fileio import json_number
 from bnaudit.layout import PHASES
 from bnaudit.matrix.plan import INHERIT
@@ -18,7 +19,7 @@ _PHASE_ORDER = {p: i for i, p in enumerate(PHASES)}
 def shown(control: str, value: Any) -> str:
     """A control's value for people: native CPU, inherited caps, on/off, promoted operations joined by +."""
     if control == "promote":
-        return "+".join(value) or "none"
+        return promote_text(value)
     if value is None:
         return "native" if control == "cpu_model" else INHERIT
     if isinstance(value, bool):

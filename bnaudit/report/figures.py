@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from bnaudit.report import escape
-from bnaudit.report.model import FigureInfo, FloorView, PairView, Report, RunEntry
+from bnaudit.report.model import FigureInfo, FloorView, PairView, Report, RunEntry, promote_text
 from bnaudit.report.tables import CLASS_COLOURS, class_colour
 
 DPI = 100
@@ -489,7 +489,7 @@ def _value_text(key: str, value: object) -> str:
     if key == "deterministic":
         return "det" if value else "nondet"
     if key == "promote":
-        return "+".join(value) or "none" if isinstance(value, (tuple, list)) else str(value)
+        return promote_text(tuple(value))  # type: ignore[arg-type]
     if value is None:
         return "-"
     return str(value)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnaudit.controls import Controls, Perturbation
+from bnaudit.controls import Controls, Perturbation, promote_text
 from bnaudit.record import Record
 from bnaudit.spec import ExperimentSpec
 
@@ -70,7 +70,7 @@ class RunEntry:
             if value:
                 parts.append(f"{key} {value}")
         if c.promote:
-            parts.append(f"promote {'+'.join(c.promote)}")
+            parts.append(f"promote {promote_text(c.promote)}")
         if self.perturb:
             parts.append(f"perturb {self.perturb_text}")
         return ", ".join(parts)
