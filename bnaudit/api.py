@@ -224,12 +224,16 @@ def compare(a: RunArg, b: RunArg, /, *more: RunArg,
     Two runs: a ``PairComparison`` (``identical``; else ``first``, the first difference,
     the divergence, the growth and the environment differences).  Three or more: a
     ``ManyComparison`` (classes of bit-identical runs).  Runs of different experiments
-    are refused (MismatchError) unless ``allow_different_spec``.
+    are refused (MismatchError) unless ``allow_different_spec``.  Where the experiment's
+    exact sensitivity is stored, the growth is set beside it (``PairComparison.exact``).
     """
+    from bnaudit.reference import sensitivity
+
     fps = [_fingerprint_of(x) for x in (a, b, *more)]
+    exact = sensitivity.stored(fps[0].spec)
     if len(fps) == 2:
-        return _compare.compare_pair(fps[0], fps[1], allow_different_spec=allow_different_spec)
-    return _compare.compare_many(fps, allow_different_spec=allow_different_spec)
+        return _compare.compare_pair(fps[0], fps[1], allow_different_spec=allow_different_spec, exact=exact)
+    return _compare.compare_many(fps, allow_different_spec=allow_different_spec, exact=exact)
 
 
 def check(

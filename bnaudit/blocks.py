@@ -370,12 +370,8 @@ class RunSummary:
     """Divergence from the mpmath reference, when one is stored."""
     audit: AuditBlock | None
     """The operator audit, when it ran."""
-    floor_growth_rate: float | None
-    """The chaos floor's growth rate, for a --perturb run."""
-    floor_saturation_row: int | None
-    """The chaos floor's saturation row, for a --perturb run."""
-    perturbed: bool
-    """Whether the run carried a perturbation (and so a chaos floor)."""
+    floor: ChaosFloor | None
+    """The chaos floor of a --perturb run (None for any other run)."""
 
     @classmethod
     def from_json(cls, raw: Any, where: str = "the run process's summary") -> RunSummary:
@@ -384,7 +380,6 @@ class RunSummary:
         div = extra.get("divergence", dict, optional=True)
         aud = extra.get("operator_audit", dict, optional=True)
         floor = extra.get("perturbation", dict, optional=True)
-        fl = Fields(floor, where) if floor is not None else None
         return cls(out=f.get("out", str), digest=f.get("digest", str), spec_hash=f.get("spec_hash", str),
                    config=f.get("config", dict), effective=f.get("effective", dict),
                    epochs=f.integer("epochs") or 0, train_loss=float(f.get("train_loss", (int, float))),
@@ -395,6 +390,4 @@ class RunSummary:
                    cpu_model=f.get("cpu_model", str, optional=True),
                    divergence=None if div is None else DivergenceBlock.from_json(div, where),
                    audit=None if aud is None else AuditBlock.from_json(aud, where),
-                   floor_growth_rate=None if fl is None else fl.number("growth_rate", optional=True),
-                   floor_saturation_row=None if fl is None else fl.integer("saturation_row", optional=True),
-                   perturbed=floor is not None)
+                   floor=None if floor is None else ChaosFloor.from_json(floor, where))

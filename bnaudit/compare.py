@@ -30,6 +30,9 @@ Where two runs part is told as the training's story, then the side passes:
 - **the eval pass** (``eval_first``): the first epoch row whose eval-mode activations or
   losses differ.  It never feeds back into training: at row 0 it is the eval pass over
   the (identical) initial parameters, and it can differ while the training has not.
+- **the probe pass** (``probe_first``, two records only): the first probe row and module
+  whose train-mode activations of the fixed probe batch differ in their bits.  A side
+  pass outside the digest, so it never changes the verdict.
 
 Growth and saturation (``growth``): the series is the largest absolute parameter
 difference over all layers at each epoch row both runs have values for.
@@ -41,6 +44,11 @@ difference over all layers at each epoch row both runs have values for.
   a quarter of the growth rate.  Otherwise (still growing at the end) there is none.
 - Growth rate: least-squares slope of ln(difference) per epoch over the growing phase
   (natural-log units per epoch; ln 10 = 2.30 is a tenfold increase per epoch).
+- ``growth_window``: the same series as an ``amplification.Window`` from its first
+  non-zero row to the saturation row (or its last row): slope, endpoint rate and the
+  range over sub-windows; ``exact``: the part of it where the difference is still small
+  (``amplification.SMALL``) beside the experiment's exact sensitivity
+  (``amplification.beside``), when the caller passes one.
 """
 
 from __future__ import annotations
@@ -48,15 +56,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bnaudit import bits, divergence, firststep, record
+from bnaudit import amplification, bits, divergence, firststep, record
+from bnaudit.amplification import Beside, Window
 from bnaudit.errors import InputError, MismatchError
 from bnaudit.layout import TraceLayout
 from bnaudit.record import Fingerprint, TensorKey
 from bnaudit.spec import ExperimentSpec
+
+if TYPE_CHECKING:
+    from bnaudit.reference.sensitivity import Sensitivity
 
 GRANULARITIES = ("step", "epoch-tensor", "epoch-group", "epoch-row")
 SATURATION_BAND = math.log(10.0)
@@ -76,7 +88,7 @@ class Difference:
     step: int | None
     """Step within the epoch; None when only epoch-level detail exists (an epoch row past 0)."""
     phase: str
-    """init, forward, backward, update or eval ("unknown" if only whole-row digests differ)."""
+    """init, forward, backward, update, eval or probe ("unknown" if only whole-row digests differ)."""
     layer: str
     """Module name (linear1, bn1, relu1, ...) or "loss"."""
     tensor: str | None
@@ -95,9 +107,10 @@ class Difference:
     @property
     def where(self) -> str:
         """One line for people: epoch, step, phase, layer, tensor."""
-        if self.phase == "eval":
-            when = ("eval pass over the initial parameters" if self.row == 0
-                    else f"eval pass at the end of epoch {self.epoch}")
+        if self.phase in ("eval", "probe"):
+            what = "eval pass" if self.phase == "eval" else "probe pass (train mode, the fixed probe batch)"
+            when = (f"{what} over the initial parameters" if self.row == 0
+                    else f"{what} at the end of epoch {self.epoch}")
         elif self.row == 0:
             when = "initial state (epoch 0, step 0, phase init)"
         elif self.step is None:
@@ -196,6 +209,18 @@ class PairComparison:
     first_step: tuple[StepTensorDelta, ...] | None = None
     """Every tensor of the first traced step that differs, in computation order; None when an input lacks
     the step's values (an older bnaudit's)."""
+    growth_window: Window | None = None
+    """The growing phase as a window (endpoint rate, slope and the range of its sub-windows'
+    rates, ``amplification.fit``); None where it is shorter than one epoch."""
+    exact: Beside | None = None
+    """The divergence beside the exact-arithmetic amplification over the same rows, where the
+    experiment's sensitivity was measured (``bnaudit reference sensitivity --save``)."""
+    probe_first: Difference | None = None
+    """Where the probe pass first differs (bits of its activations); None if it never does or
+    was not compared."""
+    probe_compared: bool = False
+    """Whether both inputs are records, which keep the probe pass's activations (fingerprint
+    files do not)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,6 +566,41 @@ def _row_difference(a: Fingerprint, b: Fingerprint, r: int, keys: list[Any], dif
                       elements=None if values is None else values[2])
 
 
+def probe_difference(a: Fingerprint, b: Fingerprint, *, epochs: int) -> Difference | None:
+    """The first probe row, and in it the first module, whose activations differ in their bits.
+
+    The probe pass (a train-mode forward of a fixed batch at the probe rows) is a side pass
+    like the eval pass: it never feeds back into training, and it is not part of the
+    digest, so it does not change a verdict.  Only records keep it; None where either
+    input is a fingerprint file, the storage dtypes or experiments differ, or every common
+    row agrees.
+    """
+    if a.probe is None or b.probe is None or a.probe_rows is None or b.probe_rows is None \
+            or a.storage != b.storage or a.spec.hash != b.spec.hash:
+        return None
+    rows, ia, ib = np.intersect1d(a.probe_rows, b.probe_rows, return_indices=True)
+    layout = TraceLayout.for_spec(a.spec)
+    batch = a.spec.train.batch_size
+    for row, i, j in zip(rows, ia, ib):
+        if row > epochs:
+            break
+        differs = bits.as_bits(a.probe[i], a.storage) != bits.as_bits(b.probe[j], b.storage)
+        if not differs.any():
+            continue
+        start = 0
+        for module, width in zip(layout.modules, layout.probe_width):
+            block = slice(start, start + batch * width)
+            start = block.stop
+            if differs[block].any():
+                ulps = bits.ulp_distance(a.probe[i][block], b.probe[j][block], a.storage)
+                r = int(row)
+                return Difference(epoch=max(r - 1, 0), step=None, phase="probe", layer=module,
+                                  tensor=f"probe.{module}", granularity="epoch-tensor",
+                                  fraction_differing=float(differs[block].mean()), max_ulps=int(ulps.max()),
+                                  row=r, elements=batch * width)
+    return None
+
+
 def first_step_deltas(a: Fingerprint, b: Fingerprint) -> tuple[StepTensorDelta, ...] | None:
     """Every traced tensor of the first traced step whose bits differ, in computation order.
 
@@ -734,8 +794,13 @@ def closer_to_reference(a: Fingerprint, b: Fingerprint) -> dict[str, str] | None
 
 # --------------------------------------------------------------------------- the comparisons
 
-def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool = False) -> PairComparison:
-    """Compare two runs (refusing different experiments unless allowed)."""
+def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool = False,
+                 exact: Sensitivity | None = None) -> PairComparison:
+    """Compare two runs (refusing different experiments unless allowed).
+
+    ``exact``: the experiment's sensitivity (``bnaudit.reference.sensitivity``), to set the
+    divergence beside; ignored for runs of another experiment.
+    """
     ensure_comparable(a, b, allow_different_spec=allow_different_spec)
     a, b = record.comparable([a, b])
     epochs = min(a.epochs, b.epochs)
@@ -743,9 +808,13 @@ def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool =
     first = first or eval_first
     identical = first is None
     divergence = None if identical else layer_divergence(a, b, epochs=epochs)
-    rate = saturation = None
+    rate = saturation = window = beside = None
     if divergence is not None and divergence.rows:
         rate, saturation = growth(np.array(divergence.rows), divergence.overall())
+        window = amplification.observed(divergence.rows, divergence.overall(), saturation=saturation)
+        if exact is not None and exact.spec_hash == a.spec.hash == b.spec.hash:
+            beside = amplification.beside(exact, divergence.rows, divergence.overall(), saturation=saturation,
+                                          initial=a.keyframes[0])
     value_rows = len(np.intersect1d(a.keyframe_rows[a.keyframe_rows <= epochs], b.keyframe_rows))
     return PairComparison(
         a=a.source, b=b.source, identical=identical, first=first, divergence=divergence, growth_rate=rate,
@@ -757,7 +826,10 @@ def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool =
         spec_differences=spec_differences(a.spec, b.spec) if a.spec.hash != b.spec.hash else (),
         final_train_loss=(float(a.train_loss[epochs]), float(b.train_loss[epochs])),
         nonfinite=(a.nonfinite, b.nonfinite), eval_first=eval_first,
-        first_step=None if identical else first_step_deltas(a, b))
+        first_step=None if identical else first_step_deltas(a, b), growth_window=window, exact=beside,
+        probe_first=probe_difference(a, b, epochs=epochs),
+        probe_compared=(a.probe is not None and b.probe is not None and a.storage == b.storage
+                        and a.spec.hash == b.spec.hash))
 
 
 def equivalence_classes(fps: Sequence[Fingerprint]) -> list[EquivalenceClass]:
@@ -780,7 +852,8 @@ def equivalence_classes(fps: Sequence[Fingerprint]) -> list[EquivalenceClass]:
     return out
 
 
-def compare_many(fps: Sequence[Fingerprint], *, allow_different_spec: bool = False) -> ManyComparison:
+def compare_many(fps: Sequence[Fingerprint], *, allow_different_spec: bool = False,
+                 exact: Sensitivity | None = None) -> ManyComparison:
     """Group inputs into classes of bit-identical runs; compare every pair of classes."""
     for fp in fps[1:]:
         ensure_comparable(fps[0], fp, allow_different_spec=allow_different_spec)
@@ -790,5 +863,5 @@ def compare_many(fps: Sequence[Fingerprint], *, allow_different_spec: bool = Fal
     for i in range(len(classes)):
         for j in range(i + 1, len(classes)):
             a, b = fps[classes[i].indices[0]], fps[classes[j].indices[0]]
-            pairs.append(ClassPair(i=i, j=j, comparison=compare_pair(a, b, allow_different_spec=True)))
+            pairs.append(ClassPair(i=i, j=j, comparison=compare_pair(a, b, allow_different_spec=True, exact=exact)))
     return ManyComparison(sources=tuple(fp.source for fp in fps), classes=tuple(classes), pairs=tuple(pairs))

@@ -193,6 +193,10 @@ class Fingerprint:
     (``state_digests``), covered by ``digest``; None in inputs of an older bnaudit."""
     first_step: firststep.FirstStep | None = dataclasses.field(default=None, compare=False, repr=False)
     """The exact values of the first traced step (verified against its digests); None in older inputs."""
+    probe_rows: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    """Epoch rows of the probe pass (``layout.probe_schedule``), records only; None for a fingerprint file."""
+    probe: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    """(len(probe_rows), n_probe) train-mode activations of the probe batch, storage dtype, records only."""
     tensor_check: Callable[[], None] | None = dataclasses.field(default=None, compare=False, repr=False)
     """A record's check of every per-tensor epoch digest against its arrays, run (once) by
     ``legacy``; None where there is nothing left to check."""
@@ -593,6 +597,7 @@ def prefix(fp: Fingerprint, epochs: int) -> Fingerprint:
     n = epochs + 1
     steps = fp.step_rows[:, 0] < epochs if len(fp.step_rows) else np.zeros(0, bool)
     keep = fp.keyframe_rows <= epochs
+    probe = None if fp.probe_rows is None else fp.probe_rows <= epochs
     rows = fp.row_digests[:n]
     state = None if fp.state_digests is None else fp.state_digests[:n]
     return dataclasses.replace(
@@ -603,6 +608,8 @@ def prefix(fp: Fingerprint, epochs: int) -> Fingerprint:
         group_digests=fp.group_digests[:n], row_digests=rows,
         keyframe_rows=fp.keyframe_rows[keep], keyframes=fp.keyframes[keep],
         train_loss=fp.train_loss[:n], test_loss=fp.test_loss[:n],
+        probe_rows=None if fp.probe_rows is None or probe is None else fp.probe_rows[probe],
+        probe=None if fp.probe is None or probe is None else fp.probe[probe],
         extra={k: v for k, v in fp.extra.items() if k != "divergence"}, divergence=None)
 
 
@@ -792,7 +799,8 @@ def load_record(folder: Path) -> Record:
         row_digests=rd, keyframe_rows=np.arange(epochs + 1), keyframes=arrays["params"],
         params=layout.params, train_loss=arrays["losses"][:, 0], test_loss=arrays["losses"][:, 1],
         nonfinite=c["nonfinite"], extra=extra, state_digests=state, tensor_check=tensor_check,
-        first_step=first, **decode_extra(extra, where))
+        first_step=first, probe_rows=np.array(probe_rows, dtype=np.int64), probe=arrays["probe"],
+        **decode_extra(extra, where))
     return Record(path=folder, meta=meta, layout=layout, arrays=arrays, fingerprint=fp)
 
 

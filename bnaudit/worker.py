@@ -81,13 +81,9 @@ def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:
     meta["extra"].update(blocks)
     out = Path(request["out"])
     fp = record.write_record(out, meta, result, TraceLayout.for_spec(spec), force=bool(request.get("force")))
-    extra = {k: v for k, v in meta["extra"].items() if k != "perturbation"}
-    if "perturbation" in meta["extra"]:
-        # The parent shows the floor's two headline numbers; its series stay in record.json.
-        extra["perturbation"] = {k: meta["extra"]["perturbation"][k] for k in ("growth_rate", "saturation_row")}
     return {
         "out": str(out),
-        "extra": extra,
+        "extra": meta["extra"],
         "digest": fp["digest"],
         "spec_hash": spec.hash,
         "config": config.to_dict(),

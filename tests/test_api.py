@@ -134,7 +134,7 @@ def test_run_without_out_writes_a_temporary_folder(runs):
     perturbed = runs["perturbed"]
     assert perturbed.path.parent == Path(tempfile.gettempdir())
     assert perturbed.path.name.startswith("bnaudit-float32_t1_native_nondet-")
-    assert perturbed.fingerprint.perturbation is not None and perturbed.summary.perturbed
+    assert perturbed.fingerprint.perturbation is not None and perturbed.summary.floor is not None
 
 
 def test_load_reads_every_kind_of_input_to_the_same_run(launched, baseline):

@@ -127,11 +127,21 @@ def test_console_script_entry_point(tmp_path):
 
 
 def test_run_summary_renders_the_decoded_summary(monkeypatch):
-    """`bnaudit run`'s table reads the one decoded RunSummary: perturbation, chaos floor, missing reference."""
+    """`bnaudit run`'s table reads the one decoded RunSummary: perturbation, chaos floor beside exact
+    arithmetic, missing reference."""
+    import numpy as np
     from rich.console import Console
 
-    from bnaudit.blocks import RunSummary
+    from bnaudit.blocks import ChaosFloor, RunSummary
+    from bnaudit.reference.sensitivity import Sensitivity
     from bnaudit.report import run_summary
+
+    floor = ChaosFloor(twin_digest_rows=("0" * 16,) * 4, max_abs=np.array([1e-8, 1e-7, 1e-6, 1e-5]),
+                       max_ulps=(1, 10, 100, 1000), growth_rate=2.5, saturation_row=3)
+    exact = Sensitivity(spec_hash="s" * 64, tensor="linear1.weight", index=(0, 0), scale=200, precision=512,
+                        rows=(0, 1, 2, 3), layers=("linear1",),
+                        log_distance=((-140.0,), (-139.0,), (-138.0,), (-137.0,)),
+                        log_overall=(-140.0, -139.0, -138.0, -137.0), seconds=1.0)
 
     raw = {"out": "runs/x", "digest": "d" * 64, "spec_hash": "s" * 64, "epochs": 3, "train_loss": 1.5,
            "test_loss": 2.25, "nonfinite": None, "train_seconds": 0.25, "process_seconds": 4.0, "cpu_model": None,
@@ -139,14 +149,28 @@ def test_run_summary_renders_the_decoded_summary(monkeypatch):
                       "epochs": 3, "perturb": {"tensor": "linear1.weight", "index": [0, 1], "ulps": -1}},
            "effective": {"cpu_capability": "AVX2", "intra_op_threads": 2, "inter_op_threads": 2,
                          "deterministic_algorithms": True, "threadpools": []},
-           "extra": {"perturbation": {"growth_rate": 2.5, "saturation_row": 3}}}
-    console = Console(record=True, width=160)
+           "extra": {"perturbation": floor.to_json()}}
+    console = Console(record=True, width=400)
     monkeypatch.setattr(run_summary, "console", console)
     run_summary.render(RunSummary.from_json(raw))
     text = console.export_text()
     assert "dtype float32, threads 2, isa avx2, deterministic" in text
     assert "linear1.weight[0, 1] moved -1 ulp" in text
-    assert "ln(divergence) grows 2.5 per epoch, saturates at the end of epoch 2" in text
+    assert "ln(divergence) grows 2.3 ln/epoch over epoch rows 0..3 (least-squares; end to end 2.3" in text
+    assert "saturates at the end of epoch 2" in text
+    assert "no sensitivity measured for this experiment" in text
+    console = Console(record=True, width=400)
+    monkeypatch.setattr(run_summary, "console", console)
+    run_summary.render(RunSummary.from_json(raw), exact, np.array([0.5, -2.0]))  # small: up to 2e-3
+    text = console.export_text()
+    # exact: e^3 over rows 0..3; this floor: e^(ln 1000) = e^6.91; rounding adds e^3.91 = x49.8.
+    assert "grows a difference 1 ln/epoch over epoch rows 0..3" in text
+    assert "a factor e^3 (x20.1); this one grew e^6.91 (x1e+03): float32 rounding adds e^3.91 (x49.8)" in text
+    console = Console(record=True, width=400)
+    monkeypatch.setattr(run_summary, "console", console)
+    run_summary.render(RunSummary.from_json(raw), exact, np.array([0.001]))  # small: up to 1e-6, rows 0..2
+    text = console.export_text()
+    assert "over epoch rows 0..2" in text and "this one grew e^4.61 (x100)" in text
     assert "no stored mpmath reference for this spec and length" in text
     assert "operator audit" not in text
 

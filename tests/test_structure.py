@@ -19,7 +19,8 @@ MAX_FUNCTION_LINES = 80
 # Stages that must import neither torch nor mpmath, so that a light CI job (compare,
 # check, report) runs without them.
 LIGHT = ("bnaudit.api", "bnaudit.pytest_plugin", "bnaudit.fileio", "bnaudit.layout", "bnaudit.blocks",
-         "bnaudit.firststep", "bnaudit.bundle", "bnaudit.record", "bnaudit.compare", "bnaudit.divergence",
+         "bnaudit.firststep", "bnaudit.bundle", "bnaudit.record", "bnaudit.compare", "bnaudit.amplification",
+         "bnaudit.reference.sensitivity", "bnaudit.divergence",
          "bnaudit.check", "bnaudit.baseline", "bnaudit.matrix", "bnaudit.report", "bnaudit.cli")
 
 

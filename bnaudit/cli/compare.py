@@ -38,12 +38,15 @@ def compare(
         raise UsageError("choose one of --json and --markdown")
     if bundle is not None and len(inputs) != 2:
         raise UsageError("--bundle exports the split of two inputs (A B)")
+    from bnaudit.reference import sensitivity
+
     fps = [record.load(p) for p in inputs]
+    exact = sensitivity.stored(fps[0].spec)
     if len(fps) == 2:
         result: core.PairComparison | core.ManyComparison = core.compare_pair(
-            fps[0], fps[1], allow_different_spec=allow_different_spec)
+            fps[0], fps[1], allow_different_spec=allow_different_spec, exact=exact)
     else:
-        result = core.compare_many(fps, allow_different_spec=allow_different_spec)
+        result = core.compare_many(fps, allow_different_spec=allow_different_spec, exact=exact)
     if bundle is not None:
         from bnaudit import bundle as bundles
 

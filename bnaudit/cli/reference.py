@@ -172,13 +172,16 @@ def reference_sensitivity(
     window: Annotated[list[str] | None, typer.Option(
         metavar="A..B", help="Epoch rows to measure the growth over; repeatable (default 0..7, and 0..epochs "
                              "when longer).")] = None,
+    save: Annotated[bool, typer.Option(
+        "--save", help="Keep the measurement where compare and --perturb runs look for it (beside the shipped "
+                       "reference for the default spec, in the cache for a custom one).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the measurement as JSON.")] = False,
 ) -> int:
     """Measure how the training amplifies a tiny perturbation, in exact arithmetic (no float rounding)."""
     from bnaudit import frozen
     from bnaudit.cli._options import json_document
     from bnaudit.reference import sensitivity
-    from bnaudit.report import reference_view
+    from bnaudit.report import escape, reference_view
     from bnaudit.spec import load_spec
 
     experiment = load_spec(spec)
@@ -193,10 +196,14 @@ def reference_sensitivity(
                                        agreement=False) as advance:
         result = sensitivity.measure(experiment, frozen.load(experiment), epochs=epochs, tensor=tensor, index=index,
                                      scale=scale, precision=bits, progress=lambda done, total: advance(done, total, {}))
+    if save:
+        sensitivity.save(result, windows, sensitivity.path_for(experiment))
     if as_json:
         typer.echo(json_document(sensitivity.SENSITIVITY_SCHEMA, result.to_dict(windows)))
     else:
         reference_view.render_sensitivity(result, windows)
+        if save:
+            typer.echo(f"saved {escape.printable(sensitivity.path_for(experiment))}")
     return 0
 
 

@@ -66,12 +66,24 @@ def run(
     config = controls.RunConfig.requested(experiment, c, epochs=epochs, perturb=perturb,
                                           trace_epochs=_epoch_list(trace_epochs), audit_every=audit_every)
     target = out if out is not None else default_out(c.label(), experiment.hash)
+    exact = initial = None
+    if config.perturb is not None:  # read before the run: a corrupt file stops it at once
+        from bnaudit import frozen
+        from bnaudit.layout import TraceLayout
+        from bnaudit.reference import sensitivity
+
+        exact = sensitivity.stored(experiment)
+        initial = frozen.load(experiment).init[:TraceLayout.for_spec(experiment).n_params]
     with run_summary.progress(config.epochs, c.label(), enabled=not as_json) as advance:
         summary = launch.run(experiment, config, target, force=force, on_progress=advance)
+    decoded = RunSummary.from_json(summary)
     if as_json:
+        beside = None if decoded.floor is None or initial is None \
+            else run_summary.floor_beside(decoded.floor, exact, initial)
+        summary = {**summary, "exact": None if beside is None else beside.to_dict()}
         typer.echo(json_document(RUN_SCHEMA, summary))
     else:
-        run_summary.render(RunSummary.from_json(summary))
+        run_summary.render(decoded, exact, initial)
     return 0
 
 

@@ -33,7 +33,10 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bnaudit.amplification import Window, fit
 
 if TYPE_CHECKING:
     from bnaudit.frozen import FrozenInputs
@@ -45,25 +48,6 @@ DEFAULT_SCALE = 200
 """The perturbation is relative 2^-200."""
 DEFAULT_PRECISION = 512
 """Bits of the engine: 2^-512 rounding under a 2^-200 perturbation leaves 312 bits of margin."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Window:
-    """The growth of ln d over epoch rows ``start`` to ``end``."""
-
-    start: int
-    end: int
-    rate: float | None
-    """(ln d_end - ln d_start) / (end - start), ln per epoch; None where a distance is 0."""
-    slope: float | None
-    """Least-squares slope of ln d over the window's rows."""
-    low: float | None
-    """Smallest endpoint rate of the sub-windows at least half as long (None with fewer than 2 epochs)."""
-    high: float | None
-    """Largest such rate."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,20 +76,7 @@ class Sensitivity:
         ln = list(self.log_overall if series is None else series)
         if not 0 <= start < end <= len(ln) - 1:
             raise ValueError(f"window {start}..{end} is not inside rows 0..{len(ln) - 1}")
-        part = ln[start:end + 1]
-        if any(v is None for v in part):
-            return Window(start, end, None, None, None, None)
-        values = [float(v) for v in part if v is not None]
-        rate = (values[-1] - values[0]) / (end - start)
-        xs = range(start, end + 1)
-        mx, my = sum(xs) / len(values), sum(values) / len(values)
-        slope = (sum((x - mx) * (y - my) for x, y in zip(xs, values))
-                 / sum((x - mx) ** 2 for x in xs))
-        shortest = max(1, (end - start + 1) // 2)
-        subs = [(values[b] - values[a]) / (b - a) for a in range(len(values))
-                for b in range(a + shortest, len(values))]
-        return Window(start, end, rate, slope, min(subs) if len(subs) > 1 else None,
-                      max(subs) if len(subs) > 1 else None)
+        return fit(self.rows, ln, start, end)
 
     def layer_window(self, layer: str, start: int, end: int) -> Window:
         j = self.layers.index(layer)
@@ -213,3 +184,97 @@ def default_windows(epochs: int) -> list[tuple[int, int]]:
 def bits_per_epoch(rate: float) -> float:
     """A rate in ln per epoch as bits per epoch."""
     return rate / math.log(2)
+
+
+# --------------------------------------------------------------------------- stored measurements
+
+MAX_FILE_BYTES = 16 * 1024 * 1024
+"""A stored measurement is about 30 kB per 100 epochs of the default spec."""
+
+
+def path_for(spec: ExperimentSpec) -> Path:
+    """Where the sensitivity of ``spec`` is kept: shipped beside the default spec's reference
+    (``reference/sensitivity/<short hash>.json``), in the cache for a custom spec."""
+    from bnaudit.frozen import cache_root, shipped_root
+    from bnaudit.spec import default_spec
+
+    if spec.hash == default_spec().hash:
+        return shipped_root() / "sensitivity" / f"{spec.short_hash}.json"
+    return cache_root() / "sensitivity" / f"{spec.hash}.json"
+
+
+def document(result: Sensitivity, windows: Sequence[tuple[int, int]]) -> dict[str, Any]:
+    """The ``--json`` output and the stored file: schema, writer's version, then ``to_dict``."""
+    from bnaudit._version import __version__
+
+    return {"schema": SENSITIVITY_SCHEMA, "bnaudit": __version__, **result.to_dict(windows)}
+
+
+def save(result: Sensitivity, windows: Sequence[tuple[int, int]], out: Path) -> None:
+    """Write the measurement atomically (never a half-written file that parses)."""
+    from bnaudit import fileio
+
+    fileio.write_text_atomic(out, fileio.dumps(document(result, windows)))
+
+
+def from_document(raw: Any, where: str, spec: ExperimentSpec) -> Sensitivity:
+    """Decode a stored measurement of ``spec``, checking every field (InputError otherwise).
+
+    The windows in the file are derived figures and are not read: they are recomputed
+    from the distances.
+    """
+    from bnaudit.blocks import Fields
+    from bnaudit.errors import InputError
+
+    f = Fields(raw, where)
+    if f.get("schema", str) != SENSITIVITY_SCHEMA:
+        raise InputError(f"{where}: not a {SENSITIVITY_SCHEMA} document")
+    if f.get("spec_hash", str) != spec.hash:
+        raise InputError(f"{where}: measured for another experiment (spec {str(raw['spec_hash'])[:12]}, "
+                         f"not {spec.short_hash})")
+    p = Fields(f.get("perturbation", dict), f"{where}: perturbation")
+    tensor = p.get("tensor", str)
+    index = p.integers("index")
+    shapes = dict(spec.parameters())
+    if tensor not in shapes or len(index) != len(shapes[tensor]) \
+            or not all(i < n for i, n in zip(index, shapes[tensor])):
+        raise InputError(f"{where}: the perturbed element is not a parameter of the spec")
+    relative = p.get("relative", str)
+    scale_text = relative.removeprefix("2^-")
+    if not (relative.startswith("2^-") and scale_text.isdigit() and 20 <= int(scale_text) <= 100_000):
+        raise InputError(f"{where}: perturbation.relative is not 2^-N")
+    scale = int(scale_text)
+    precision = f.integer("precision_bits", low=scale + 100, high=100_000)
+    rows = f.integers("rows")
+    if not rows or len(rows) < 2 or list(rows) != list(range(len(rows))) or rows[-1] > spec.train.epochs:
+        raise InputError(f"{where}: rows are not 0..N within the spec's epochs")
+    layers = tuple(dict.fromkeys(name.split(".")[0] for name, _ in spec.parameters()))
+    if tuple(f.get("layers", list)) != layers:
+        raise InputError(f"{where}: layers are not the spec's")
+
+    def ln(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InputError(f"{where}: a distance is not a finite number")
+        return float(value)
+
+    overall = f.get("log_overall", list)
+    per = f.get("log_distance", list)
+    if len(overall) != len(rows) or len(per) != len(rows) \
+            or not all(isinstance(r, list) and len(r) == len(layers) for r in per):
+        raise InputError(f"{where}: its distance series do not match its rows and layers")
+    return Sensitivity(spec_hash=spec.hash, tensor=tensor, index=index, scale=scale,
+                       precision=int(precision or 0), rows=tuple(rows), layers=layers,
+                       log_distance=tuple(tuple(None if v is None else ln(v) for v in r) for r in per),
+                       log_overall=tuple(ln(v) for v in overall),
+                       seconds=float(f.number("seconds") or 0.0))
+
+
+def stored(spec: ExperimentSpec, path: Path | None = None) -> Sensitivity | None:
+    """The stored sensitivity of ``spec``, or None where none was measured (InputError if unreadable)."""
+    from bnaudit import fileio
+
+    path = path_for(spec) if path is None else Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    where = f"sensitivity {path}"
+    return from_document(fileio.read_json(path, "sensitivity file", max_bytes=MAX_FILE_BYTES), where, spec)

@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import bits, compare, controls, fileio, frozen, record
+from bnaudit import amplification, bits, compare, controls, fileio, frozen, record
 from bnaudit.blocks import AuditBlock, ChaosFloor, DivergenceBlock
 from bnaudit.errors import InputError, MismatchError
 from bnaudit.layout import TraceLayout
+from bnaudit.reference import sensitivity
+from bnaudit.reference.sensitivity import Sensitivity
 from bnaudit.report.model import (
     CONTROL_KEYS,
     AuditView,
@@ -283,9 +285,9 @@ def _layers(layout: TraceLayout) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name.split(".")[0] for name, _ in layout.params))
 
 
-def compare_runs(a: RunEntry, b: RunEntry, kind: str) -> PairView:
-    """Two runs of one storage dtype and length, compared by ``bnaudit.compare``."""
-    pc = compare.compare_pair(a.record.fingerprint, b.record.fingerprint)
+def compare_runs(a: RunEntry, b: RunEntry, kind: str, exact: Sensitivity | None = None) -> PairView:
+    """Two runs of one storage dtype and length, compared by ``bnaudit.compare`` (beside ``exact``)."""
+    pc = compare.compare_pair(a.record.fingerprint, b.record.fingerprint, exact=exact)
     div = pc.divergence
     if div is not None:
         rows, layers = np.asarray(div.rows, dtype=np.int64), tuple(div.layers)
@@ -299,7 +301,8 @@ def compare_runs(a: RunEntry, b: RunEntry, kind: str) -> PairView:
                     first_detail=detail, first_epoch_row=_first_row(pc.first),
                     first_layer=None if pc.first is None else pc.first.layer, rows=rows, layers=layers,
                     max_abs=max_abs, max_ulps=max_ulps, growth_rate=pc.growth_rate,
-                    saturation_epoch=pc.saturation_epoch, environment_diff=tuple(pc.environment_diff))
+                    saturation_epoch=pc.saturation_epoch, environment_diff=tuple(pc.environment_diff),
+                    exact=pc.exact)
 
 
 def _departures(run: RunEntry) -> int:
@@ -370,10 +373,15 @@ def audit_view(block: AuditBlock, source: str) -> tuple[AuditView | None, str | 
                      flags=block.n_flags, max_amplification=max(amps) if amps else math.nan), None
 
 
-def floor_view(floor: ChaosFloor) -> FloorView:
-    """The chaos floor a --perturb run measured against its unperturbed twin, per epoch row."""
-    return FloorView(rows=np.arange(len(floor.max_abs)), max_abs=floor.max_abs, growth_rate=floor.growth_rate,
-                     saturation_row=floor.saturation_row)
+def floor_view(floor: ChaosFloor, exact: Sensitivity | None = None, initial: np.ndarray | None = None) -> FloorView:
+    """The chaos floor a --perturb run measured against its unperturbed twin, per epoch row (beside ``exact``;
+    ``initial``: the run's initial parameters)."""
+    rows = np.arange(len(floor.max_abs))
+    return FloorView(rows=rows, max_abs=floor.max_abs, growth_rate=floor.growth_rate,
+                     saturation_row=floor.saturation_row,
+                     exact=None if exact is None or initial is None
+                     else amplification.beside(exact, rows, floor.max_abs, saturation=floor.saturation_row,
+                                               initial=initial))
 
 
 def matrix_findings(summary: dict[str, Any] | None) -> tuple[str, ...]:
@@ -398,7 +406,7 @@ class _Blocks:
     """Blocks present but not drawn, and why."""
 
 
-def _block_views(runs: Sequence[RunEntry]) -> _Blocks:
+def _block_views(runs: Sequence[RunEntry], exact: Sensitivity | None) -> _Blocks:
     out = _Blocks(references={}, audits={}, floors={}, notes=[])
     for r in runs:
         fp = r.record.fingerprint
@@ -413,7 +421,7 @@ def _block_views(runs: Sequence[RunEntry]) -> _Blocks:
                 out.audits[r.label] = aud
             out.notes.extend([note] if note else [])
         if fp.floor is not None:
-            out.floors[r.label] = floor_view(fp.floor)
+            out.floors[r.label] = floor_view(fp.floor, exact, fp.keyframes[0])
     return out
 
 
@@ -450,10 +458,13 @@ def build_report(paths: Sequence[Path]) -> Report:
     grid_x = np.linspace(spec.data.x_low, spec.data.x_high, GRID_POINTS)
     learned = {r.label: learned_function(spec, r.record, inputs.inputs, grid_x) for r in runs}
     pair_specs, orphans, pair_notes = pick_pairs(runs)
-    pairs = tuple(compare_runs(a, b, kind) for a, b, kind in pair_specs)
-    blocks = _block_views(runs)
+    exact = sensitivity.stored(spec)
+    pairs = tuple(compare_runs(a, b, kind, exact) for a, b, kind in pair_specs)
+    blocks = _block_views(runs, exact)
     notes = pair_notes + blocks.notes + _missing_notes(runs, blocks, orphans)
     return Report(spec=spec, sources=tuple(str(p) for p in paths), runs=runs, classes=tuple(classes),
                   learned=learned, pairs=pairs, references=blocks.references, audits=blocks.audits,
                   floors=blocks.floors, findings=matrix_findings(summary), notes=tuple(notes),
-                  x=inputs.x.copy(), targets=inputs.targets.copy(), n_train=spec.data.train)
+                  x=inputs.x.copy(), targets=inputs.targets.copy(), n_train=spec.data.train,
+                  exact_rows=None if exact is None else np.asarray(exact.rows, dtype=np.int64),
+                  exact_log=None if exact is None else np.asarray(exact.log_overall, dtype=np.float64))

@@ -25,6 +25,7 @@ from rich.text import Text
 
 from bnaudit import fileio
 from bnaudit._version import __version__
+from bnaudit.amplification import Beside, Window, beside_from_dict, window_from_dict
 from bnaudit.compare import (
     ClassPair,
     Difference,
@@ -122,9 +123,12 @@ def first_text(d: Difference | None) -> str:
 
 
 def split_lines(c: PairComparison) -> list[str]:
-    """Where two runs part, as the training's story: the training split, the first step in detail, the eval pass."""
+    """Where two runs part, as the training's story: the training split, the first step in detail, then the
+    side passes (eval, probe)."""
+    probe = f"also differs: {first_text(c.probe_first)}; the probe pass never feeds back into training" \
+        if c.probe_first is not None else None
     if c.identical:
-        return []
+        return [probe] if probe else []
     training = c.first if c.first is not None and c.first.phase != "eval" else None
     lines = [f"training split: {first_text(training)}" if training is not None
              else "training split: none (every training tensor compared is bit-identical)"]
@@ -135,6 +139,11 @@ def split_lines(c: PairComparison) -> list[str]:
         lines.append(f"first step (epoch 0, step 0): {n} traced tensor{'' if n == 1 else 's'} differ: {shown}{more}")
     if c.eval_first is not None:
         lines.append(f"also differs: {first_text(c.eval_first)}; the eval pass never feeds back into training")
+    if probe:
+        lines.append(probe)
+    elif not c.probe_compared:
+        lines.append("probe pass: not compared (a fingerprint file keeps no probe activations; "
+                     "compare the two record folders)")
     return lines
 
 
@@ -163,14 +172,54 @@ def first_short(d: Difference | None) -> str:
     return f"{when}: {what}{ulps}"
 
 
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def window_text(w: Window) -> str:
+    """A growth window in words: its least-squares slope and rows, its endpoint rate, its sub-windows' range."""
+    text = f"{_rate(w.slope)} ln/epoch over epoch rows {w.start}..{w.end} (least-squares; end to end {_rate(w.rate)}"
+    if w.low is not None and w.high is not None:
+        text += f", sub-windows of {max(1, (w.end - w.start + 1) // 2)}+ epochs {w.low:.3g} to {w.high:.3g}"
+    return text + ")"
+
+
+def _factor(ln: float) -> str:
+    return f"e^{ln:.3g} (x{math.exp(min(ln, 700)):.3g})"
+
+
+def exact_text(b: Beside, storage: str) -> str:
+    """A measured growth beside the exact-arithmetic amplification over the same rows."""
+    moved = f"{b.tensor}[{','.join(str(i) for i in b.index)}] moved by 2^-{b.scale}"
+    seen, exact, added = b.seen.amplification, b.exact.amplification, b.added
+    if seen is None or exact is None or added is None:
+        return f"exact arithmetic ({moved}): not comparable over epoch rows {b.seen.start}..{b.seen.end}"
+    rounding = (f"{storage} rounding adds {_factor(added)}" if added >= 0
+                else f"it grew {_factor(-added)} less than exact arithmetic does")
+    return (f"exact arithmetic (mpmath, {moved}) grows a difference {window_text(b.exact)}, "
+            f"a factor {_factor(exact)}; this one grew {_factor(seen)}: {rounding}")
+
+
 def growth_text(c: PairComparison) -> str:
-    if c.growth_rate is None:
-        rate = "growth rate: -"
+    if c.growth_window is not None:
+        rate = f"growth {window_text(c.growth_window)}"
+    elif c.growth_rate is not None:
+        rate = f"growth rate {c.growth_rate:.3g} ln/epoch"
     else:
-        rate = f"growth rate {c.growth_rate:.3g} per epoch (x{math.exp(min(c.growth_rate, 700)):.3g} per epoch)"
+        rate = "growth rate: -"
     sat = (f"saturates at epoch row {c.saturation_epoch}" if c.saturation_epoch is not None
            else "no saturation within the compared epochs")
     return f"{rate}; {sat}"
+
+
+def exact_line(c: PairComparison) -> str | None:
+    """The growth beside exact arithmetic, or why it is not there (None for identical runs)."""
+    if c.identical or c.divergence is None:
+        return None
+    if c.exact is None:
+        return ("exact arithmetic: no sensitivity measured for this experiment over these rows "
+                "(`bnaudit reference sensitivity --save`)")
+    return exact_text(c.exact, c.storage)
 
 
 def compared_text(c: PairComparison) -> str:
@@ -228,6 +277,9 @@ def _render_pair(c: PairComparison, console: Console) -> None:
             table.add_row(*(escape.terminal(cell) for cell in row), style="bold" if row[0] == "all" else None)
         console.print(table)
         console.print(escape.terminal(f"  {growth_text(c)}"))
+        exact = exact_line(c)
+        if exact is not None:
+            console.print(escape.terminal(f"  {exact}"))
     elif not c.identical:
         console.print("  no parameter values to compare (different storage dtypes)", highlight=False)
     loss_a, loss_b = c.final_train_loss
@@ -334,7 +386,11 @@ def markdown(result: Result) -> str:
             headers, body = divergence_table(c.divergence)
             lines += ["**Divergence**: log10 max \\|a − b\\| of parameters per layer, by epoch row (= identical)", ""]
             lines += _md_table(headers, body)
-            lines += ["", escape.markdown(growth_text(c)) + ".",
+            lines += ["", escape.markdown(growth_text(c)) + "."]
+            exact = exact_line(c)
+            if exact is not None:
+                lines += ["", escape.markdown(exact) + "."]
+            lines += ["",
                       f"Final train MSE: a {c.final_train_loss[0]:.6g}, b {c.final_train_loss[1]:.6g}.", ""]
         if c.closer_to_reference:
             lines += ["**Closer to exact arithmetic** (mpmath reference): "
@@ -401,6 +457,9 @@ def pair_dict(c: PairComparison) -> dict[str, Any]:
         "eval_first": _difference_dict(c.eval_first),
         "first_step": None if c.first_step is None else [
             {**dataclasses.asdict(d), "max_abs": _float(d.max_abs), "scale": _float(d.scale)} for d in c.first_step],
+        "growth_window": None if c.growth_window is None else c.growth_window.to_dict(),
+        "exact": None if c.exact is None else c.exact.to_dict(),
+        "probe_first": _difference_dict(c.probe_first), "probe_compared": c.probe_compared,
     }
 
 
@@ -472,7 +531,11 @@ def pair_from_dict(raw: Any) -> PairComparison:
             spec_differences=tuple(str(s) for s in raw["spec_differences"]),
             final_train_loss=(_unfloat(raw["final_train_loss"][0]), _unfloat(raw["final_train_loss"][1])),
             nonfinite=(raw["nonfinite"][0], raw["nonfinite"][1]), eval_first=_difference_from(raw["eval_first"]),
-            first_step=None if raw["first_step"] is None else tuple(_delta_from(d) for d in raw["first_step"]))
+            first_step=None if raw["first_step"] is None else tuple(_delta_from(d) for d in raw["first_step"]),
+            growth_window=None if raw.get("growth_window") is None
+            else window_from_dict(raw["growth_window"], "comparison JSON: growth window"),
+            exact=None if raw.get("exact") is None else beside_from_dict(raw["exact"], "comparison JSON: exact"),
+            probe_first=_difference_from(raw.get("probe_first")), probe_compared=bool(raw.get("probe_compared")))
     except (KeyError, TypeError, ValueError, IndexError):
         raise InputError("comparison JSON: malformed pair comparison") from None
 

@@ -23,6 +23,7 @@ from matplotlib.axis import Tick
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
+from bnaudit.amplification import Beside
 from bnaudit.report import escape
 from bnaudit.report.model import FigureInfo, FloorView, PairView, Report, RunEntry, promote_text
 from bnaudit.report.tables import CLASS_COLOURS, class_colour
@@ -301,6 +302,19 @@ def _growth_between(ax: plt.Axes, report: Report, pairs: Sequence[PairView], per
                     floors: dict[str, FloorView], below: float, epochs: int) -> None:
     """Left panel: the largest parameter difference per epoch of each pair, and the chaos floors dashed."""
     drawn = False
+    exact_label = ["exact arithmetic (mpmath) from the same start, while the difference is small"]
+
+    def exact_line(rows: np.ndarray, series: np.ndarray, b: Beside | None) -> None:
+        """The growth exact arithmetic gives the curve from its window's start, dotted grey."""
+        if b is None or report.exact_rows is None or report.exact_log is None:
+            return
+        at = np.flatnonzero(np.asarray(rows) == b.seen.start)
+        if not at.size:
+            return
+        xs = report.exact_rows[b.seen.start:b.seen.end + 1]  # only where the difference is small
+        ys = series[at[0]] * np.exp(report.exact_log[xs] - report.exact_log[b.seen.start])
+        ax.plot(xs, ys, color="0.45", linestyle=":", linewidth=1.4, label=exact_label.pop() if exact_label else None)
+
     for i, p in enumerate([*pairs, *perturb]):
         with np.errstate(invalid="ignore"):
             series = np.nanmax(p.max_abs, axis=1) if p.max_abs.size else np.zeros(0)
@@ -315,6 +329,7 @@ def _growth_between(ax: plt.Axes, report: Report, pairs: Sequence[PairView], per
         else:
             ax.plot(p.rows, series, color=CLASS_COLOURS[i % len(CLASS_COLOURS)], linewidth=1.5,
                     label=f"{p.title}{rate}{sat}"[:120])
+        exact_line(p.rows, series, p.exact)
         drawn = True
     for label, f in floors.items():
         series = np.where(f.max_abs > 0, f.max_abs, np.nan)
@@ -324,6 +339,7 @@ def _growth_between(ax: plt.Axes, report: Report, pairs: Sequence[PairView], per
         sat = f", saturates at epoch {f.saturation_row}" if f.saturation_row is not None else ""
         ax.plot(f.rows, series, color="black", linestyle="--", linewidth=1.6,
                 label=f"1-ulp sensitivity baseline: {label} vs its twin{rate}{sat}"[:120])
+        exact_line(f.rows, series, f.exact)
         drawn = True
     if drawn:
         ax.set_yscale("log")
@@ -384,6 +400,11 @@ def growth_figures(report: Report, folder: Path) -> list[FigureInfo]:
         caption += ("The dashed black line is the chaos floor: the same configuration started with one initial "
                     "value moved by 1 ulp (--perturb). A platform difference that grows along that line is "
                     "ordinary chaotic amplification of rounding, not a bug in one machine. ")
+    if report.exact_rows is not None:
+        caption += ("The dotted grey lines are exact arithmetic: how the training itself (mpmath, no rounding) "
+                    "amplifies a difference from each curve's start, drawn while the difference is still small "
+                    "(at most 1e-3 of the largest initial parameter), where that linearised growth applies; the "
+                    "gap between a curve and its dotted line is what float rounding adds. ")
     if refs:
         caption += ("Right: each run's worst layer (weights or probe-batch activations) against the mpmath "
                     "reference, as a relative error 2^−(correct bits). ")

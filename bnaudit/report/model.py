@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnaudit.amplification import Beside
 from bnaudit.controls import Controls, Perturbation, promote_text
 from bnaudit.record import Record
 from bnaudit.spec import ExperimentSpec
@@ -138,6 +139,8 @@ class PairView:
     """Epoch at which the divergence saturates, if it does."""
     environment_diff: tuple[tuple[str, object, object], ...]
     """Environment facts that differ, most likely causes first."""
+    exact: Beside | None = None
+    """The divergence beside the exact-arithmetic amplification over the same rows (where measured)."""
 
     @property
     def title(self) -> str:
@@ -186,6 +189,8 @@ class FloorView:
     """Growth per epoch (natural-log units) before saturation."""
     saturation_row: int | None
     """Epoch row of saturation, if any."""
+    exact: Beside | None = None
+    """The floor beside the exact-arithmetic amplification over the same rows (where measured)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +243,10 @@ class Report:
     """Target of every sample."""
     n_train: int
     """The first n_train samples train."""
+    exact_rows: np.ndarray | None = None
+    """Epoch rows of the experiment's exact sensitivity (``reference sensitivity --save``), if stored."""
+    exact_log: np.ndarray | None = None
+    """ln of the exact trajectories' distance at those rows."""
 
     def run(self, label: str) -> RunEntry:
         for r in self.runs:

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bnaudit.blocks import RunSummary
+from bnaudit import amplification
+from bnaudit.amplification import Beside
+from bnaudit.blocks import ChaosFloor, RunSummary
 from bnaudit.controls import RunConfig
+from bnaudit.report import compare_view, escape, reference_view
 from bnaudit.report import console as console_policy
-from bnaudit.report import escape, reference_view
+
+if TYPE_CHECKING:
+    from bnaudit.reference.sensitivity import Sensitivity
 
 console = console_policy.stdout()
 err_console = console_policy.stderr()
@@ -39,8 +45,30 @@ def _row(table: Table, key: str, value: str) -> None:
     table.add_row(escape.terminal(key), escape.terminal(value))
 
 
-def render(summary: RunSummary) -> None:
-    """The closing table of `bnaudit run`."""
+def floor_beside(floor: ChaosFloor, exact: Sensitivity | None, initial: np.ndarray) -> Beside | None:
+    """A chaos floor beside the exact-arithmetic amplification over the same rows (None without both);
+    ``initial``: the run's initial parameters (the scale of a small difference)."""
+    if exact is None:
+        return None
+    return amplification.beside(exact, range(len(floor.max_abs)), floor.max_abs, saturation=floor.saturation_row,
+                                initial=initial)
+
+
+def floor_exact_text(floor: ChaosFloor, exact: Sensitivity | None, initial: np.ndarray, storage: str) -> str:
+    """``floor_beside`` in words, or why there is none."""
+    if exact is None:
+        return "no sensitivity measured for this experiment (`bnaudit reference sensitivity --save`)"
+    b = floor_beside(floor, exact, initial)
+    if b is None:
+        return (f"no window of one epoch or more where the difference is still small (at most "
+                f"{amplification.SMALL:g} of the largest initial parameter) and the sensitivity covers "
+                f"(rows 0..{exact.rows[-1]})")
+    return compare_view.exact_text(b, storage)
+
+
+def render(summary: RunSummary, exact: Sensitivity | None = None, initial: np.ndarray | None = None) -> None:
+    """The closing table of `bnaudit run`; a --perturb run's chaos floor is set beside ``exact``, the
+    experiment's stored sensitivity, where there is one (``initial``: the run's initial parameters)."""
     config = RunConfig.from_dict(dict(summary.config))
     c, e = config.controls, summary.effective
     table = Table(title="bnaudit run", show_header=False, title_justify="left")
@@ -60,11 +88,17 @@ def render(summary: RunSummary) -> None:
     if config.perturb is not None:
         p = config.perturb
         _row(table, "perturbation", f"{p.tensor}{list(p.index)} moved {p.ulps:+d} ulp")
-    if summary.perturbed:
-        rate, row = summary.floor_growth_rate, summary.floor_saturation_row
-        growth = "no growth measured" if rate is None else f"ln(divergence) grows {rate:.3g} per epoch"
+    if summary.floor is not None:
+        floor = summary.floor
+        window = amplification.observed(range(len(floor.max_abs)), floor.max_abs, saturation=floor.saturation_row)
+        growth = ("no growth measured" if window is None and floor.growth_rate is None
+                  else f"ln(divergence) grows {floor.growth_rate:.3g} per epoch" if window is None
+                  else f"ln(divergence) grows {compare_view.window_text(window)}")
+        row = floor.saturation_row
         sat = "does not saturate" if row is None else f"saturates at the end of epoch {row - 1}"
         _row(table, "chaos floor", f"vs the unperturbed twin: {growth}, {sat}")
+        _row(table, "sensitivity", floor_exact_text(floor, exact, np.zeros(0) if initial is None else initial,
+                                                    c.storage))
     _row(table, "epochs", str(summary.epochs))
     _row(table, "final train MSE", f"{summary.train_loss:.6g}")
     _row(table, "final test MSE", f"{summary.test_loss:.6g}")

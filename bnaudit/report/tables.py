@@ -8,10 +8,12 @@ every view: its curves in the figures and its swatch in the HTML class table.
 from __future__ import annotations
 
 import datetime
+import math
 
 import numpy as np
 
 from bnaudit._version import __version__
+from bnaudit.amplification import Beside
 from bnaudit.report.model import Report
 
 Table = tuple[list[str], list[list[str]]]
@@ -54,10 +56,17 @@ def key_table(report: Report) -> Table:
     return headers, rows
 
 
+def beyond_exact(b: Beside | None) -> str:
+    """What float rounding adds to the exact amplification, for a table cell ("-" where not measured)."""
+    if b is None or b.added is None:
+        return "-"
+    return f"x{math.exp(min(b.added, 700)):.3g} over rows {b.seen.start}..{b.seen.end}"
+
+
 def pair_table(report: Report) -> Table:
     """One row per compared pair: identical or where they part, final divergence, growth."""
     headers = ["pair", "kind", "verdict", "first difference", "final max |Δ parameter|", "max ulps (final)",
-               "growth / epoch", "saturates at", "environment differs in"]
+               "growth / epoch", "saturates at", "beyond exact arithmetic", "environment differs in"]
     rows = []
     for p in report.pairs:
         final_abs = float(np.nanmax(p.max_abs[-1])) if p.max_abs.size else 0.0
@@ -68,7 +77,7 @@ def pair_table(report: Report) -> Table:
                      (p.first_text + (f" ({p.first_detail})" if p.first_detail else "")) or "-",
                      f"{final_abs:.3g}", f"{final_ulps:.0f}",
                      f"{p.growth_rate:.3g}" if p.growth_rate is not None else "-",
-                     str(p.saturation_epoch) if p.saturation_epoch is not None else "-", env])
+                     str(p.saturation_epoch) if p.saturation_epoch is not None else "-", beyond_exact(p.exact), env])
     return headers, rows
 
 
