@@ -126,6 +126,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_vendor() -> str:
+    """The host CPU's CPUID vendor (GenuineIntel, AuthenticAMD, ...), from /proc/cpuinfo ("unknown" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip() or "unknown"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def emulated_model() -> str | None:
     """The qemu CPU model this process runs under, as set by bnaudit's launcher."""
     return os.environ.get("BNAUDIT_CPU_MODEL") or None

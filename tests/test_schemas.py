@@ -81,6 +81,7 @@ def documents(make_run, tmp_path_factory) -> dict[str, dict[str, Any]]:
         "run": (0, ["run", "--epochs", "2", "--perturb", PERTURB, "--out", str(tmp / "run"), "--json"]),
         "env": (0, ["env", "--json"]),
         "sensitivity": (0, ["reference", "sensitivity", "--epochs", "2", "--json"]),
+        "census": (0, ["census", "--models", "Nehalem", "--out", str(tmp / "census"), "-j", "2", "--json"]),
         "error": (ExitCode.BAD_INPUT, ["compare", str(tmp / "missing.json"), str(run), "--json"]),
         "matrix": (0, ["matrix", "--dtype", "float32,bf16-mixed", "--threads", "1", "--isa", "native", "--epochs", "2",
                        "--audit-every", "0", "-j", "2", "--out", str(tmp / "matrix"), "--json"]),
@@ -197,7 +198,7 @@ VALID = [
     ("check", "check-pass"), ("check", "check-fail"), ("check", "check-within"),
     ("run-summary", "run"), ("env", "env"), ("error", "error"),
     ("matrix-summary", "matrix"), ("matrix-summary", "matrix-summary.json"), ("matrix", "matrix.json"),
-    ("sensitivity", "sensitivity"),
+    ("sensitivity", "sensitivity"), ("census", "census"),
 ]
 
 
@@ -359,6 +360,15 @@ MUTATIONS: dict[str, list[tuple[str, str, Callable[[Any], None]]]] = {
         ("sensitivity", "rate a string", put("windows", 0, "rate", value="fast")),
         ("sensitivity", "perturbation not a power of two", put("perturbation", "relative", value="tiny")),
         ("sensitivity", "a distance a string", put("log_distance", 0, 0, value="-140")),
+    ],
+    "census": [
+        ("census", "machine unknown key", put("machines", 0, UNKNOWN, value=1)),
+        ("census", "class index negative", put("machines", 0, "klass", value=-1)),
+        ("census", "digest short", cut("machines", 0, "digest")),
+        ("census", "an empty class", put("classes", 0, value=[])),
+        ("census", "split difference unknown phase", put("splits", 0, "first", "phase", value="sideways")),
+        ("census", "vendors one side only", put("splits", 0, "vendors", value=[["GenuineIntel"]])),
+        ("census", "epochs zero", put("epochs", value=0)),
     ],
     "matrix": [
         ("matrix.json", "plan id short", cut("plan_id")),
