@@ -117,7 +117,8 @@ class Beside:
 
 
 def small_limit(initial: np.ndarray) -> float:
-    """The largest difference that counts as small, for runs whose initial parameters are ``initial``."""
+    """The largest difference that counts as small, for runs whose initial parameters are ``initial``
+    (values, not storage bit patterns: ``bits.to_float64`` of a bfloat16 row)."""
     with np.errstate(invalid="ignore"):
         scale = float(np.nanmax(np.abs(np.asarray(initial, dtype=np.float64)))) if np.size(initial) else 0.0
     return SMALL * scale if math.isfinite(scale) and scale > 0 else 0.0

@@ -214,7 +214,10 @@ class PairComparison:
     rates, ``amplification.fit``); None where it is shorter than one epoch."""
     exact: Beside | None = None
     """The divergence beside the exact-arithmetic amplification over the same rows, where the
-    experiment's sensitivity was measured (``bnaudit reference sensitivity --save``)."""
+    experiment's sensitivity was measured (``bnaudit reference sensitivity --save``) and the
+    difference stays small for at least one epoch."""
+    exact_known: bool = False
+    """Whether the experiment's sensitivity was given (so a missing ``exact`` means no small window)."""
     probe_first: Difference | None = None
     """Where the probe pass first differs (bits of its activations); None if it never does or
     was not compared."""
@@ -814,7 +817,7 @@ def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool =
         window = amplification.observed(divergence.rows, divergence.overall(), saturation=saturation)
         if exact is not None and exact.spec_hash == a.spec.hash == b.spec.hash:
             beside = amplification.beside(exact, divergence.rows, divergence.overall(), saturation=saturation,
-                                          initial=a.keyframes[0])
+                                          initial=bits.to_float64(a.keyframes[0], a.storage))
     value_rows = len(np.intersect1d(a.keyframe_rows[a.keyframe_rows <= epochs], b.keyframe_rows))
     return PairComparison(
         a=a.source, b=b.source, identical=identical, first=first, divergence=divergence, growth_rate=rate,
@@ -827,6 +830,7 @@ def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool =
         final_train_loss=(float(a.train_loss[epochs]), float(b.train_loss[epochs])),
         nonfinite=(a.nonfinite, b.nonfinite), eval_first=eval_first,
         first_step=None if identical else first_step_deltas(a, b), growth_window=window, exact=beside,
+        exact_known=exact is not None and exact.spec_hash == a.spec.hash == b.spec.hash,
         probe_first=probe_difference(a, b, epochs=epochs),
         probe_compared=(a.probe is not None and b.probe is not None and a.storage == b.storage
                         and a.spec.hash == b.spec.hash))

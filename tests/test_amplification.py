@@ -272,3 +272,28 @@ def test_the_report_sets_the_perturbation_beside_exact_arithmetic(compare_runs, 
     assert rep.exact_rows is not None and list(rep.exact_rows) == list(range(1001))
     (info,) = figures.growth_figures(rep, tmp_path)
     assert "The dotted grey lines are exact arithmetic" in info.caption and (tmp_path / "growth.png").is_file()
+
+
+def test_a_bfloat16_pair_is_small_against_the_values_of_its_parameters_not_their_bit_patterns(make_run):
+    """bfloat16 parameters are stored as uint16 bit patterns; "small" is measured on their values.
+
+    One bfloat16 ulp of a weight near 0.25 is 2^-10, already about 1e-3 of the largest initial
+    parameter (the BN weights, 1): a bfloat16 perturbation leaves the small regime in its first
+    epoch, so there is no window to set beside exact arithmetic, and compare says why.
+    """
+    from bnaudit import bits
+    from bnaudit.report import compare_view
+
+    base, moved = record.load(make_run(3, dtype="bfloat16")), record.load(make_run(3, dtype="bfloat16",
+                                                                                   perturb="linear1.weight[0,0]:1"))
+    pc = compare.compare_pair(base, moved, exact=sensitivity.stored(default_spec()))
+    values = bits.to_float64(base.keyframes[0], "bfloat16")
+    limit = amplification.small_limit(values)
+    assert limit == 1e-3 * float(np.max(np.abs(values))) and limit < 0.01
+    overall = pc.divergence.overall()
+    assert overall[0] > 0 and overall[1] > limit  # small at row 0 only
+    assert pc.exact is None and pc.exact_known and pc.growth_window is not None
+    assert "no window of one epoch or more where the difference is still small" in compare_view.exact_line(pc)
+    # Measured on the bit patterns (tens of thousands), the same pair would have had a window.
+    assert amplification.beside(sensitivity.stored(default_spec()), pc.divergence.rows, overall,
+                                initial=base.keyframes[0].astype(np.float64)) is not None

@@ -421,7 +421,7 @@ def _block_views(runs: Sequence[RunEntry], exact: Sensitivity | None) -> _Blocks
                 out.audits[r.label] = aud
             out.notes.extend([note] if note else [])
         if fp.floor is not None:
-            out.floors[r.label] = floor_view(fp.floor, exact, fp.keyframes[0])
+            out.floors[r.label] = floor_view(fp.floor, exact, bits.to_float64(fp.keyframes[0], fp.storage))
     return out
 
 

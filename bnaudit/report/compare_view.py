@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnaudit import fileio
+from bnaudit import amplification, fileio
 from bnaudit._version import __version__
 from bnaudit.amplification import Beside, Window, beside_from_dict, window_from_dict
 from bnaudit.compare import (
@@ -216,8 +216,11 @@ def exact_line(c: PairComparison) -> str | None:
     """The growth beside exact arithmetic, or why it is not there (None for identical runs)."""
     if c.identical or c.divergence is None:
         return None
+    if c.exact is None and c.exact_known:
+        return (f"exact arithmetic: no window of one epoch or more where the difference is still small (at most "
+                f"{amplification.SMALL:g} of the largest initial parameter), so the exact growth does not apply")
     if c.exact is None:
-        return ("exact arithmetic: no sensitivity measured for this experiment over these rows "
+        return ("exact arithmetic: no sensitivity measured for this experiment "
                 "(`bnaudit reference sensitivity --save`)")
     return exact_text(c.exact, c.storage)
 
@@ -458,7 +461,7 @@ def pair_dict(c: PairComparison) -> dict[str, Any]:
         "first_step": None if c.first_step is None else [
             {**dataclasses.asdict(d), "max_abs": _float(d.max_abs), "scale": _float(d.scale)} for d in c.first_step],
         "growth_window": None if c.growth_window is None else c.growth_window.to_dict(),
-        "exact": None if c.exact is None else c.exact.to_dict(),
+        "exact": None if c.exact is None else c.exact.to_dict(), "exact_known": c.exact_known,
         "probe_first": _difference_dict(c.probe_first), "probe_compared": c.probe_compared,
     }
 
@@ -535,6 +538,7 @@ def pair_from_dict(raw: Any) -> PairComparison:
             growth_window=None if raw.get("growth_window") is None
             else window_from_dict(raw["growth_window"], "comparison JSON: growth window"),
             exact=None if raw.get("exact") is None else beside_from_dict(raw["exact"], "comparison JSON: exact"),
+            exact_known=bool(raw.get("exact_known")),
             probe_first=_difference_from(raw.get("probe_first")), probe_compared=bool(raw.get("probe_compared")))
     except (KeyError, TypeError, ValueError, IndexError):
         raise InputError("comparison JSON: malformed pair comparison") from None
