@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -198,7 +199,7 @@ def beside_from_dict(raw: Any, where: str) -> Beside:
     relative = p.get("relative", str)
     span = (f.integer("start"), f.integer("end"))
     if (seen.start, seen.end) != span or (exact.start, exact.end) != span \
-            or not relative.startswith("2^-") or not relative[3:].isdigit():
+            or not re.fullmatch(r"2\^-[0-9]{1,4}", relative):  # ASCII digits only: int() refuses '²'
         raise InputError(f"{where}: malformed exact-arithmetic comparison")
     return Beside(seen=seen, exact=exact, tensor=p.get("tensor", str), index=p.integers("index"),
                   scale=int(relative[3:]))

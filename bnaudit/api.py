@@ -16,7 +16,8 @@ Each function calls the core function its command calls (``bnaudit run``: ``laun
 
 ``run(dtype="float32", *, epochs=None, threads=1, isa="native", deterministic=False, out=None,
 spec=None, perturb=None, trace_epochs=(), audit_every=10, cpu_model=None, onednn_isa=None,
-mkl_cbwr=None, promote=None, force=False, on_progress=None) -> Run``
+mkl_cbwr=None, promote=None, numpy_disable=None, openblas_coretype=None, dynamic_threads=False,
+kmp_deterministic_reduction=False, flush_denormal=False, force=False, on_progress=None) -> Run``
     One run under controlled numerics, in a fresh process whose environment carries its
     controls (the caller's process never imports torch for it; threads and ISA caps take
     effect only when torch loads).  Options as ``bnaudit run``'s; ``out=None`` writes the
@@ -124,6 +125,11 @@ def run(
     onednn_isa: str | None = None,
     mkl_cbwr: str | None = None,
     promote: str | None = None,
+    numpy_disable: str | None = None,
+    openblas_coretype: str | None = None,
+    dynamic_threads: bool = False,
+    kmp_deterministic_reduction: bool = False,
+    flush_denormal: bool = False,
     force: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Run:
@@ -143,13 +149,18 @@ def run(
         ("audit_every", audit_every, int, False), ("deterministic", deterministic, bool, False),
         ("force", force, bool, False), ("epochs", epochs, int, True), ("perturb", perturb, str, True),
         ("cpu_model", cpu_model, str, True), ("onednn_isa", onednn_isa, str, True), ("mkl_cbwr", mkl_cbwr, str, True),
-        ("promote", promote, str, True))
+        ("promote", promote, str, True), ("numpy_disable", numpy_disable, str, True),
+        ("openblas_coretype", openblas_coretype, str, True), ("dynamic_threads", dynamic_threads, bool, False),
+        ("kmp_deterministic_reduction", kmp_deterministic_reduction, bool, False),
+        ("flush_denormal", flush_denormal, bool, False))
     for name, value, kind, optional in arguments:
         _require(name, value, kind, optional=optional)
     experiment = load_spec(None if spec is None else Path(spec))
-    c = controls.Controls(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
-                          onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model,
-                          promote=() if promote is None else controls.parse_promote(promote))
+    c = controls.from_options(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
+                              onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model, promote=promote,
+                              numpy_disable=numpy_disable, openblas_coretype=openblas_coretype,
+                              dynamic_threads=dynamic_threads, kmp_deterministic_reduction=kmp_deterministic_reduction,
+                              flush_denormal=flush_denormal)
     config = controls.RunConfig.requested(experiment, c, epochs=epochs, perturb=perturb,
                                           trace_epochs=_epochs_traced(trace_epochs), audit_every=audit_every)
     controls.validate(config, experiment)  # before a temporary folder is made for a run that cannot start

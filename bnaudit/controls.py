@@ -54,8 +54,64 @@ MKL_CBWR_BRANCHES = ("AUTO", "COMPATIBLE", "SSE2", "SSE3", "SSSE3", "SSE4_1", "S
 PROMOTABLE = ("linear", "bn", "bn-stats", "loss", "optimizer")
 PROMOTING_DTYPES = ("float32", "bfloat16")
 
+# Dispatchers beyond --isa, each steered by one documented variable read at start-up
+# (README, "Dispatch controls"): numpy's own CPU dispatch (NPY_DISABLE_CPU_FEATURES, numpy's
+# dispatch targets, e.g. X86_V4), the OpenBLAS numpy loads (OPENBLAS_CORETYPE, one of its
+# dynamic-arch kernel sets), OpenMP's and MKL's dynamic thread adjustment (OMP_DYNAMIC,
+# MKL_DYNAMIC), Intel OpenMP's deterministic reductions (KMP_DETERMINISTIC_REDUCTION) and the
+# x86 flush-to-zero/denormals-are-zero mode (torch.set_flush_denormal).  Each is read back in
+# the run's process (``readback``) and checked (``verify``); what no library exposes is listed
+# as unverified in the record, never assumed.
+OPENBLAS_CORETYPES = ("Katmai", "Coppermine", "Northwood", "Prescott", "Banias", "Atom", "Core2", "Penryn",
+                      "Dunnington", "Nehalem", "Athlon", "Opteron", "Opteron_SSE3", "Barcelona", "Nano",
+                      "Sandybridge", "Bulldozer", "Piledriver", "Haswell", "Steamroller", "Excavator", "Zen",
+                      "SkylakeX", "Cooperlake", "SapphireRapids")
+"""OpenBLAS's x86-64 core names (its dynamic.c ``corename``), which OPENBLAS_CORETYPE takes."""
+
+DISPATCH_FIELDS = ("numpy_disable", "openblas_coretype", "dynamic_threads", "kmp_deterministic_reduction",
+                   "flush_denormal")
+"""Controls files leave out at their default, so that records of runs that do not use them are as before."""
+
 # Inherited variables that would silently change a run; the child gets only ours.
 CONTROLLED_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "OMP_", "KMP_", "GOMP_", "BNAUDIT_CPU_MODEL")
+# ... and of OpenBLAS's and numpy's variables, the ones bnaudit sets (the others, such as
+# OPENBLAS_VERBOSE, reach the run and are recorded: a machine may need them).
+CONTROLLED_NAMES = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OPENBLAS_DEFAULT_NUM_THREADS",
+                    "NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES")
+
+
+def numpy_targets() -> tuple[str, ...]:
+    """The CPU dispatch targets of this numpy (what NPY_DISABLE_CPU_FEATURES can switch off), e.g. X86_V4."""
+    return tuple(str(t) for t in getattr(_umath(), "__cpu_dispatch__", ()))
+
+
+def _umath() -> ModuleType:
+    """numpy's ufunc core, which holds its CPU dispatch tables (numpy._core in 2.x, numpy.core in 1.x)."""
+    import importlib
+
+    try:
+        return importlib.import_module("numpy._core._multiarray_umath")
+    except ImportError:  # numpy 1.x
+        return importlib.import_module("numpy.core._multiarray_umath")
+
+
+def parse_numpy_disable(text: str) -> str:
+    """``--numpy-disable``: numpy dispatch targets to switch off (comma or space list), canonical: sorted, upper."""
+    tokens = sorted({t.upper() for t in re.split(r"[\s,+]+", text.strip()) if t})
+    known = numpy_targets()
+    unknown = [t for t in tokens if t not in known]
+    if not tokens or unknown:
+        raise UsageError(f"--numpy-disable {text!r}: this numpy dispatches to {', '.join(known) or 'no targets'}; "
+                         "give some of them")
+    return " ".join(tokens)
+
+
+def parse_openblas_coretype(text: str) -> str:
+    """``--openblas-coretype``: one of OpenBLAS's core names (case-insensitive), canonically spelled."""
+    match = next((c for c in OPENBLAS_CORETYPES if c.lower() == text.strip().lower()), None)
+    if match is None:
+        raise UsageError(f"--openblas-coretype {text!r}: expected one of {', '.join(OPENBLAS_CORETYPES)}")
+    return match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +206,16 @@ class Controls:
     """qemu-x86_64 CPU model to emulate; None runs natively."""
     promote: tuple[str, ...] = ()
     """Operations computed in float64 and rounded once to the run's dtype (``parse_promote``)."""
+    numpy_disable: str | None = None
+    """NPY_DISABLE_CPU_FEATURES: numpy dispatch targets switched off (``parse_numpy_disable``)."""
+    openblas_coretype: str | None = None
+    """OPENBLAS_CORETYPE: the kernel set OpenBLAS uses instead of the one it detects."""
+    dynamic_threads: bool = False
+    """OMP_DYNAMIC and MKL_DYNAMIC: let OpenMP and MKL use fewer threads than asked (off: the pools are fixed)."""
+    kmp_deterministic_reduction: bool = False
+    """KMP_DETERMINISTIC_REDUCTION: Intel OpenMP's reductions in a fixed order (refused under GNU OpenMP)."""
+    flush_denormal: bool = False
+    """torch.set_flush_denormal: subnormal inputs and results flushed to zero (FTZ/DAZ)."""
 
     def label(self) -> str:
         """A short, filesystem-safe name of this configuration."""
@@ -162,16 +228,26 @@ class Controls:
             parts.append(f"cpu-{self.cpu_model}")
         if self.promote:
             parts.append(f"promote-{promote_text(self.promote)}")
+        if self.numpy_disable:
+            parts.append("npy-off-" + self.numpy_disable.lower().replace(" ", "-"))
+        if self.openblas_coretype:
+            parts.append(f"openblas-{self.openblas_coretype.lower()}")
+        switches = (("dynamic", self.dynamic_threads), ("kmp-detred", self.kmp_deterministic_reduction),
+                    ("ftz", self.flush_denormal))
+        parts += [name for name, on in switches if on]
         return "_".join(parts)
 
     def to_json(self) -> dict[str, Any]:
-        """The controls as records, fingerprints and plans write them: ``promote`` only when it names something,
-        so that files of unpromoted runs are as they were before promotion existed."""
+        """The controls as records, fingerprints and plans write them: ``promote`` and the dispatch controls
+        only when they ask for something, so that files of runs without them are as they were before they existed."""
         d: dict[str, Any] = dataclasses.asdict(self)
         if self.promote:
             d["promote"] = list(self.promote)
         else:
             del d["promote"]
+        for name in DISPATCH_FIELDS:
+            if d[name] == getattr(Controls, name):
+                del d[name]
         return d
 
     @property
@@ -192,10 +268,21 @@ class Controls:
               and isinstance(values["threads"], int) and not isinstance(values["threads"], bool)
               and 1 <= values["threads"] <= 4096 and isinstance(values["deterministic"], bool)
               and all(values[k] is None or (isinstance(values[k], str) and 0 < len(values[k]) <= 64)
-                      for k in ("onednn_isa", "mkl_cbwr", "cpu_model")))
+                      for k in ("onednn_isa", "mkl_cbwr", "cpu_model", "numpy_disable"))
+              and (values["openblas_coretype"] is None or values["openblas_coretype"] in OPENBLAS_CORETYPES)
+              and all(isinstance(values[k], bool)
+                      for k in ("dynamic_threads", "kmp_deterministic_reduction", "flush_denormal")))
         if not ok:
             raise InputError(f"{where}: config.controls holds a value out of range")
         return cls(**{**values, "promote": tuple(promote)})
+
+
+def from_options(*, promote: str | None = None, numpy_disable: str | None = None,
+                 openblas_coretype: str | None = None, **fields: Any) -> Controls:
+    """The controls ``bnaudit run`` and ``api.run`` ask for: the text options parsed, the others as given."""
+    return Controls(**fields, promote=() if promote is None else parse_promote(promote),
+                    numpy_disable=None if numpy_disable is None else parse_numpy_disable(numpy_disable),
+                    openblas_coretype=None if openblas_coretype is None else parse_openblas_coretype(openblas_coretype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +352,10 @@ def validate(config: RunConfig, spec: ExperimentSpec, *, check_cpu: bool = True)
         branch, _, strict = c.mkl_cbwr.upper().partition(",")
         if branch not in MKL_CBWR_BRANCHES or strict not in ("", "STRICT"):
             raise UsageError(f"unknown MKL_CBWR value {c.mkl_cbwr!r}; e.g. COMPATIBLE, AVX2, AVX2,STRICT")
+    if c.numpy_disable is not None and parse_numpy_disable(c.numpy_disable) != c.numpy_disable:
+        raise UsageError(f"--numpy-disable {c.numpy_disable!r}: expected {parse_numpy_disable(c.numpy_disable)!r}")
+    if c.openblas_coretype is not None:
+        parse_openblas_coretype(c.openblas_coretype)
     if not 1 <= config.epochs <= spec.train.epochs:
         raise UsageError(f"--epochs must be between 1 and the spec's {spec.train.epochs}, got {config.epochs}")
     if config.audit_every < 0:
@@ -306,9 +397,11 @@ def _check_record_size(spec: ExperimentSpec, config: RunConfig) -> None:
 
 def child_environment(controls: Controls, base: dict[str, str]) -> dict[str, str]:
     """The environment a run's process starts with: inherited controls removed, ours set."""
-    env = {k: v for k, v in base.items() if not k.startswith(CONTROLLED_PREFIXES)}
+    env = {k: v for k, v in base.items() if not k.startswith(CONTROLLED_PREFIXES) and k not in CONTROLLED_NAMES}
     n = str(controls.threads)
-    env.update({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"})
+    dynamic = "TRUE" if controls.dynamic_threads else "FALSE"
+    env.update({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
+                "OMP_DYNAMIC": dynamic, "MKL_DYNAMIC": dynamic})
     # Idle OpenMP threads sleep instead of spinning: no effect on how work is split (so
     # none on the bits), but several multi-threaded runs side by side (matrix -j N) no
     # longer starve each other.
@@ -323,6 +416,12 @@ def child_environment(controls: Controls, base: dict[str, str]) -> dict[str, str
             env["MKL_CBWR"] = controls.mkl_cbwr.upper()
     if controls.cpu_model:
         env["BNAUDIT_CPU_MODEL"] = controls.cpu_model
+    if controls.numpy_disable:
+        env["NPY_DISABLE_CPU_FEATURES"] = controls.numpy_disable
+    if controls.openblas_coretype:
+        env["OPENBLAS_CORETYPE"] = controls.openblas_coretype
+    if controls.kmp_deterministic_reduction:
+        env["KMP_DETERMINISTIC_REDUCTION"] = "TRUE"
     return env
 
 
@@ -335,6 +434,10 @@ def apply(controls: Controls, torch: ModuleType) -> None:
         pass  # already started: read back and checked below
     torch.use_deterministic_algorithms(controls.deterministic)
     torch.backends.mkldnn.set_flags(_deterministic=controls.deterministic)
+    torch.set_flush_denormal(controls.flush_denormal)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(controls.threads, user_api="blas")  # numpy's OpenBLAS, as OPENBLAS_NUM_THREADS asks
 
 
 def readback(torch: ModuleType) -> dict[str, Any]:
@@ -351,7 +454,53 @@ def readback(torch: ModuleType) -> dict[str, Any]:
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "mkldnn_enabled": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
         "mkldnn_deterministic": bool(torch._C._get_mkldnn_deterministic()),
+        "numpy_dispatch": _numpy_dispatch(),
+        "omp_dynamic": _omp_dynamic(),
+        "flush_denormal": _flushes_denormals(torch),
     }
+
+
+def _numpy_dispatch() -> list[str]:
+    """The dispatch targets numpy's kernels run now (``__cpu_targets_info__``), e.g. ["X86_V3", "baseline(X86_V2)"]."""
+    info = getattr(_umath(), "__cpu_targets_info__", {})
+    return sorted({str(t.get("current")) for kernels in info.values() for t in kernels.values()})
+
+
+def _omp_dynamic() -> bool | None:
+    """omp_get_dynamic() of the OpenMP runtime torch loaded (None: no OpenMP pool, or no such symbol)."""
+    import ctypes
+
+    from threadpoolctl import threadpool_info
+
+    for pool in threadpool_info():
+        if pool.get("user_api") == "openmp":
+            try:
+                return bool(ctypes.CDLL(pool["filepath"]).omp_get_dynamic())
+            except (OSError, AttributeError):
+                return None
+    return None
+
+
+def _flushes_denormals(torch: ModuleType) -> bool:
+    """Whether this process flushes subnormals: the smallest float32 subnormal times one, computed."""
+    tiny = torch.tensor([1.401298464324817e-45], dtype=torch.float32)
+    return bool((tiny * torch.tensor([1.0]))[0].item() == 0.0)
+
+
+def openmp_runtime(effective: dict[str, Any]) -> str | None:
+    """The OpenMP runtime's library prefix (libgomp, libiomp, libomp) in a read-back, or None."""
+    return next((str(p.get("prefix")) for p in effective.get("threadpools", []) if p.get("user_api") == "openmp"),
+                None)
+
+
+def unverified(controls: Controls) -> list[str]:
+    """What a run asks for that no library of it exposes for read-back (recorded, never assumed)."""
+    out = []
+    if controls.dynamic_threads:
+        out.append("MKL_DYNAMIC=TRUE: MKL is linked into torch without mkl_get_dynamic; OMP_DYNAMIC is read back")
+    if controls.kmp_deterministic_reduction:
+        out.append("KMP_DETERMINISTIC_REDUCTION=TRUE: Intel OpenMP has no call that reports it")
+    return out
 
 
 def verify(controls: Controls, effective: dict[str, Any]) -> None:
@@ -366,3 +515,35 @@ def verify(controls: Controls, effective: dict[str, Any]) -> None:
         raise UsageError(f"asked for {controls.threads} threads, torch uses {effective['intra_op_threads']}")
     if effective["deterministic_algorithms"] != controls.deterministic:
         raise UsageError("the deterministic-algorithms flag did not take effect")
+    for pool in effective.get("threadpools", []):
+        if pool.get("internal_api") == "openblas" and pool.get("num_threads") != controls.threads:
+            raise UsageError(f"asked for {controls.threads} threads, OpenBLAS uses {pool.get('num_threads')}")
+    _verify_dispatch(controls, effective)
+
+
+def _verify_dispatch(controls: Controls, effective: dict[str, Any]) -> None:
+    """The dispatch controls took effect, as far as the process can tell (``unverified``: where it cannot)."""
+    if controls.numpy_disable:
+        running = {t.removeprefix("baseline(").rstrip(")") for t in effective.get("numpy_dispatch", ())}
+        still = sorted(running & set(controls.numpy_disable.split()))
+        if still:
+            raise UsageError(f"NPY_DISABLE_CPU_FEATURES={controls.numpy_disable} asked, but numpy still dispatches "
+                             f"to {', '.join(still)} (a baseline target cannot be switched off)")
+    if controls.openblas_coretype:
+        cores = [p.get("architecture") for p in effective.get("threadpools", [])
+                 if p.get("internal_api") == "openblas"]
+        if not cores:
+            raise UsageError(f"OPENBLAS_CORETYPE={controls.openblas_coretype}: this process loads no OpenBLAS")
+        if any(str(c).lower() != controls.openblas_coretype.lower() for c in cores):
+            raise UsageError(f"OPENBLAS_CORETYPE={controls.openblas_coretype} asked, but OpenBLAS runs core "
+                             f"{', '.join(map(str, cores))} (an alias, or a core this CPU cannot run)")
+    if effective.get("omp_dynamic") is not None and effective["omp_dynamic"] != controls.dynamic_threads:
+        raise UsageError(f"OMP_DYNAMIC={'TRUE' if controls.dynamic_threads else 'FALSE'} did not take effect")
+    runtime = openmp_runtime(effective)
+    if controls.kmp_deterministic_reduction and runtime not in ("libiomp", "libomp"):
+        raise UsageError(f"--kmp-deterministic-reduction: this torch's OpenMP runtime is {runtime or 'none'}, "
+                         "which does not read KMP_DETERMINISTIC_REDUCTION (Intel and LLVM OpenMP do)")
+    flushes = bool(effective.get("flush_denormal", False))
+    if flushes != controls.flush_denormal:
+        raise UsageError(f"flush-to-zero {'on' if controls.flush_denormal else 'off'} asked, but this process "
+                         f"{'flushes' if flushes else 'keeps'} subnormals")

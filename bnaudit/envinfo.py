@@ -17,7 +17,7 @@ from typing import Any
 
 # Environment variables that can change numerics or threading, by prefix or name.
 NUMERICS_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "OMP_", "KMP_", "GOMP_", "OPENBLAS_", "BNAUDIT_", "TORCH_",
-                     "NNPACK")
+                     "NNPACK", "NPY_")
 NUMERICS_NAMES = ("LD_PRELOAD", "LD_LIBRARY_PATH", "GLIBC_TUNABLES", "CUBLAS_WORKSPACE_CONFIG", "PYTORCH_JIT")
 
 # CPUID features that decide which kernels the libraries pick.
@@ -41,6 +41,8 @@ VARIABLES = {
     "BNAUDIT_DEBUG": "show the traceback of an internal error",
     "GITHUB_STEP_SUMMARY": "check appends its verdict table to this file (set by GitHub Actions)",
     "GITHUB_ACTIONS": "'true': errors and failed checks are also printed as ::error annotations",
+    "BNAUDIT_HOST_CPU_MODEL": "in a dask worker's environment: the qemu CPU model that host stands for (its runs "
+                              "are made under it)",
 }
 """Every environment variable bnaudit reads for itself, and what it does (README and ``bnaudit --help`` list them).
 
@@ -136,6 +138,11 @@ def cpu_vendor() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def host_cpu_model() -> str | None:
+    """BNAUDIT_HOST_CPU_MODEL: the qemu CPU model a cluster host stands for (``bnaudit.cluster``), or None."""
+    return os.environ.get("BNAUDIT_HOST_CPU_MODEL", "").strip() or None
 
 
 def emulated_model() -> str | None:

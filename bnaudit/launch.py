@@ -4,10 +4,17 @@ The parent never imports torch: it validates the request, builds the child's
 environment (``controls.child_environment``), optionally wraps the command in qemu
 (``emulate``), streams the child's progress events and turns its failure into the
 matching ``BnauditError``.
+
+A cluster host may stand for a real machine of another CPU (``host_cpu_model``, read by
+``bnaudit.cluster`` from the worker's environment): its runs are that host's native
+runs, so their config keeps ``cpu_model=None``, yet their process runs under
+``qemu-x86_64 -cpu MODEL`` exactly as a ``--cpu-model`` run's does, and its environment
+snapshot names the emulated model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -34,6 +41,24 @@ _ERRORS = {cls.__name__: cls for cls in (
     errors.MissingTool, errors.ReferenceFailure)}
 
 
+def error_of(kind: str, message: str) -> BnauditError:
+    """The error a run's process reported, by its class name (RunFailed for a name not known here)."""
+    return _ERRORS.get(kind, RunFailed)(message)
+
+
+def emulated_config(config: RunConfig, host_cpu_model: str | None) -> RunConfig:
+    """The config as the run's process is started and checked: on a host that stands for a CPU model, under it.
+
+    ``validate`` checks this config, so that ``--isa`` caps on such a host are checked
+    against the model's features, as for ``--cpu-model``; the request (and the record)
+    keeps the config as asked.  A config's own ``cpu_model`` wins: qemu's emulation of a
+    model does not depend on the CPU beneath it.
+    """
+    if host_cpu_model is None or config.controls.cpu_model is not None:
+        return config
+    return dataclasses.replace(config, controls=dataclasses.replace(config.controls, cpu_model=host_cpu_model))
+
+
 def worker_command(config: RunConfig) -> list[str]:
     """The argv of the run's process (qemu-wrapped when a CPU model is emulated).
 
@@ -53,23 +78,26 @@ def worker_command(config: RunConfig) -> list[str]:
 
 def run(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool = False,
         on_progress: ProgressFn | None = None, base_env: dict[str, str] | None = None,
-        stop: threading.Event | None = None) -> dict[str, Any]:
+        stop: threading.Event | None = None, host_cpu_model: str | None = None) -> dict[str, Any]:
     """Run one configuration in its own process; return its summary.
 
     ``stop``: once set (a matrix's interrupt), a process this call starts is killed at
     once, so that no run begins after the interrupt (``stop_all`` ends those running).
+    ``host_cpu_model``: the qemu model this host stands for (``emulated_config``); None: its own CPU.
     """
-    controls.validate(config, spec)
+    controls.validate(emulated_config(config, host_cpu_model), spec)
     with fileio.OutputLock.beside(Path(out), f"--out {out}"):  # one run per --out; held until its record is written
         fileio.prepare_output(Path(out), force=force, kind="record")  # fail now, not after the training
-        return _run_child(spec, config, out, force=force, on_progress=on_progress, base_env=base_env, stop=stop)
+        return _run_child(spec, config, out, force=force, on_progress=on_progress, base_env=base_env, stop=stop,
+                          host_cpu_model=host_cpu_model)
 
 
 def _run_child(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool, on_progress: ProgressFn | None,
-               base_env: dict[str, str] | None, stop: threading.Event | None) -> dict[str, Any]:
+               base_env: dict[str, str] | None, stop: threading.Event | None,
+               host_cpu_model: str | None = None) -> dict[str, Any]:
     """Start the run's process with its environment, relay its progress, return its summary."""
     env = controls.child_environment(config.controls, envinfo.environ() if base_env is None else base_env)
-    argv = worker_command(config)
+    argv = worker_command(emulated_config(config, host_cpu_model))  # qemu's -E names the model in the guest
     request = json.dumps({"spec": spec.to_dict(), "config": config.to_dict(), "out": str(out), "force": force,
                           "parent_pid": os.getpid()})
     before = _record_stamp(Path(out))
@@ -119,8 +147,7 @@ def _run_child(spec: ExperimentSpec, config: RunConfig, out: Path, *, force: boo
         err.seek(0)
         stderr = err.read()
     if failure is not None:
-        cls = _ERRORS.get(str(failure.get("kind")), RunFailed)
-        raise cls(str(failure.get("message")))
+        raise error_of(str(failure.get("kind")), str(failure.get("message")))
     if code != 0 or result is None:
         lines = [ln for ln in stderr.strip().splitlines()
                  if ln.strip() and not ln.startswith("qemu-x86_64: warning:")]  # qemu's harmless CPUID notes

@@ -72,6 +72,8 @@ def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:
     controls.apply(config.controls, torch)
     effective = controls.readback(torch)
     controls.verify(config.controls, effective)
+    if controls.unverified(config.controls):
+        effective["unverified"] = controls.unverified(config.controls)
     inputs = frozen.load(spec)
     meta = record.new_meta(
         spec=spec, frozen_digest=inputs.digest, config=config.to_dict(), storage=config.controls.storage,

@@ -28,8 +28,8 @@ INHERITED = {
     "OMP_NUM_THREADS": "8", "OMP_SCHEDULE": "dynamic", "OMP_PROC_BIND": "true", "KMP_AFFINITY": "compact",
     "GOMP_SPINCOUNT": "0", "BNAUDIT_CPU_MODEL": "Nehalem",
 }
-THREADS_1 = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE",
-             "OMP_WAIT_POLICY": "PASSIVE"}
+THREADS_1 = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_DYNAMIC": "FALSE",
+             "MKL_DYNAMIC": "FALSE", "OMP_WAIT_POLICY": "PASSIVE"}
 KEPT = {"PATH": "/usr/bin", "HOME": "/root", "BNAUDIT_CACHE": "/tmp/c", "LANG": "C.UTF-8"}
 
 
@@ -51,8 +51,8 @@ def test_child_environment_drops_every_inherited_numerics_variable():
 ])
 def test_one_isa_level_sets_every_dispatcher(isa, want):
     env = controls.child_environment(Controls(isa=isa, threads=3), INHERITED)
-    threads = {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3", "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE",
-               "OMP_WAIT_POLICY": "PASSIVE"}
+    threads = {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "3", "OMP_DYNAMIC": "FALSE",
+               "MKL_DYNAMIC": "FALSE", "OMP_WAIT_POLICY": "PASSIVE"}
     assert env == KEPT | threads | want, f"--isa {isa}: {env}"
 
 
@@ -214,7 +214,9 @@ def test_apply_and_readback_in_this_process():
         controls.apply(Controls(threads=2, deterministic=True), torch)
         got = controls.readback(torch)
         assert set(got) == {"cpu_capability", "intra_op_threads", "inter_op_threads", "threadpools",
-                            "deterministic_algorithms", "mkldnn_enabled", "mkldnn_deterministic"}
+                            "deterministic_algorithms", "mkldnn_enabled", "mkldnn_deterministic",
+                            "numpy_dispatch", "omp_dynamic", "flush_denormal"}
+        assert [p["num_threads"] for p in got["threadpools"] if p["user_api"] == "blas"] == [2]  # apply set it
         assert got["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         assert got["intra_op_threads"] == 2 == torch.get_num_threads()
         assert got["inter_op_threads"] == torch.get_num_interop_threads()
@@ -328,6 +330,9 @@ def test_apply_in_a_fresh_process_sets_every_pool():
     wanted = Controls(threads=3, deterministic=True)  # 3: not this 2-core machine's default pool size
     # applying this process's own state again changes nothing (and maps this test to apply/readback)
     now = Controls(threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled())
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(now.threads, user_api="blas")  # apply sizes numpy's BLAS pool like torch's: start from there
     before = controls.readback(torch)
     controls.apply(now, torch)
     assert controls.readback(torch) == before

@@ -86,6 +86,27 @@ def parse_promote_sets(text: str) -> tuple[tuple[str, ...], ...]:
     return tuple(dict.fromkeys(sets))
 
 
+def parse_numpy_disable_sets(text: str) -> tuple[str | None, ...]:
+    """NPY_DISABLE_CPU_FEATURES values, the targets of one value joined by ``+`` (``inherit``: not set)."""
+    return tuple(dict.fromkeys(None if t.lower() == INHERIT else controls.parse_numpy_disable(t)
+                               for t in split_list(text, "--numpy-disable")))
+
+
+def parse_openblas_coretypes(text: str) -> tuple[str | None, ...]:
+    """OPENBLAS_CORETYPE values (``inherit``: OpenBLAS's own choice)."""
+    return tuple(dict.fromkeys(None if t.lower() == INHERIT else controls.parse_openblas_coretype(t)
+                               for t in split_list(text, "--openblas-coretype")))
+
+
+def _switches(option: str) -> Callable[[str], tuple[bool, ...]]:
+    def parse(text: str) -> tuple[bool, ...]:
+        try:
+            return parse_deterministic(text)
+        except UsageError:
+            raise UsageError(f"{option} {text!r}: use off, on, both, or a list such as off,on") from None
+    return parse
+
+
 PARSERS: dict[str, Callable[[str], tuple[Any, ...]]] = {
     "dtype": lambda text: tuple(split_list(text, "--dtype")),
     "threads": parse_threads,
@@ -95,6 +116,11 @@ PARSERS: dict[str, Callable[[str], tuple[Any, ...]]] = {
     "mkl_cbwr": parse_mkl_cbwr,
     "cpu_model": parse_cpu_models,
     "promote": parse_promote_sets,
+    "numpy_disable": parse_numpy_disable_sets,
+    "openblas_coretype": parse_openblas_coretypes,
+    "dynamic_threads": _switches("--dynamic-threads"),
+    "kmp_deterministic_reduction": _switches("--kmp-deterministic-reduction"),
+    "flush_denormal": _switches("--flush-denormal"),
 }
 """The parser of each grid option, by ``matrix.plan.Grid`` field."""
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -11,6 +13,12 @@ from bnaudit.cli import lists
 from bnaudit.cli._options import SpecOption
 from bnaudit.cli.run import _epoch_list
 from bnaudit.controls import DTYPES, ISAS
+
+if TYPE_CHECKING:
+    from bnaudit.cluster import Cluster
+    from bnaudit.matrix.plan import Plan
+    from bnaudit.matrix.results import MatrixSummary
+    from bnaudit.spec import ExperimentSpec
 
 ListOption = str | None
 
@@ -34,6 +42,17 @@ def matrix(
     promote: Annotated[ListOption, typer.Option(
         metavar="LIST", help="Sets of operations computed in float64, e.g. none,bn,bn-stats,linear+bn+loss+optimizer "
                              "(+ joins the operations of one configuration).")] = None,
+    numpy_disable: Annotated[ListOption, typer.Option(
+        metavar="LIST", help="NPY_DISABLE_CPU_FEATURES values, e.g. inherit,X86_V4,X86_V3+X86_V4 (+ joins the targets "
+                             "of one value).")] = None,
+    openblas_coretype: Annotated[ListOption, typer.Option(
+        metavar="LIST", help="OPENBLAS_CORETYPE values, e.g. inherit,Haswell,Nehalem.")] = None,
+    dynamic_threads: Annotated[ListOption, typer.Option(
+        metavar="off|on|both", help="OMP_DYNAMIC/MKL_DYNAMIC: off, on, or both.")] = None,
+    kmp_deterministic_reduction: Annotated[ListOption, typer.Option(
+        metavar="off|on|both", help="KMP_DETERMINISTIC_REDUCTION: off, on, or both.")] = None,
+    flush_denormal: Annotated[ListOption, typer.Option(
+        metavar="off|on|both", help="Flush subnormals to zero: off, on, or both.")] = None,
     preset: Annotated[str | None, typer.Option(
         help="A named matrix: seed-machines (the seed's two CPUs, with and without BN). Grid options given "
              "explicitly replace the preset's values.")] = None,
@@ -50,11 +69,11 @@ def matrix(
     audit_every: Annotated[int, typer.Option(help="Operator audit every N epochs in each run (0 = off).")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     as_markdown: Annotated[bool, typer.Option("--markdown", help="Print the summary as Markdown.")] = False,
+    scheduler: Annotated[str | None, typer.Option(
+        metavar="ADDRESS", help="A dask scheduler (tcp://HOST:PORT): every configuration runs once on each of its "
+                                "workers, in runs/<worker name>/ (needs bnaudit[cluster]).")] = None,
 ) -> int:
     """Run every combination of the given controls, each in its own process, and say which change the bits."""
-    from bnaudit import fileio
-    from bnaudit.errors import RunFailed
-    from bnaudit.matrix import plan as mplan
     from bnaudit.matrix.summary import run_matrix
     from bnaudit.report import matrix_view
     from bnaudit.spec import load_spec
@@ -62,18 +81,50 @@ def matrix(
     experiment = load_spec(spec)
     overrides = lists.grid_values(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
                                   onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model,
-                                  promote=promote)
-    trace = _epoch_list(trace_epochs)
+                                  promote=promote, numpy_disable=numpy_disable, openblas_coretype=openblas_coretype,
+                                  dynamic_threads=dynamic_threads,
+                                  kmp_deterministic_reduction=kmp_deterministic_reduction,
+                                  flush_denormal=flush_denormal)
+    with cluster_of(scheduler) as cluster:
+        plan = _plan(experiment, spec, preset, overrides, epochs=epochs, trace=_epoch_list(trace_epochs),
+                     audit_every=audit_every, hosts=() if cluster is None else cluster.hosts())
+        target = out if out is not None else Path("reports") / "matrix" / f"{preset or 'grid'}-{plan.plan_id}"
+        with matrix_view.progress(plan, enabled=not (as_json or as_markdown)) as on_event:
+            summary = run_matrix(plan, target, render_markdown=matrix_view.markdown, jobs=jobs, force=force,
+                                 on_event=on_event, runner=None if cluster is None else cluster.run)
+    _show(summary, target, as_json=as_json, as_markdown=as_markdown)
+    return 0
+
+
+@contextlib.contextmanager
+def cluster_of(scheduler: str | None) -> Iterator[Cluster | None]:
+    """The dask cluster at ``--scheduler`` (closed afterwards), or None: this machine."""
+    if scheduler is None:
+        yield None
+        return
+    from bnaudit.cluster import Cluster
+
+    with Cluster(scheduler) as cluster:
+        yield cluster
+
+
+def _plan(experiment: ExperimentSpec, spec: Path | None, preset: str | None, overrides: dict[str, tuple[Any, ...]],
+          *, epochs: int | None, trace: tuple[int, ...], audit_every: int, hosts: tuple[str, ...]) -> Plan:
+    from bnaudit.matrix import plan as mplan
+
     if preset is not None:
-        plan = mplan.preset_plan(preset, experiment, epochs=epochs, overrides=overrides, trace_epochs=trace,
-                                 audit_every=audit_every)
-    else:
-        plan = mplan.make_plan([mplan.Variant("default" if spec is None else Path(spec).stem, experiment)],
-                               mplan.Grid(**overrides), epochs=epochs, trace_epochs=trace, audit_every=audit_every)
-    target = out if out is not None else Path("reports") / "matrix" / f"{preset or 'grid'}-{plan.plan_id}"
-    with matrix_view.progress(plan, enabled=not (as_json or as_markdown)) as on_event:
-        summary = run_matrix(plan, target, render_markdown=matrix_view.markdown, jobs=jobs, force=force,
-                             on_event=on_event)
+        return mplan.preset_plan(preset, experiment, epochs=epochs, overrides=overrides, trace_epochs=trace,
+                                 audit_every=audit_every, hosts=hosts)
+    return mplan.make_plan([mplan.Variant("default" if spec is None else Path(spec).stem, experiment)],
+                           mplan.Grid(**overrides), epochs=epochs, trace_epochs=trace, audit_every=audit_every,
+                           hosts=hosts)
+
+
+def _show(summary: MatrixSummary, target: Path, *, as_json: bool, as_markdown: bool) -> None:
+    from bnaudit import fileio
+    from bnaudit.errors import RunFailed
+    from bnaudit.report import matrix_view
+
     if as_json:
         typer.echo(fileio.dumps(summary.to_dict()), nl=False)
     elif as_markdown:
@@ -85,7 +136,6 @@ def matrix(
         raise RunFailed(f"{len(failed)} of {len(summary.runs)} configurations did not complete (first: "
                         f"{failed[0].key}: {failed[0].error or failed[0].status}); the others are summarised in "
                         f"{target}; re-run the same command to retry")
-    return 0
 
 
 def register(app: typer.Typer) -> None:

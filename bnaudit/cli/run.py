@@ -51,6 +51,16 @@ def run(
     promote: Annotated[str | None, typer.Option(
         metavar="OPS", help="Compute these in float64, each output rounded once to the run's dtype: a comma list "
                             "of linear, bn, bn-stats (BN's statistics only), loss, optimizer.")] = None,
+    numpy_disable: Annotated[str | None, typer.Option(
+        metavar="TARGETS", help="NPY_DISABLE_CPU_FEATURES: numpy dispatch targets to switch off, e.g. X86_V4.")] = None,
+    openblas_coretype: Annotated[str | None, typer.Option(
+        metavar="CORE", help="OPENBLAS_CORETYPE: the OpenBLAS kernel set, e.g. Haswell, SkylakeX, Nehalem.")] = None,
+    dynamic_threads: Annotated[bool, typer.Option(
+        "--dynamic-threads", help="OMP_DYNAMIC/MKL_DYNAMIC on: the pools may use fewer threads than asked.")] = False,
+    kmp_deterministic_reduction: Annotated[bool, typer.Option(
+        "--kmp-deterministic-reduction", help="KMP_DETERMINISTIC_REDUCTION (Intel or LLVM OpenMP only).")] = False,
+    flush_denormal: Annotated[bool, typer.Option(
+        "--flush-denormal", help="Flush subnormal numbers to zero (FTZ/DAZ).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> int:
     """Run the experiment under controlled numerics and write its record and fingerprint."""
@@ -60,9 +70,11 @@ def run(
     from bnaudit.spec import load_spec
 
     experiment = load_spec(spec)
-    c = controls.Controls(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
-                          onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model,
-                          promote=() if promote is None else controls.parse_promote(promote))
+    c = controls.from_options(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
+                              onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model, promote=promote,
+                              numpy_disable=numpy_disable, openblas_coretype=openblas_coretype,
+                              dynamic_threads=dynamic_threads, kmp_deterministic_reduction=kmp_deterministic_reduction,
+                              flush_denormal=flush_denormal)
     config = controls.RunConfig.requested(experiment, c, epochs=epochs, perturb=perturb,
                                           trace_epochs=_epoch_list(trace_epochs), audit_every=audit_every)
     target = out if out is not None else default_out(c.label(), experiment.hash)

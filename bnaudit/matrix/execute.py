@@ -9,13 +9,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bnaudit import frozen, launch
 from bnaudit.blocks import RunSummary
+from bnaudit.controls import RunConfig
 from bnaudit.errors import BnauditError, Interrupted, RunFailed, UsageError
 from bnaudit.matrix import folder
 from bnaudit.matrix.plan import Plan, PlannedRun
+from bnaudit.spec import ExperimentSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,15 @@ class MatrixEvent:
 
 
 EventFn = Callable[[MatrixEvent], None]
+
+
+class HostRunner(Protocol):
+    """Runs one configuration on a cluster host, with ``launch.run``'s contract (``bnaudit.cluster``):
+    the record is complete at ``out`` on this machine when it returns the run's summary, and a failure
+    is a ``BnauditError``."""
+
+    def __call__(self, host: str, spec: ExperimentSpec, config: RunConfig, out: Path, *, force: bool,
+                 on_progress: launch.ProgressFn | None, stop: threading.Event) -> dict[str, Any]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +86,9 @@ def threads_honoured(threads: int, effective: Mapping[str, Any]) -> str | None:
 class _Runs:
     """The runs of one execution: what is left to do, and what became of each (shared by the pool's threads)."""
 
-    def __init__(self, plan: Plan, out: Path, on_event: EventFn | None, base_env: dict[str, str] | None) -> None:
-        self.plan, self.out, self.on_event, self.base_env = plan, out, on_event, base_env
+    def __init__(self, plan: Plan, out: Path, on_event: EventFn | None, base_env: dict[str, str] | None,
+                 runner: HostRunner | None) -> None:
+        self.plan, self.out, self.on_event, self.base_env, self.runner = plan, out, on_event, base_env, runner
         self.stopping = threading.Event()  # after an interrupt, runs still winding down report nothing
         self.lock = threading.Lock()
         self.ran: list[str] = []
@@ -105,10 +117,16 @@ class _Runs:
         self.emit(MatrixEvent("start", run))
         target = self.out / run.folder
         target.parent.mkdir(parents=True, exist_ok=True)
+        progress = lambda e: self.emit(MatrixEvent("epoch", run, epoch=int(e["epoch"])))  # noqa: E731
+        spec = self.plan.spec_of(run.variant)
         try:
-            raw = launch.run(self.plan.spec_of(run.variant), run.config, target, force=target.exists(),
-                             on_progress=lambda e: self.emit(MatrixEvent("epoch", run, epoch=int(e["epoch"]))),
-                             base_env=self.base_env, stop=self.stopping)
+            if run.host is None:
+                raw = launch.run(spec, run.config, target, force=target.exists(), on_progress=progress,
+                                 base_env=self.base_env, stop=self.stopping)
+            else:
+                assert self.runner is not None  # execute refuses a plan over hosts without one
+                raw = self.runner(run.host, spec, run.config, target, force=target.exists(), on_progress=progress,
+                                  stop=self.stopping)
             summary = RunSummary.from_json(raw, f"{run.key}: the run process's summary")
             wrong = threads_honoured(run.controls.threads, summary.effective)
             if wrong is not None:
@@ -148,10 +166,16 @@ class _Runs:
 
 
 def execute(plan: Plan, out: Path, *, jobs: int = 1, force: bool = False, on_event: EventFn | None = None,
-            base_env: dict[str, str] | None = None) -> Execution:
-    """Run every configuration not already finished, ``jobs`` at a time, each in its own process."""
+            base_env: dict[str, str] | None = None, runner: HostRunner | None = None) -> Execution:
+    """Run every configuration not already finished, ``jobs`` at a time, each in its own process.
+
+    ``runner``: how runs pinned to a cluster host are made (``plan.hosts``); ``jobs`` is then the
+    number of configurations in flight across the cluster.
+    """
     if not 1 <= jobs <= 64:
         raise UsageError(f"-j/--jobs must be between 1 and 64, got {jobs}")
+    if plan.hosts and runner is None:
+        raise UsageError("this matrix runs on cluster hosts; give the scheduler's address (--scheduler)")
     started = time.perf_counter()
     out = Path(out)
     folder.create(out)
@@ -160,6 +184,6 @@ def execute(plan: Plan, out: Path, *, jobs: int = 1, force: bool = False, on_eve
         folder.clean_partials(out)
         for variant in plan.variants:
             frozen.load(variant.spec)  # generate a custom spec's frozen inputs once, not in racing children
-        runs = _Runs(plan, out, on_event, base_env)
+        runs = _Runs(plan, out, on_event, base_env, runner)
         runs.run_all(runs.pending(), jobs)
     return runs.execution(time.perf_counter() - started)

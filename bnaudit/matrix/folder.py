@@ -95,10 +95,12 @@ def prepare(plan: Plan, out: Path, *, force: bool) -> None:
 
 def clean_partials(out: Path) -> None:
     """Remove the temporary folders of records whose writing was interrupted (ours, in runs/)."""
-    runs = out / "runs"
-    for parent in [runs, *[p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")]]:
-        for p in parent.glob(".*.partial-*"):
-            shutil.rmtree(p, ignore_errors=True)
+    level = [out / "runs"]
+    for _ in range(3):  # runs/, runs/<variant or host>/, runs/<host>/<variant>/
+        for parent in level:
+            for p in parent.glob(".*.partial-*"):
+                shutil.rmtree(p, ignore_errors=True)
+        level = [p for parent in level for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
 def finished(plan: Plan, run: PlannedRun, out: Path, *, with_reference: bool = True) -> record.Record | None:

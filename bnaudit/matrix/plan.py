@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,9 @@ from bnaudit.errors import UsageError
 from bnaudit.spec import ExperimentSpec, from_dict
 
 MATRIX_SCHEMA = "bnaudit.matrix/1"
+
+HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""A cluster host's name, as it appears in folder names."""
 
 CONTROL_FIELDS = tuple(f.name for f in dataclasses.fields(Controls))
 """The controls, in the order they are reported: every field of ``Controls``."""
@@ -56,6 +60,16 @@ class Grid:
     """Emulated CPU models (None: this machine)."""
     promote: tuple[tuple[str, ...], ...] = ((),)
     """Sets of operations computed in float64 (``()``: none)."""
+    numpy_disable: tuple[str | None, ...] = (None,)
+    """NPY_DISABLE_CPU_FEATURES values (None: not set)."""
+    openblas_coretype: tuple[str | None, ...] = (None,)
+    """OPENBLAS_CORETYPE values (None: OpenBLAS's own choice)."""
+    dynamic_threads: tuple[bool, ...] = (False,)
+    """Dynamic thread adjustment of OpenMP and MKL."""
+    kmp_deterministic_reduction: tuple[bool, ...] = (False,)
+    """Intel OpenMP's deterministic reductions."""
+    flush_denormal: tuple[bool, ...] = (False,)
+    """Flush-to-zero of subnormals."""
 
     def controls(self) -> list[Controls]:
         """Every configuration, in a stable order (last control varies fastest)."""
@@ -67,13 +81,17 @@ class Grid:
         return tuple(f for f in CONTROL_FIELDS if len(getattr(self, f)) > 1)
 
     def to_dict(self) -> dict[str, list[Any]]:
-        """The grid as matrix.json holds it; ``promote`` only when it promotes something (so that the
-        plan id, and the folder name, of a matrix without promotion are what they were before it existed)."""
+        """The grid as matrix.json holds it; ``promote`` and the dispatch controls only when they vary from
+        their default (so that the plan id, and the folder name, of a matrix without them are what they were
+        before they existed)."""
         d = {f: list(getattr(self, f)) for f in CONTROL_FIELDS}
         if self.promote == ((),):
             del d["promote"]
         else:
             d["promote"] = [list(ops) for ops in self.promote]
+        for name in controls.DISPATCH_FIELDS:
+            if getattr(self, name) == (getattr(Controls, name),):
+                del d[name]
         return d
 
 
@@ -99,7 +117,9 @@ class PlannedRun:
     config: RunConfig
     """What the run's process is asked to do."""
     folder: str
-    """Record folder, relative to the matrix folder (``runs/<label>`` or ``runs/<variant>/<label>``)."""
+    """Record folder, relative to the matrix folder (``runs/[<host>/][<variant>/]<label>``)."""
+    host: str | None = None
+    """The cluster host (a worker's name) the run is pinned to; None: this machine."""
 
     @property
     def controls(self) -> Controls:
@@ -128,7 +148,9 @@ class Plan:
     preset: str | None
     """The preset this plan came from, if any."""
     runs: tuple[PlannedRun, ...]
-    """Every configuration, in grid order."""
+    """Every configuration, in grid order (per host, hosts in their order)."""
+    hosts: tuple[str, ...] = ()
+    """Cluster hosts every configuration runs on (``bnaudit.cluster``); empty: this machine."""
 
     def spec_of(self, variant: str) -> ExperimentSpec:
         return next(v.spec for v in self.variants if v.name == variant)
@@ -136,7 +158,8 @@ class Plan:
     def twin(self, run: PlannedRun, **changes: Any) -> PlannedRun | None:
         """The run of the same variant whose controls are ``run``'s with ``changes``, if the grid has it."""
         want = dataclasses.replace(run.controls, **changes)
-        return next((r for r in self.runs if r.variant == run.variant and r.controls == want), None)
+        return next((r for r in self.runs if r.variant == run.variant and r.host == run.host and r.controls == want),
+                    None)
 
     def identity(self) -> dict[str, Any]:
         """What makes two matrix folders the same experiment and grid."""
@@ -147,6 +170,7 @@ class Plan:
             "epochs": self.epochs,
             "trace_epochs": list(self.trace_epochs),
             "audit_every": self.audit_every,
+            **({"hosts": list(self.hosts)} if self.hosts else {}),  # absent: plan ids as before hosts existed
         }
 
     @property
@@ -161,7 +185,8 @@ class Plan:
             "plan_id": self.plan_id,
             "preset": self.preset,
             "specs": {v.name: v.spec.to_dict() for v in self.variants},
-            "runs": [{"variant": r.variant, "folder": r.folder, "config": r.config.to_dict()} for r in self.runs],
+            "runs": [{"variant": r.variant, "folder": r.folder, "config": r.config.to_dict(),
+                      **({"host": r.host} if r.host is not None else {})} for r in self.runs],
         }
 
 
@@ -172,30 +197,40 @@ def no_bn_variant(spec: ExperimentSpec) -> ExperimentSpec:
 
 def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = None,
               trace_epochs: tuple[int, ...] = (0,), audit_every: int = 10, preset: str | None = None,
-              check_cpu: bool = True) -> Plan:
-    """Validate every configuration (UsageError, exit 2, before anything runs) and name its folder."""
+              check_cpu: bool = True, hosts: Sequence[str] = ()) -> Plan:
+    """Validate every configuration (UsageError, exit 2, before anything runs) and name its folder.
+
+    ``hosts``: cluster hosts (worker names) each configuration runs on, in ``runs/<host>/``; the
+    CPU checks of ``validate`` are this machine's, so a plan over hosts is checked without them.
+    """
     if not variants:
         raise UsageError("a matrix needs at least one experiment")
+    bad_host = next((h for h in hosts if not HOST_NAME.match(h)), None)
+    if bad_host is not None:
+        raise UsageError(f"host name {bad_host!r}: expected letters, digits, '.', '_' or '-' (at most 64)")
+    if len(set(hosts)) != len(hosts):
+        raise UsageError("two cluster hosts share a name; give each worker its own --name")
     n_epochs = epochs if epochs is not None else min(v.spec.train.epochs for v in variants)
     for model in sorted({m for m in grid.cpu_model if m is not None}):
         emulate.resolve(model)  # MissingTool (7) without qemu, UsageError (2) for an unknown model
     nested = len(variants) > 1
     runs = []
-    for variant in variants:
-        for c in grid.controls():
-            config = RunConfig(controls=c, epochs=n_epochs, trace_epochs=trace_epochs, audit_every=audit_every)
-            controls.validate(config, variant.spec, check_cpu=check_cpu)
-            folder = f"runs/{variant.name}/{c.label()}" if nested else f"runs/{c.label()}"
-            runs.append(PlannedRun(variant=variant.name, config=config, folder=folder))
+    for host in hosts or (None,):
+        for variant in variants:
+            for c in grid.controls():
+                config = RunConfig(controls=c, epochs=n_epochs, trace_epochs=trace_epochs, audit_every=audit_every)
+                controls.validate(config, variant.spec, check_cpu=check_cpu and host is None)
+                folder = "runs/" + "".join(f"{p}/" for p in (host, variant.name if nested else None) if p)
+                runs.append(PlannedRun(variant=variant.name, config=config, folder=folder + c.label(), host=host))
     repeated = [k for k, n in Counter(r.folder for r in runs).items() if n > 1]
     if repeated:  # e.g. --mkl-cbwr avx2,AVX2: same label twice
         raise UsageError(f"two configurations of the grid share the folder {repeated[0]}; remove the repeated value")
     return Plan(variants=tuple(variants), grid=grid, epochs=n_epochs, trace_epochs=trace_epochs,
-                audit_every=audit_every, preset=preset, runs=tuple(runs))
+                audit_every=audit_every, preset=preset, runs=tuple(runs), hosts=tuple(hosts))
 
 
 def preset_plan(name: str, spec: ExperimentSpec, *, epochs: int | None, overrides: dict[str, tuple[Any, ...]],
-                trace_epochs: tuple[int, ...] = (0,), audit_every: int = 10) -> Plan:
+                trace_epochs: tuple[int, ...] = (0,), audit_every: int = 10, hosts: Sequence[str] = ()) -> Plan:
     """A named plan; explicit grid options (``overrides``) replace the preset's values."""
     if name != "seed-machines":
         raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
@@ -203,4 +238,4 @@ def preset_plan(name: str, spec: ExperimentSpec, *, epochs: int | None, override
     grid = dataclasses.replace(grid, **overrides)
     variants = (Variant("bn", spec), Variant("no-bn", no_bn_variant(spec)))
     return make_plan(variants, grid, epochs=SEED_MACHINES_EPOCHS if epochs is None else epochs,
-                     trace_epochs=trace_epochs, audit_every=audit_every, preset=name)
+                     trace_epochs=trace_epochs, audit_every=audit_every, preset=name, hosts=hosts)

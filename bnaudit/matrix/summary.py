@@ -354,9 +354,10 @@ def write_summary(summary: MatrixSummary, out: Path, markdown: str) -> None:
 
 
 def run_matrix(plan: Plan, out: Path, *, render_markdown: Callable[[MatrixSummary], str], jobs: int = 1,
-               force: bool = False, on_event: EventFn | None = None) -> MatrixSummary:
+               force: bool = False, on_event: EventFn | None = None,
+               runner: execute.HostRunner | None = None) -> MatrixSummary:
     """Execute (resuming), summarise, and write summary.json and summary.md beside the runs."""
-    execution = execute.execute(plan, out, jobs=jobs, force=force, on_event=on_event)
+    execution = execute.execute(plan, out, jobs=jobs, force=force, on_event=on_event, runner=runner)
     summary = summarise(plan, out, execution)
     write_summary(summary, out, render_markdown(summary))
     return summary

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,6 +66,19 @@ def floor_exact_text(floor: ChaosFloor, exact: Sensitivity | None, initial: np.n
     return compare_view.exact_text(b, storage)
 
 
+def dispatch_text(e: Mapping[str, Any]) -> str:
+    """The dispatch controls as the run's process read them back (a record from before them: "-")."""
+    parts = []
+    if "numpy_dispatch" in e:
+        parts.append("numpy " + "/".join(e["numpy_dispatch"]))
+    parts += [f"OpenBLAS {p['architecture']}" for p in e.get("threadpools", []) if p.get("architecture")]
+    if e.get("omp_dynamic") is not None:
+        parts.append(f"OMP_DYNAMIC {'on' if e['omp_dynamic'] else 'off'}")
+    if "flush_denormal" in e:
+        parts.append("subnormals " + ("flushed to zero" if e["flush_denormal"] else "kept"))
+    return ", ".join(parts) or "-"
+
+
 def render(summary: RunSummary, exact: Sensitivity | None = None, initial: np.ndarray | None = None) -> None:
     """The closing table of `bnaudit run`; a --perturb run's chaos floor is set beside ``exact``, the
     experiment's stored sensitivity, where there is one (``initial``: the run's initial parameters)."""
@@ -85,6 +98,9 @@ def render(summary: RunSummary, exact: Sensitivity | None = None, initial: np.nd
                             f"deterministic {e['deterministic_algorithms']}")
     pools = ", ".join(f"{p.get('internal_api')} {p.get('num_threads')}" for p in e.get("threadpools", []))
     _row(table, "thread pools", pools or "-")
+    _row(table, "dispatch", dispatch_text(e))
+    for line in e.get("unverified", []):
+        _row(table, "not verifiable", line)
     if config.perturb is not None:
         p = config.perturb
         _row(table, "perturbation", f"{p.tensor}{list(p.index)} moved {p.ulps:+d} ulp")
