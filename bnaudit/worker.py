@@ -72,8 +72,9 @@ def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:
     controls.apply(config.controls, torch)
     effective = controls.readback(torch)
     controls.verify(config.controls, effective)
-    if controls.unverified(config.controls):
-        effective["unverified"] = controls.unverified(config.controls)
+    unverified = controls.unverified(config.controls)
+    if unverified:
+        effective["unverified"] = unverified
     inputs = frozen.load(spec)
     meta = record.new_meta(
         spec=spec, frozen_digest=inputs.digest, config=config.to_dict(), storage=config.controls.storage,
