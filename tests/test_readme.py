@@ -47,7 +47,7 @@ def _example_commands() -> list[list[str]]:
             for part in re.split(r"&&|\|", line):
                 part = part.strip()
                 if part.startswith("bnaudit "):
-                    commands.append(shlex.split(part)[1:])
+                    commands.append(shlex.split(part, comments=True)[1:])
     return commands
 
 

@@ -18,14 +18,12 @@ import dataclasses
 import io
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-import referencing
-from referencing.jsonschema import DRAFT202012
+from mutations import UNKNOWN, Mutation, cut, drop, errors, generic, put
 
 from bnaudit import bits, blocks, check, compare, controls, layout, schemas, spec
 from bnaudit.cli import main
@@ -92,18 +90,6 @@ def documents(make_run, tmp_path_factory) -> dict[str, dict[str, Any]]:
     docs["matrix-summary.json"] = json.loads((tmp / "matrix" / "summary.json").read_text())
     docs["matrix.json"] = json.loads((tmp / "matrix" / "matrix.json").read_text())
     return docs
-
-
-@pytest.fixture(scope="module")
-def registry() -> referencing.Registry:
-    """Every schema under its $id, so that the references between them resolve."""
-    resources = [(i, DRAFT202012.create_resource(s)) for i, s in schemas.all_schemas().items()]
-    return referencing.Registry().with_resources(resources)
-
-
-def _errors(name: str, doc: Any, registry: referencing.Registry) -> list[str]:
-    validator = jsonschema.Draft202012Validator(schemas.load(name), registry=registry)
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in validator.iter_errors(doc)]
 
 
 # --------------------------------------------------------------------------- the schemas themselves
@@ -203,9 +189,9 @@ VALID = [
 
 
 @pytest.mark.parametrize("name, label", VALID, ids=[f"{n}:{d}" for n, d in VALID])
-def test_real_outputs_validate(documents, registry, name, label):
+def test_real_outputs_validate(documents, name, label):
     doc = documents[label]
-    assert _errors(name, doc, registry) == []
+    assert errors(name, doc) == []
     # A baseline is a fingerprint file: its own schema string is its block's.
     written = doc["extra"]["baseline"]["schema"] if name == "baseline" else doc["schema"]
     assert written == schemas.load(name)["$id"]
@@ -226,40 +212,7 @@ def test_the_real_outputs_exercise_what_the_schemas_describe(documents):
 
 # --------------------------------------------------------------------------- not vacuous: mutations are refused
 
-def _parent(doc: Any, path: tuple[Any, ...]) -> tuple[Any, Any]:
-    node = doc
-    for key in path[:-1]:
-        node = node[key]
-    return node, path[-1]
-
-
-def drop(*path: Any) -> Callable[[Any], None]:
-    def apply(doc: Any) -> None:
-        node, key = _parent(doc, path)
-        assert key in node, f"{'/'.join(map(str, path))} is not in the real document"
-        del node[key]
-    return apply
-
-
-def put(*path: Any, value: Any) -> Callable[[Any], None]:
-    def apply(doc: Any) -> None:
-        node, key = _parent(doc, path)
-        assert isinstance(node, dict) or key < len(node), f"{'/'.join(map(str, path))} is not in the real document"
-        node[key] = value
-    return apply
-
-
-def cut(*path: Any) -> Callable[[Any], None]:
-    """A hex digest one digit short."""
-    def apply(doc: Any) -> None:
-        node, key = _parent(doc, path)
-        assert re.fullmatch(r"[0-9a-f]{12,}", node[key]), f"{'/'.join(map(str, path))} is not a digest"
-        node[key] = node[key][:-1]
-    return apply
-
-
-UNKNOWN = "surprise"
-MUTATIONS: dict[str, list[tuple[str, str, Callable[[Any], None]]]] = {
+MUTATIONS: dict[str, list[tuple[str, str, Mutation]]] = {
     "fingerprint": [
         ("fingerprint", "digest short", cut("digest")),
         ("fingerprint", "first-step tensor of an unknown dtype", put("first_step", "tensors", 0, 1, value="float16")),
@@ -376,30 +329,39 @@ MUTATIONS: dict[str, list[tuple[str, str, Callable[[Any], None]]]] = {
         ("matrix.json", "spec unknown key", put("specs", "default", UNKNOWN, value=1)),
     ],
 }
-"""Per schema: (document label, what is wrong, the mutation), besides the generic ones of ``_generic``."""
+"""Per schema: (document label, what is wrong, the mutation), besides the generic ones of ``mutations.generic``."""
 
 
-def _generic(name: str, doc: dict[str, Any]) -> list[tuple[str, Callable[[Any], None]]]:
-    """Each top-level key removed (every one the writers write is required), an unknown one, a wrong schema."""
-    out: list[tuple[str, Callable[[Any], None]]] = [(f"no {k}", drop(k)) for k in sorted(doc)]
-    out.append(("unknown top-level key", put(UNKNOWN, value=1)))
-    out.append(("wrong schema", put("schema", value=doc["schema"].rpartition("/")[0] + "/99")))
-    return out
+MUTATED_ELSEWHERE = {"solve": "test_solve.py", "solve-records": "test_solve.py"}
+"""Schemas whose real documents cost minutes to make: their MUTATIONS live beside the test that makes them."""
+
+
+def _mutated_in(file: str) -> set[str]:
+    """The keys of the module-level ``MUTATIONS`` dict of a test file (read, not imported)."""
+    tree = ast.parse((Path(__file__).parent / file).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and "MUTATIONS" in ast.unparse(node).split("=")[0]:
+            assert isinstance(node.value, ast.Dict)
+            return {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+    return set()
 
 
 def test_every_schema_but_defs_has_its_mutations():
-    assert set(MUTATIONS) == set(schemas.names()) - {"defs", "divergence", "audit"}
+    for name, file in MUTATED_ELSEWHERE.items():
+        assert name in _mutated_in(file), f"{file} does not mutate the {name} schema's documents"
+    assert set(MUTATIONS).isdisjoint(MUTATED_ELSEWHERE)
+    assert set(MUTATIONS) | set(MUTATED_ELSEWHERE) == set(schemas.names()) - {"defs", "divergence", "audit"}
 
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
-def test_mutated_real_documents_are_refused(documents, registry, name):
+def test_mutated_real_documents_are_refused(documents, name):
     cases = [(label, what, f) for label, what, f in MUTATIONS[name]]
-    cases += [(MUTATIONS[name][0][0], what, f) for what, f in _generic(name, documents[MUTATIONS[name][0][0]])]
+    cases += [(MUTATIONS[name][0][0], what, f) for what, f in generic(documents[MUTATIONS[name][0][0]])]
     accepted = []
     for label, what, mutate in cases:
         doc = copy.deepcopy(documents[label])
         mutate(doc)
-        if not _errors(name, doc, registry):
+        if errors(name, doc) == []:
             accepted.append(f"{label}: {what}")
     assert len(cases) >= 8
     assert accepted == [], f"the {name} schema accepts these mutated documents"

@@ -165,22 +165,31 @@ def analyse(p: Plan, out: Path, native_vendor: str, native_features: Mapping[str
         else:
             fps[name] = rec.fingerprint
     names = list(fps)
+    return classify(fps, features=machine_features(names, native_features, jobs=jobs),
+                    vendors={n: native_vendor if n == NATIVE else vendor_of(n) for n in names},
+                    where=str(out), epochs=p.epochs, missing=missing)
+
+
+def classify(fps: Mapping[str, Fingerprint], *, features: Mapping[str, frozenset[str]], vendors: Mapping[str, str],
+             where: str, epochs: int, missing: Sequence[str], why_epochs: str = WHY_EPOCHS) -> Census:
+    """Machines' fingerprints (by machine name) as classes of bit-identical runs, where each pair of
+    classes parts, and the features and vendors (by machine; "?" where unknown) that separate them."""
+    names = list(fps)
     classes = compare.equivalence_classes([fps[n] for n in names]) if names else []
     members = tuple(tuple(names[k] for k in c.indices) for c in classes)
     klass = {n: i for i, ms in enumerate(members) for n in ms}
-    features = machine_features(names, native_features, jobs=jobs)
-    vendor = {n: native_vendor if n == NATIVE else vendor_of(n) for n in names}
-    machines = tuple(Machine(name=n, vendor=vendor[n], features=tuple(sorted(features[n])),
+    machines = tuple(Machine(name=n, vendor=vendors[n], features=tuple(sorted(features[n])),
                              capability=str(fps[n].effective.get("cpu_capability", "?")), digest=fps[n].digest,
                              klass=klass[n]) for n in names)
     splits = []
     for i in range(len(members)):
         for j in range(i + 1, len(members)):
             pc = compare.compare_pair(fps[members[i][0]], fps[members[j][0]])
-            vi, vj = {vendor[m] for m in members[i]}, {vendor[m] for m in members[j]}
+            vi, vj = {vendors[m] for m in members[i]}, {vendors[m] for m in members[j]}
+            apart = not vi & vj and "?" not in vi | vj
             splits.append(ClassSplit(i=i, j=j, first=pc.first,
                                      only_i=separating(features, members[i], members[j]),
                                      only_j=separating(features, members[j], members[i]),
-                                     vendors=None if vi & vj else (tuple(sorted(vi)), tuple(sorted(vj)))))
-    return Census(folder=str(out), epochs=p.epochs, why_epochs=WHY_EPOCHS, machines=machines, classes=members,
+                                     vendors=(tuple(sorted(vi)), tuple(sorted(vj))) if apart else None))
+    return Census(folder=where, epochs=epochs, why_epochs=why_epochs, machines=machines, classes=members,
                   splits=tuple(splits), missing=tuple(missing))

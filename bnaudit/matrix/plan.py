@@ -151,6 +151,9 @@ class Plan:
     """Every configuration, in grid order (per host, hosts in their order)."""
     hosts: tuple[str, ...] = ()
     """Cluster hosts every configuration runs on (``bnaudit.cluster``); empty: this machine."""
+    configurations: tuple[Controls, ...] | None = None
+    """The configurations run, where they are a chosen list rather than the grid's whole product
+    (``bnaudit solve``'s stages; the grid then holds the values they take); None: the product."""
 
     def spec_of(self, variant: str) -> ExperimentSpec:
         return next(v.spec for v in self.variants if v.name == variant)
@@ -171,6 +174,8 @@ class Plan:
             "trace_epochs": list(self.trace_epochs),
             "audit_every": self.audit_every,
             **({"hosts": list(self.hosts)} if self.hosts else {}),  # absent: plan ids as before hosts existed
+            **({"configurations": [c.label() for c in self.configurations]}
+               if self.configurations is not None else {}),
         }
 
     @property
@@ -197,12 +202,20 @@ def no_bn_variant(spec: ExperimentSpec) -> ExperimentSpec:
 
 def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = None,
               trace_epochs: tuple[int, ...] = (0,), audit_every: int = 10, preset: str | None = None,
-              check_cpu: bool = True, hosts: Sequence[str] = ()) -> Plan:
+              check_cpu: bool = True, hosts: Sequence[str] = (),
+              configurations: Sequence[Controls] | None = None) -> Plan:
     """Validate every configuration (UsageError, exit 2, before anything runs) and name its folder.
 
     ``hosts``: cluster hosts (worker names) each configuration runs on, in ``runs/<host>/``; the
     CPU checks of ``validate`` are this machine's, so a plan over hosts is checked without them.
+    ``configurations``: run these (in this order) instead of the grid's product; the grid is
+    then ignored and replaced by the values they take (``grid_of``).
     """
+    chosen = None if configurations is None else tuple(configurations)
+    if chosen is not None:
+        if not chosen:
+            raise UsageError("a matrix needs at least one configuration")
+        grid = grid_of(chosen)
     if not variants:
         raise UsageError("a matrix needs at least one experiment")
     bad_host = next((h for h in hosts if not HOST_NAME.match(h)), None)
@@ -217,7 +230,7 @@ def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = N
     runs = []
     for host in hosts or (None,):
         for variant in variants:
-            for c in grid.controls():
+            for c in grid.controls() if chosen is None else chosen:
                 config = RunConfig(controls=c, epochs=n_epochs, trace_epochs=trace_epochs, audit_every=audit_every)
                 controls.validate(config, variant.spec, check_cpu=check_cpu and host is None)
                 folder = "runs/" + "".join(f"{p}/" for p in (host, variant.name if nested else None) if p)
@@ -226,7 +239,12 @@ def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = N
     if repeated:  # e.g. --mkl-cbwr avx2,AVX2: same label twice
         raise UsageError(f"two configurations of the grid share the folder {repeated[0]}; remove the repeated value")
     return Plan(variants=tuple(variants), grid=grid, epochs=n_epochs, trace_epochs=trace_epochs,
-                audit_every=audit_every, preset=preset, runs=tuple(runs), hosts=tuple(hosts))
+                audit_every=audit_every, preset=preset, runs=tuple(runs), hosts=tuple(hosts), configurations=chosen)
+
+
+def grid_of(configurations: Sequence[Controls]) -> Grid:
+    """The values each control takes in a list of configurations, in order of first appearance."""
+    return Grid(**{f: tuple(dict.fromkeys(getattr(c, f) for c in configurations)) for f in CONTROL_FIELDS})
 
 
 def preset_plan(name: str, spec: ExperimentSpec, *, epochs: int | None, overrides: dict[str, tuple[Any, ...]],
