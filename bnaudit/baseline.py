@@ -40,6 +40,7 @@ from typing import Any
 
 from bnaudit import compare, fileio, record
 from bnaudit._version import __version__
+from bnaudit.blocks import EnsembleOutcomes
 from bnaudit.errors import InputError, MismatchError, OutputError, UsageError
 from bnaudit.record import Fingerprint
 from bnaudit.spec import ExperimentSpec
@@ -84,6 +85,8 @@ class Baseline:
     """Name of the record or fingerprint it was made from (no path)."""
     signature: Signature = Signature.UNSIGNED
     """Unsigned, signed and verified against the key, or signed but unchecked (no key)."""
+    ensemble: EnsembleOutcomes | None = None
+    """An ensemble baseline's outcomes over seeds (``check --tolerance dist:RATE``); None: one run's baseline."""
 
     @property
     def dtype(self) -> str:
@@ -206,8 +209,10 @@ def load_baseline(path: Path | str, *, key: bytes | None) -> Baseline:
     signature = _signature_state(raw, fields["signature"], key, where)
     if raw.get("schema") not in record.FINGERPRINT_SCHEMAS:
         raise InputError(f"{where}: schema {str(raw.get('schema'))[:40]!r} is not {record.FINGERPRINT_SCHEMA}")
+    ensemble = raw["extra"]["baseline"].get("ensemble")
     return Baseline(path=where, fingerprint=record.read_fingerprint(path), created=str(fields["created"]),
-                    updated=fields["updated"], made_from=str(fields["made_from"]), signature=signature)
+                    updated=fields["updated"], made_from=str(fields["made_from"]), signature=signature,
+                    ensemble=None if ensemble is None else EnsembleOutcomes.from_json(ensemble, where))
 
 
 def open_for_update(out: Path, *, force: bool, key: bytes | None) -> Baseline | None:
@@ -266,8 +271,9 @@ def _source_fingerprint_file(source: Path) -> Path:
 
 
 def baseline_dict(source: Path, *, created: str | None = None, updated: str | None = None,
-                  key: bytes | None = None) -> dict[str, Any]:
-    """The baseline JSON for a record folder or fingerprint file (verified before it is copied), signed with ``key``.
+                  key: bytes | None = None, ensemble: EnsembleOutcomes | None = None) -> dict[str, Any]:
+    """The baseline JSON for a record folder or fingerprint file (verified before it is copied), signed with ``key``;
+    ``ensemble``: the outcomes of the ensemble the run is one seed of, sealed with it.
 
     A baseline file is a fingerprint file too: given as the source, its fingerprint is
     verified (content_sha256, digest) and sealed anew, its old block dropped.
@@ -291,7 +297,8 @@ def baseline_dict(source: Path, *, created: str | None = None, updated: str | No
     extra = raw.get("extra")
     body = {k: v for k, v in extra.items() if k != "baseline"} if isinstance(extra, dict) else {}
     block = {"schema": BASELINE_SCHEMA, "bnaudit": __version__, "created": created or _now(),
-             "updated": updated, "made_from": source_name(str(fp_file))[:200]}
+             "updated": updated, "made_from": source_name(str(fp_file))[:200],
+             **({"ensemble": ensemble.to_json()} if ensemble is not None else {})}
     doc = {**raw, "extra": {**body, "baseline": block}}
     block["sha256"] = seal(doc)
     block["signature"] = None if key is None else sign(doc, key)
@@ -299,7 +306,7 @@ def baseline_dict(source: Path, *, created: str | None = None, updated: str | No
 
 
 def write_baseline(out: Path, source: Path, *, update: bool, force: bool = False,
-                   key: bytes | None = None) -> Baseline:
+                   key: bytes | None = None, ensemble: EnsembleOutcomes | None = None) -> Baseline:
     """Write ``out`` as the baseline of ``source`` atomically, signed with ``key`` when one is given.
 
     create (update=False) refuses an existing file unless forced.  update refuses a missing
@@ -319,6 +326,6 @@ def write_baseline(out: Path, source: Path, *, update: bool, force: bool = False
         updated = _now()
     elif out.exists() and not force:
         raise OutputError(f"{out} already exists; use bnaudit baseline update, or --force")
-    doc = baseline_dict(Path(source), created=created, updated=updated, key=key)
+    doc = baseline_dict(Path(source), created=created, updated=updated, key=key, ensemble=ensemble)
     fileio.write_text_atomic(out, fileio.dumps(doc))
     return load_baseline(out, key=key)

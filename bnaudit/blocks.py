@@ -23,7 +23,7 @@ import numpy as np
 
 from bnaudit import bits
 from bnaudit.errors import InputError
-from bnaudit.fileio import b64decode, b64encode
+from bnaudit.fileio import b64decode, b64encode, json_number
 
 DIVERGENCE_SCHEMA = "bnaudit.divergence/1"
 AUDIT_SCHEMA = "bnaudit.audit/1"
@@ -334,6 +334,68 @@ class ChaosFloor:
         return cls(twin_digest_rows=tuple(digests), max_abs=np.asarray(max_abs, dtype=np.float64), max_ulps=ulps,
                    growth_rate=f.number("growth_rate", optional=True),
                    saturation_row=f.integer("saturation_row", optional=True))
+
+
+# --------------------------------------------------------------------------- ensemble outcomes
+
+ENSEMBLE_OUTCOMES_SCHEMA = "bnaudit.ensemble-outcomes/1"
+OUTCOME_NAMES = ("test_mse", "train_mse")
+"""The outcomes an ensemble baseline holds: final eval-mode test and train MSE."""
+MAX_ENSEMBLE_SEEDS = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleOutcomes:
+    """A baseline's ensemble (``extra.baseline.ensemble``): one configuration's outcomes over many seeds,
+    what ``check --tolerance dist:RATE`` holds a run's outcome to."""
+
+    config: str
+    """The ensemble's configuration, e.g. ``bn isa=default``."""
+    scope: tuple[str, ...]
+    """What each seed drew (``spec.SEED_STREAMS``)."""
+    unseeded: str
+    """sha256 of the experiment with the seeded streams at seed 0 (``spec.with_seed(spec, 0, scope)``):
+    every seed of one experiment has this hash, another experiment another."""
+    epochs: int
+    seeds: tuple[int, ...]
+    digests: tuple[str, ...]
+    """Each seed's run digest."""
+    values: dict[str, tuple[float, ...]]
+    """Each outcome's value per seed (float64, exact as JSON numbers; "nan"/"inf" where not finite)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": ENSEMBLE_OUTCOMES_SCHEMA, "config": self.config, "scope": list(self.scope),
+                "unseeded": self.unseeded, "epochs": self.epochs, "seeds": list(self.seeds),
+                "digests": list(self.digests),
+                **{name: [json_number(v) for v in self.values[name]] for name in OUTCOME_NAMES}}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> EnsembleOutcomes:
+        where = f"{where}: ensemble block"
+        f = Fields(raw, where)
+        if f.get("schema", str) != ENSEMBLE_OUTCOMES_SCHEMA:
+            raise InputError(f"{where}: schema is not {ENSEMBLE_OUTCOMES_SCHEMA}")
+        seeds = f.integers("seeds", high=(1 << 63) - 1)
+        if not 2 <= len(seeds) <= MAX_ENSEMBLE_SEEDS or len(set(seeds)) != len(seeds):
+            raise InputError(f"{where}: seeds must be at least two distinct seeds")
+        digests = f.get("digests", list)
+        scope = f.get("scope", list)
+        unseeded = f.get("unseeded", str)
+        if (len(digests) != len(seeds) or not all(isinstance(d, str) and len(d) == 64 for d in digests)
+                or not scope or not all(s in ("data", "init", "order") for s in scope)
+                or len(unseeded) != 64):
+            raise InputError(f"{where}: malformed digests, scope or unseeded hash")
+        values = {}
+        for name in OUTCOME_NAMES:
+            items = f.get(name, list)
+            if len(items) != len(seeds) or not all(
+                    v in ("nan", "inf", "-inf") or (isinstance(v, int | float) and not isinstance(v, bool))
+                    for v in items):
+                raise InputError(f"{where}: field {name!r} must hold one number per seed")
+            values[name] = tuple(float(v) for v in items)
+        config = f.get("config", str)
+        return cls(config=config[:200], scope=tuple(scope), unseeded=unseeded,
+                   epochs=int(f.integer("epochs", low=1) or 1), seeds=seeds, digests=tuple(digests), values=values)
 
 
 # --------------------------------------------------------------------------- run summary

@@ -53,11 +53,13 @@ import numpy as np
 from bnaudit import bits, compare, fileio, record
 from bnaudit._version import __version__
 from bnaudit.baseline import Baseline, experiment_differences, source_name
-from bnaudit.blocks import DivergenceBlock
+from bnaudit.blocks import OUTCOME_NAMES, DivergenceBlock, EnsembleOutcomes
 from bnaudit.errors import ExitCode, MismatchError, ReferenceFailure, UsageError
 from bnaudit.record import Fingerprint
+from bnaudit.spec import with_seed
 
 CHECK_SCHEMA = "bnaudit.check/1"
+DEFAULT_OUTCOME = "test_mse"
 
 
 # --------------------------------------------------------------------------- policies
@@ -69,6 +71,7 @@ class Policy(enum.Enum):
     ULPS = "ulps"
     REL = "rel"
     BITS = "bits"
+    DIST = "dist"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +79,17 @@ class Tolerance:
     """A policy and its limit, as the user wrote it."""
 
     policy: Policy
-    """exact, ulps, rel or bits."""
+    """exact, ulps, rel, bits or dist."""
     limit: int | float | None
-    """N for ulps and bits, X for rel, None for exact."""
+    """N for ulps and bits, X for rel, the false-alarm rate for dist, None for exact."""
+    outcome: str = DEFAULT_OUTCOME
+    """dist: the outcome held to the ensemble's band (final test or train MSE)."""
 
     def __str__(self) -> str:
         if self.policy is Policy.EXACT:
             return "exact"
+        if self.policy is Policy.DIST:
+            return f"dist:{self.limit:g}" + ("" if self.outcome == DEFAULT_OUTCOME else f":{self.outcome}")
         if self.policy is Policy.REL:
             short = f"{self.limit:g}"  # as the user wrote it, unless that loses digits
             return f"rel:{short if float(short) == self.limit else repr(self.limit)}"
@@ -90,8 +97,8 @@ class Tolerance:
 
     @property
     def is_drift(self) -> bool:
-        """Measured against the baseline (exact, ulps, rel), not against the reference (bits)."""
-        return self.policy is not Policy.BITS
+        """Measured against the baseline's bits (exact, ulps, rel), not the reference (bits) or an ensemble (dist)."""
+        return self.policy not in (Policy.BITS, Policy.DIST)
 
 
 EXACT = Tolerance(Policy.EXACT, None)
@@ -105,14 +112,16 @@ and every larger distance (NaN is ``bits.NAN_DISTANCE``) exceeds N."""
 
 
 def parse_tolerance(text: str) -> Tolerance:
-    """Parse ``exact``, ``ulps:N``, ``rel:X`` or ``bits:N`` strictly (UsageError otherwise)."""
-    usage = "expected exact, ulps:N, rel:X or bits:N (e.g. ulps:16, rel:1e-4, bits:20)"
+    """Parse ``exact``, ``ulps:N``, ``rel:X``, ``bits:N`` or ``dist:RATE[:OUTCOME]`` strictly (UsageError otherwise)."""
+    usage = "expected exact, ulps:N, rel:X, bits:N or dist:RATE (e.g. ulps:16, rel:1e-4, bits:20, dist:0.1)"
     raw = text.strip()
     if raw == "exact":
         return EXACT
     kind, sep, value = raw.partition(":")
-    if not sep or kind not in ("ulps", "rel", "bits"):
+    if not sep or kind not in ("ulps", "rel", "bits", "dist"):
         raise UsageError(f"--tolerance {text!r}: {usage}")
+    if kind == "dist":
+        return _parse_dist(text, value)
     if kind in ("ulps", "bits"):
         if not _INT.match(value):
             raise UsageError(f"--tolerance {text!r}: {kind} needs a non-negative whole number, e.g. {kind}:16")
@@ -131,10 +140,56 @@ def parse_tolerance(text: str) -> Tolerance:
     return Tolerance(Policy.REL, x)
 
 
+def _parse_dist(text: str, value: str) -> Tolerance:
+    rate_text, _, outcome = value.partition(":")
+    outcome = outcome or DEFAULT_OUTCOME
+    if outcome not in OUTCOME_NAMES:
+        raise UsageError(f"--tolerance {text!r}: the outcome is one of {', '.join(OUTCOME_NAMES)}")
+    rate = float(rate_text) if _REAL.match(rate_text) else math.nan
+    if not 0 < rate < 1:
+        raise UsageError(f"--tolerance {text!r}: dist needs a false-alarm rate between 0 and 1, e.g. dist:0.1")
+    return Tolerance(Policy.DIST, rate, outcome)
+
+
 def refuse_accept_classes(tolerance: Tolerance) -> None:
     """Accepted classes are known drift: UsageError under an accuracy policy (bits:N)."""
     if not tolerance.is_drift:
         raise UsageError(f"--accept-class names known drift classes; it has no meaning with --tolerance {tolerance}")
+
+
+# --------------------------------------------------------------------------- the ensemble band
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """dist:RATE's band: the k-th smallest and k-th largest of the ensemble's n outcomes.
+
+    A run whose outcome is another draw from the ensemble's distribution (a seed it did not
+    hold, the ensemble's configuration on its machine) falls below the k-th smallest of n
+    exchangeable values with probability k / (n + 1), and above the k-th largest with the same,
+    whatever the distribution (continuous, no ties): the false-alarm rate is 2k / (n + 1)
+    exactly, and k is the largest that keeps it at most RATE.
+    """
+
+    low: float
+    high: float
+    k: int
+    n: int
+
+    @property
+    def false_alarm(self) -> float:
+        return 2 * self.k / (self.n + 1)
+
+
+def band(values: Sequence[float], rate: float) -> Band:
+    """The band of dist:RATE over an ensemble's outcomes (UsageError if it holds too few for the rate)."""
+    finite = np.sort(np.array([v for v in values if math.isfinite(v)], dtype=np.float64))
+    n = int(finite.size)
+    k = math.floor(rate * (n + 1) / 2 + 1e-12)
+    if k < 1:
+        need = math.ceil(2 / rate - 1)
+        raise UsageError(f"--tolerance dist:{rate:g} needs an ensemble of at least {need} finite outcomes "
+                         f"for a false-alarm rate of at most {rate:g}; this one has {n}")
+    return Band(low=float(finite[k - 1]), high=float(finite[n - k]), k=k, n=n)
 
 
 # --------------------------------------------------------------------------- measures
@@ -153,9 +208,16 @@ class Measure:
     """Epoch rows that were compared."""
     nonfinite: bool = False
     """The candidate has a NaN or infinite parameter where the baseline's is finite (at ``row``, in ``layer``)."""
+    band: Band | None = None
+    """dist: the ensemble's band the outcome (``value``, ``layer`` names it) was held to."""
 
     def describe(self, policy: Policy) -> str:
         where = f"{self.layer} at epoch row {self.row}"
+        if self.band is not None:
+            b = self.band
+            inside = "inside" if math.isfinite(self.value) and b.low <= self.value <= b.high else "outside"
+            return (f"{self.layer} {self.value:.6g} {inside} [{b.low:.6g}, {b.high:.6g}], the ensemble's "
+                    f"{_ordinal(b.k)} smallest and largest of {b.n} seeds (false-alarm rate {b.false_alarm:.3g})")
         if self.nonfinite:
             return f"non-finite parameters where the baseline's are finite ({where})"
         if policy is Policy.ULPS:
@@ -163,6 +225,10 @@ class Measure:
         if policy is Policy.REL:
             return f"max relative error {self.value:.3g} ({where})"
         return f"fewest correct bits {self.value:.1f} ({where})"
+
+
+def _ordinal(k: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
 
 
 def _worst(values: np.ndarray, div: compare.LayerDivergence) -> Measure:
@@ -324,7 +390,9 @@ class CaseResult:
             # An infinite relative error is written "inf": bnaudit.check/1 has always said so.
             "measured": None if m is None else {
                 "value": m.value if math.isfinite(m.value) else str(m.value),
-                "row": m.row, "layer": m.layer, "rows": list(m.rows)},
+                "row": m.row, "layer": m.layer, "rows": list(m.rows),
+                **({} if m.band is None else {"band": {"low": m.band.low, "high": m.band.high, "k": m.band.k,
+                                                       "n": m.band.n, "false_alarm": m.band.false_alarm}})},
             "accepted_by": self.accepted_by,
             "first_difference": None if self.first is None else {
                 k: _json_value(v) for k, v in dataclasses.asdict(self.first).items()},
@@ -443,13 +511,17 @@ def _verdict(base: Fingerprint, candidate: Fingerprint, tolerance: Tolerance, id
 
 
 def check_case(baseline: Baseline, candidate: Fingerprint, tolerance: Tolerance = EXACT, *,
-               accept: Sequence[Fingerprint] = (), seconds: float = 0.0) -> CaseResult:
+               accept: Sequence[Fingerprint] = (), seconds: float = 0.0, any_spec: bool = False) -> CaseResult:
     """Hold one candidate to its baseline under a policy.
 
     Refuses (MismatchError) a candidate of another experiment, another run dtype, or with
     more epochs than the baseline covers; ``compare.compare_pair`` refuses (InputError)
-    one whose digests equal the baseline's at a row where its parameters do not.
+    one whose digests equal the baseline's at a row where its parameters do not.  Under
+    dist:RATE (``dist_case``) another seed is the same experiment, and ``any_spec`` admits
+    another experiment too (named in the result).
     """
+    if tolerance.policy is Policy.DIST:
+        return dist_case(baseline, candidate, tolerance, seconds=seconds, any_spec=any_spec)
     base_fp = baseline.fingerprint
     controls = candidate.controls
     if candidate.epochs > base_fp.epochs:
@@ -466,6 +538,59 @@ def check_case(baseline: Baseline, candidate: Fingerprint, tolerance: Tolerance 
         epochs=candidate.epochs, baseline_epochs=base_fp.epochs, tolerance=tolerance, verdict=verdict,
         measured=measured, accepted_by=accepted_by, first=pair.first,
         environment_diff=tuple(pair.environment_diff), seconds=seconds)
+
+
+def final_outcome(fp: Fingerprint, outcome: str) -> float:
+    """The run's outcome after its last epoch: eval-mode test or train MSE."""
+    return float((fp.test_loss if outcome == "test_mse" else fp.train_loss)[-1])
+
+
+def require_ensemble(baseline: Baseline, tolerance: Tolerance) -> EnsembleOutcomes:
+    """The ensemble a dist:RATE check holds runs to: refused before any run for one run's baseline
+    (MismatchError), or an ensemble too small for the rate (UsageError)."""
+    if baseline.ensemble is None:
+        raise MismatchError(f"{baseline.path} is one run's baseline; dist:RATE holds a run to an ensemble's outcomes "
+                            "(make one: bnaudit ensemble ... --baseline-out FILE)")
+    band(baseline.ensemble.values[tolerance.outcome], float(tolerance.limit or 0))
+    return baseline.ensemble
+
+
+def dist_case(baseline: Baseline, candidate: Fingerprint, tolerance: Tolerance, *, seconds: float = 0.0,
+              any_spec: bool = False) -> CaseResult:
+    """dist:RATE: the candidate's outcome against the band of the baseline's ensemble (``band``).
+
+    The candidate must be of the ensemble's experiment up to its seeds (any seed of it), run
+    dtype and length: an outcome after fewer epochs is not an outcome of the same training.
+    """
+    ens, base_fp = require_ensemble(baseline, tolerance), baseline.fingerprint
+    controls = candidate.controls
+    if controls.dtype != baseline.dtype:
+        raise MismatchError(f"{baseline.path} is a {baseline.dtype} baseline, {candidate.source} "
+                            f"a {controls.dtype} run")
+    if candidate.epochs != ens.epochs:
+        raise MismatchError(f"{baseline.path}'s ensemble holds outcomes after {ens.epochs} epochs, {candidate.source} "
+                            f"ran {candidate.epochs}: an outcome is compared at the ensemble's length")
+    mine = with_seed(candidate.spec, 0, ens.scope)
+    others = [] if mine.hash == ens.unseeded else compare.experiment_differences(
+        with_seed(base_fp.spec, 0, ens.scope), mine)
+    if others and not any_spec:
+        raise MismatchError(f"{candidate.source}: another experiment than {baseline.path}'s ensemble "
+                            f"({'; '.join(others)}); --allow-different-spec holds it to the ensemble anyway")
+    value = final_outcome(candidate, tolerance.outcome)
+    b = band(ens.values[tolerance.outcome], float(tolerance.limit or 0))
+    within = math.isfinite(value) and b.low <= value <= b.high
+    what = ("final test MSE" if tolerance.outcome == "test_mse" else "final train MSE") + (
+        f" (another experiment: {'; '.join(others)})" if others else "")
+    same = candidate.spec.hash == base_fp.spec.hash and candidate.frozen == base_fp.frozen
+    pair = compare.compare_pair(record.prefix(base_fp, candidate.epochs), candidate) if same else None
+    return CaseResult(
+        name=controls.label(), dtype=controls.dtype, baseline=baseline.path, candidate=candidate.source,
+        epochs=candidate.epochs, baseline_epochs=ens.epochs, tolerance=tolerance,
+        verdict=Verdict.WITHIN if within else Verdict.DRIFT,
+        measured=Measure(value=value, row=candidate.epochs, layer=what, rows=(candidate.epochs,), band=b),
+        accepted_by=None, first=None if pair is None else pair.first,
+        environment_diff=tuple(pair.environment_diff) if pair is not None
+        else compare.environment_diff(base_fp, candidate), seconds=seconds)
 
 
 def validate_accept_classes(classes: Sequence[Fingerprint], baselines: Sequence[Baseline]) -> None:
@@ -499,7 +624,7 @@ def pair_candidates(baselines: Sequence[Baseline],
 
 def run_check(pairs: Sequence[tuple[Baseline, Fingerprint]], tolerance: Tolerance = EXACT, *,
               accept: Sequence[Fingerprint] = (), accept_paths: Sequence[str] = (),
-              seconds: Sequence[float] | None = None) -> CheckResult:
+              seconds: Sequence[float] | None = None, any_spec: bool = False) -> CheckResult:
     """Check every (baseline, candidate) pair under one policy.
 
     Under bits:N each candidate must carry its divergence from the reference already
@@ -507,8 +632,8 @@ def run_check(pairs: Sequence[tuple[Baseline, Fingerprint]], tolerance: Toleranc
     """
     if accept:
         refuse_accept_classes(tolerance)
-    cases = tuple(check_case(b, c, tolerance, accept=accept, seconds=(seconds[i] if seconds else 0.0))
-                  for i, (b, c) in enumerate(pairs))
+    cases = tuple(check_case(b, c, tolerance, accept=accept, seconds=(seconds[i] if seconds else 0.0),
+                             any_spec=any_spec) for i, (b, c) in enumerate(pairs))
     names = [c.name for c in cases]
     if len(set(names)) < len(names):  # one configuration from several machines: name each by its source
         cases = tuple(dataclasses.replace(c, name=f"{c.name} [{source_name(c.candidate)}]") if names.count(c.name) > 1

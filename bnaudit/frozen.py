@@ -32,7 +32,7 @@ import numpy as np
 
 from bnaudit import envinfo, fileio
 from bnaudit.errors import InputError
-from bnaudit.spec import ExperimentSpec, default_spec
+from bnaudit.spec import SEED_STREAMS, ExperimentSpec, default_spec
 
 GENERATOR_VERSION = 1
 FILES = ("inputs.npy", "targets.npy", "init.npy", "batches.npy")
@@ -63,9 +63,12 @@ class FrozenInputs:
 
 
 def _streams(spec: ExperimentSpec) -> tuple[np.random.Generator, ...]:
-    """Independent generators for data, init and batches (changing one leaves the others)."""
-    seqs = np.random.SeedSequence(spec.data.seed).spawn(3)
-    return tuple(np.random.Generator(np.random.PCG64(s)) for s in seqs)
+    """Independent generators for data, init and batches (changing one leaves the others).
+
+    The k-th stream is the k-th child of its own root seed's SeedSequence; where every root is
+    ``data.seed`` (a spec without ``init_seed``/``order_seed``) they are one sequence's three children."""
+    return tuple(np.random.Generator(np.random.PCG64(np.random.SeedSequence(spec.data.seed_of(name)).spawn(3)[k]))
+                 for k, name in enumerate(SEED_STREAMS))
 
 
 def generate(spec: ExperimentSpec) -> dict[str, np.ndarray]:

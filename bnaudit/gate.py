@@ -45,13 +45,14 @@ from bnaudit.check import (
     pair_candidates,
     parse_tolerance,
     refuse_accept_classes,
+    require_ensemble,
     run_check,
     validate_accept_classes,
 )
 from bnaudit.controls import Controls, RunConfig
 from bnaudit.errors import InputError, MismatchError, OutputError, ReferenceFailure, UsageError
 from bnaudit.record import Fingerprint
-from bnaudit.spec import ExperimentSpec, default_spec, load_spec
+from bnaudit.spec import ExperimentSpec, default_spec, load_spec, with_seed
 
 SMOKE_EPOCHS = 5
 """Epochs of the smoke profile: fingerprint rows 0, 1, 2, 3 and 5 carry exact parameters, and a
@@ -79,6 +80,8 @@ class RunOptions:
     epochs: int | None = None
     profile: str | None = None
     spec: Path | None = None
+    seed: int | None = None
+    """dist:RATE only: run the ensemble's experiment at this seed (its scope's streams drawn from it)."""
 
     def given(self) -> list[str]:
         """The flags given, as the user typed them."""
@@ -111,13 +114,14 @@ def _baseline_config(baseline: Baseline) -> RunConfig:
 def plan_run(baseline: Baseline | None, *, dtype: str | None = None, threads: int | None = None,
              isa: str | None = None, deterministic: bool | None = None, epochs: int | None = None,
              profile: str | None = None, spec: ExperimentSpec | None = None,
-             allow_longer: bool = False) -> tuple[ExperimentSpec, RunConfig]:
+             allow_longer: bool = False, any_spec: bool = False) -> tuple[ExperimentSpec, RunConfig]:
     """The run that reproduces a baseline's configuration, with the options given overriding it.
 
     Without a baseline (``baseline create``) the defaults are ``bnaudit run``'s.  Epochs:
     ``epochs``, else the profile's, else the baseline's (the spec's without one).  A
     candidate may not be longer than its baseline (MismatchError) unless ``allow_longer``
-    (``baseline update`` may lengthen a baseline).
+    (``baseline update`` may lengthen a baseline).  ``any_spec``: ``spec`` may be another
+    experiment than the baseline's (dist:RATE with --allow-different-spec).
     """
     if epochs is not None and profile is not None:
         raise UsageError("give --profile or --epochs, not both")
@@ -127,10 +131,11 @@ def plan_run(baseline: Baseline | None, *, dtype: str | None = None, threads: in
         limit = experiment.train.epochs
     else:
         fp = baseline.fingerprint
-        if spec is not None and spec.hash != fp.spec.hash:
+        if spec is not None and spec.hash != fp.spec.hash and not any_spec:
+            hint = "; --allow-different-spec holds it to the ensemble anyway" if baseline.ensemble else ""
             raise MismatchError(f"--spec {spec.short_hash} is not the experiment of {baseline.path} "
-                                f"(spec {fp.spec.short_hash})")
-        experiment = fp.spec
+                                f"(spec {fp.spec.short_hash}){hint}")
+        experiment = fp.spec if spec is None else spec
         config = _baseline_config(baseline)
         limit = fp.epochs
     changes: dict[str, Any] = {k: v for k, v in (("dtype", dtype), ("threads", threads), ("isa", isa),
@@ -146,11 +151,16 @@ def plan_run(baseline: Baseline | None, *, dtype: str | None = None, threads: in
 
 
 def _plan(baseline: Baseline | None, options: RunOptions, spec: ExperimentSpec | None, *,
-          allow_longer: bool = False) -> tuple[ExperimentSpec, RunConfig]:
-    """``plan_run`` with a command's options."""
-    return plan_run(baseline, dtype=options.dtype, threads=options.threads, isa=options.isa,
-                    deterministic=options.deterministic, epochs=options.epochs, profile=options.profile,
-                    spec=spec, allow_longer=allow_longer)
+          allow_longer: bool = False, any_spec: bool = False) -> tuple[ExperimentSpec, RunConfig]:
+    """``plan_run`` with a command's options (``--seed``: the ensemble's experiment at that seed)."""
+    experiment, config = plan_run(baseline, dtype=options.dtype, threads=options.threads, isa=options.isa,
+                                  deterministic=options.deterministic, epochs=options.epochs,
+                                  profile=options.profile, spec=spec, allow_longer=allow_longer, any_spec=any_spec)
+    if options.seed is not None:
+        if baseline is None or baseline.ensemble is None:
+            raise UsageError("--seed picks a seed of an ensemble baseline's experiment (--tolerance dist:RATE)")
+        experiment = with_seed(experiment, options.seed, baseline.ensemble.scope)
+    return experiment, config
 
 
 # --------------------------------------------------------------------------- candidates
@@ -229,19 +239,25 @@ def signature_warnings(baselines: Sequence[Baseline]) -> list[str]:
 
 
 def _judge(pairs: Sequence[tuple[Baseline, Fingerprint]], policy: Tolerance, classes: Sequence[Fingerprint],
-           accept_paths: Sequence[Path], seconds: Sequence[float] | None = None) -> CheckResult:
+           accept_paths: Sequence[Path], seconds: Sequence[float] | None = None, any_spec: bool = False) -> CheckResult:
     """``run_check``, each record's reference divergence recomputed first under bits:N (records still on disk)."""
     if policy.policy is Policy.BITS:
         pairs = [(b, with_reference(c)) for b, c in pairs]
-    return run_check(pairs, policy, accept=classes, accept_paths=[str(p) for p in accept_paths], seconds=seconds)
+    return run_check(pairs, policy, accept=classes, accept_paths=[str(p) for p in accept_paths], seconds=seconds,
+                     any_spec=any_spec)
 
 
 def _run_and_judge(chosen: Sequence[Baseline], options: RunOptions, spec: ExperimentSpec | None, policy: Tolerance,
                    classes: Sequence[Fingerprint], accept_paths: Sequence[Path], out: Path | None,
-                   announce: Announce | None) -> CheckResult:
+                   announce: Announce | None, any_spec: bool = False) -> CheckResult:
     """Run each chosen baseline's configuration (all planned before the first starts), then judge the runs."""
     pair_candidates(chosen, [])  # refuses two baselines of one dtype
-    plans = [_plan(b, options, spec) for b in chosen]
+    plans = [_plan(b, options, spec, any_spec=any_spec) for b in chosen]
+    for b, (_, config) in zip(chosen, plans, strict=True):
+        if b.ensemble is not None and policy.policy is Policy.DIST and config.epochs != b.ensemble.epochs:
+            raise MismatchError(f"{b.path}'s ensemble holds outcomes after {b.ensemble.epochs} epochs; a "
+                                f"{config.epochs}-epoch run is not compared (an outcome is compared at the "
+                                "ensemble's length)")
     pairs, seconds = [], []
     with tempfile.TemporaryDirectory(prefix="bnaudit-check-") as tmp:
         root = out if out is not None else Path(tmp)
@@ -249,14 +265,14 @@ def _run_and_judge(chosen: Sequence[Baseline], options: RunOptions, spec: Experi
             fp, took = execute(experiment, config, root / config.controls.label(), announce)
             pairs.append((b, fp))
             seconds.append(took)
-        return _judge(pairs, policy, classes, accept_paths, seconds)
+        return _judge(pairs, policy, classes, accept_paths, seconds, any_spec=any_spec)
 
 
 # --------------------------------------------------------------------------- the commands
 
 def check(baseline_paths: Sequence[Path], *, records: Sequence[Path] = (), options: RunOptions = RunOptions(),
           tolerance: str = "exact", accept_paths: Sequence[Path] = (), out: Path | None = None,
-          announce: Announce | None = None) -> CheckResult:
+          announce: Announce | None = None, allow_different_spec: bool = False) -> CheckResult:
     """``bnaudit check``: run the experiment per baseline (or take ``records``) and judge it.
 
     ``options.dtype`` picks the baselines to check; the other options override their
@@ -265,12 +281,17 @@ def check(baseline_paths: Sequence[Path], *, records: Sequence[Path] = (), optio
     """
     policy = parse_tolerance(tolerance)
     options.check_profile()
+    if policy.policy is not Policy.DIST and (allow_different_spec or options.seed is not None):
+        raise UsageError("--allow-different-spec and --seed hold a run to an ensemble: only with --tolerance dist:RATE")
     if not baseline_paths:
         raise UsageError("--baseline FILE is required (make one with bnaudit baseline create)")
     if accept_paths:
         refuse_accept_classes(policy)
     key = signing_key()
     baselines = [load_baseline(p, key=key) for p in baseline_paths]
+    if policy.policy is Policy.DIST:
+        for b in baselines:
+            require_ensemble(b, policy)
     classes = load_accept_classes(accept_paths, key=key)
     validate_accept_classes(classes, baselines)
     spec = options.load_spec()
@@ -278,13 +299,15 @@ def check(baseline_paths: Sequence[Path], *, records: Sequence[Path] = (), optio
         given = options.given() + (["--out"] if out is not None else [])
         if given:
             raise UsageError(f"--record checks an existing run; {', '.join(given)} cannot be combined with it")
-        result = _judge(pair_candidates(baselines, [record.load(r) for r in records]), policy, classes, accept_paths)
+        result = _judge(pair_candidates(baselines, [record.load(r) for r in records]), policy, classes, accept_paths,
+                        any_spec=allow_different_spec)
     else:
         chosen = [b for b in baselines if options.dtype is None or b.dtype == options.dtype]
         if not chosen:
             raise MismatchError(f"no baseline for dtype {options.dtype} (baselines: "
                                 f"{', '.join(sorted({b.dtype for b in baselines}))})")
-        result = _run_and_judge(chosen, options, spec, policy, classes, accept_paths, out, announce)
+        result = _run_and_judge(chosen, options, spec, policy, classes, accept_paths, out, announce,
+                                any_spec=allow_different_spec)
     return dataclasses.replace(result, warnings=tuple(signature_warnings(baselines)))
 
 

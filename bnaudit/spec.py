@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bnaudit.errors import InputError
+from bnaudit.errors import InputError, UsageError
 from bnaudit.fileio import read_bounded
 
 SPEC_SCHEMA = 1
@@ -47,6 +47,15 @@ class DataSpec:
     """Inputs are x, x^2, ..., x^degree."""
     noise_feature: bool
     """Whether a pure-noise input z ~ N(0, 1) is appended."""
+    init_seed: int | None = None
+    """Root seed of the initial parameters where it is not ``seed`` (``--seed`` with scope init); None: ``seed``."""
+    order_seed: int | None = None
+    """Root seed of the batch order where it is not ``seed`` (``--seed`` with scope order); None: ``seed``."""
+
+    def seed_of(self, stream: str) -> int:
+        """The root seed of one of the frozen streams: ``data``, ``init`` or ``order``."""
+        own = {"data": None, "init": self.init_seed, "order": self.order_seed}[stream]
+        return self.seed if own is None else own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,12 +188,49 @@ class ExperimentSpec:
         return self.hash[:12]
 
 
+OPTIONAL_SEEDS = ("init_seed", "order_seed")
+"""Fields written only where set: a spec without them hashes as it did before they existed."""
+
+SEED_STREAMS = ("data", "init", "order")
+"""What a seed draws: the data set, the initial parameters, the batch order."""
+DEFAULT_SEED_SCOPE = ("init", "order")
+"""What ``--seed`` reseeds unless told: the network's start and the batch order, the data set fixed."""
+
+
 def _section_dict(section: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
+        if f.name in OPTIONAL_SEEDS and value is None:
+            continue
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def parse_seed_scope(text: str) -> tuple[str, ...]:
+    """``init+order`` (the default), ``init``, ``order``, ``data``, ``all`` ... as the streams it names."""
+    parts = [p.strip() for p in text.split("+")]
+    if parts == ["all"]:
+        return SEED_STREAMS
+    bad = [p for p in parts if p not in SEED_STREAMS]
+    if bad or not parts:
+        raise UsageError(f"--seed-scope {text!r}: expected all or streams joined by +, from {', '.join(SEED_STREAMS)}")
+    return tuple(s for s in SEED_STREAMS if s in parts)
+
+
+def with_seed(spec: ExperimentSpec, seed: int, scope: tuple[str, ...] = DEFAULT_SEED_SCOPE) -> ExperimentSpec:
+    """The spec with the streams of ``scope`` drawn from ``seed`` and the others as they were.
+
+    Each stream is drawn from its own root seed exactly as the spec's single seed draws it, so a
+    seed equal to the spec's own gives the spec itself (the same hash, frozen inputs and reference)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise UsageError(f"--seed {seed!r}: expected a non-negative 63-bit integer")
+    d = spec.data
+    roots = {s: seed if s in scope else d.seed_of(s) for s in SEED_STREAMS}
+    data = dataclasses.replace(d, seed=roots["data"],
+                               init_seed=None if roots["init"] == roots["data"] else roots["init"],
+                               order_seed=None if roots["order"] == roots["data"] else roots["order"])
+    return dataclasses.replace(spec, data=data)
 
 
 _SECTIONS = {"data": DataSpec, "model": ModelSpec, "train": TrainSpec}
@@ -192,6 +238,10 @@ _SECTIONS = {"data": DataSpec, "model": ModelSpec, "train": TrainSpec}
 
 def _check_value(where: str, value: Any, annotation: str) -> Any:
     """Validate one field against its declared type; return it normalised."""
+    if annotation == "int | None":
+        if value is None:
+            return None
+        annotation = "int"
     if annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"spec: {where} must be an integer, got {value!r}")
@@ -245,6 +295,8 @@ def from_dict(raw: dict[str, Any], *, base: ExperimentSpec | None = None) -> Exp
                 values[fname] = _check_value(f"{key}.{fname}", given[fname], str(f.type))
             elif base is not None:
                 values[fname] = getattr(getattr(base, key), fname)
+            elif f.default is not dataclasses.MISSING:
+                values[fname] = f.default
             else:
                 raise InputError(f"spec: missing {key}.{fname}")
         sections[key] = cls(**values)
@@ -275,6 +327,8 @@ def validate(spec: ExperimentSpec) -> None:
         (lambda: all(abs(c) <= 1e6 for c in d.target), "data.target coefficients must be at most 1e6 in size"),
         (lambda: 0 <= d.noise_std <= 1e6, "data.noise_std must be in [0, 1e6]"),
         (lambda: 0 <= d.seed < 2**63, "data.seed must be a non-negative 63-bit integer"),
+        (lambda: all(v is None or 0 <= v < 2**63 for v in (d.init_seed, d.order_seed)),
+         "data.init_seed and data.order_seed must be non-negative 63-bit integers"),
         (lambda: 1 <= m.hidden_layers <= 32, "model.hidden_layers must be between 1 and 32"),
         (lambda: 1 <= m.hidden_units <= 1024, "model.hidden_units must be between 1 and 1024"),
         (lambda: 0 < m.bn_eps <= 1, "model.bn_eps must be in (0, 1]"),

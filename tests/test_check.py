@@ -847,8 +847,8 @@ def test_a_baseline_shorter_than_the_run_and_an_unmatched_dtype_say_what_to_do(b
 def test_tolerance_messages_and_the_bounds_they_state():
     with pytest.raises(UsageError) as exc:
         check.parse_tolerance("nearly")
-    assert exc.value.message == ("--tolerance 'nearly': expected exact, ulps:N, rel:X or bits:N "
-                                 "(e.g. ulps:16, rel:1e-4, bits:20)")
+    assert exc.value.message == ("--tolerance 'nearly': expected exact, ulps:N, rel:X, bits:N or dist:RATE "
+                                 "(e.g. ulps:16, rel:1e-4, bits:20, dist:0.1)")
     with pytest.raises(UsageError) as exc:
         check.parse_tolerance("ulps:1:2")
     assert exc.value.message == "--tolerance 'ulps:1:2': ulps needs a non-negative whole number, e.g. ulps:16"

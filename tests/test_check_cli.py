@@ -266,7 +266,7 @@ def test_annotations_escape_what_the_runner_would_read_as_syntax():
     (["--tolerance", "ulps:-1"], "--tolerance 'ulps:-1'"),
     (["--tolerance", "rel:nan"], "--tolerance 'rel:nan'"),
     (["--tolerance", "bits:0"], "bits must be between 1 and 64"),
-    (["--tolerance", "loose"], "expected exact, ulps:N, rel:X or bits:N"),
+    (["--tolerance", "loose"], "expected exact, ulps:N, rel:X, bits:N or dist:RATE"),
     (["--profile", "nightly"], "--profile 'nightly'"),
     (["--profile", "smoke", "--epochs", "2"], "--profile or --epochs"),
     (["--record", "RUN", "--threads", "2"], "--threads cannot be combined"),

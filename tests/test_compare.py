@@ -298,7 +298,8 @@ def test_environment_diff_lists_likely_causes_first(runs):
     a = load(runs, "t1", "fingerprint")
     env = dict(a.environment, cpu_model="Other CPU", python="3.99.0",
                environment=dict(a.environment.get("environment", {}), MKL_CBWR="AVX2", SOME_OTHER="1"))
-    b = dataclasses.replace(a, environment=env, effective=dict(a.effective, cpu_capability="AVX2"))
+    other = "DEFAULT" if a.effective.get("cpu_capability") != "DEFAULT" else "AVX2"  # a change on any host
+    b = dataclasses.replace(a, environment=env, effective=dict(a.effective, cpu_capability=other))
     keys = [k for k, _, _ in compare.environment_diff(a, b)]
     assert keys.index("effective.cpu_capability") < keys.index("environment.cpu_model")
     assert keys.index("env.MKL_CBWR") < keys.index("environment.cpu_model") < keys.index("environment.python")

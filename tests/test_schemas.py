@@ -39,6 +39,7 @@ NOT_COVERED = {
     "bnaudit.reference-job/3": "the reference build's resumable job state",
     "bnaudit.report/1": "bnaudit report's JSON",
     "bnaudit.bundle/1": "compare --bundle's manifest, read by the reproduce.py beside it",
+    "bnaudit.ensemble-outcomes/1": "an ensemble baseline's block, described inside the baseline schema's block",
 }
 """Schema strings the code writes that no schema file covers yet, and what they are."""
 
@@ -332,7 +333,7 @@ MUTATIONS: dict[str, list[tuple[str, str, Mutation]]] = {
 """Per schema: (document label, what is wrong, the mutation), besides the generic ones of ``mutations.generic``."""
 
 
-MUTATED_ELSEWHERE = {"solve": "test_solve.py", "solve-records": "test_solve.py"}
+MUTATED_ELSEWHERE = {"solve": "test_solve.py", "solve-records": "test_solve.py", "ensemble": "test_ensemble.py"}
 """Schemas whose real documents cost minutes to make: their MUTATIONS live beside the test that makes them."""
 
 

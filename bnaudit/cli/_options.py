@@ -39,6 +39,26 @@ def _strict(value: Any) -> Any:
 
 
 SpecOption = Annotated[Path | None, typer.Option("--spec", help="TOML file overriding the embedded default spec.")]
+SeedOption = Annotated[int | None, typer.Option(
+    min=0, max=2**63 - 1, help="Draw the frozen inputs of --seed-scope from this seed (default: the spec's "
+                               "data.seed; that seed gives the spec itself, bit for bit).")]
+SeedScopeOption = Annotated[str | None, typer.Option(
+    metavar="SCOPE", help="What --seed draws: init+order (the default: initial parameters and batch order, the "
+                          "data set fixed), init, order, data, or all.")]
+
+
+def experiment_of(spec: Path | None, seed: int | None, seed_scope: str | None) -> Any:
+    """The ``--spec`` file's experiment (the embedded default without one), reseeded by ``--seed``."""
+    from bnaudit import spec as specs
+    from bnaudit.errors import UsageError
+
+    experiment = specs.load_spec(spec)
+    if seed is None:
+        if seed_scope is not None:
+            raise UsageError("--seed-scope says what --seed draws; give --seed too")
+        return experiment
+    scope = specs.DEFAULT_SEED_SCOPE if seed_scope is None else specs.parse_seed_scope(seed_scope)
+    return specs.with_seed(experiment, seed, scope)
 
 # --dtype and --isa are choices (shell completion offers them, a typo is a usage error,
 # exit 2); controls.DTYPES and ISAS are the source, and the Literals must list the same.

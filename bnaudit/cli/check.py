@@ -48,7 +48,13 @@ def check(
     spec: SpecOption = None,
     profile: ProfileOption = None,
     tolerance: Annotated[str, typer.Option(
-        metavar="POLICY", help="exact (default), ulps:N, rel:X or bits:N.")] = "exact",
+        metavar="POLICY", help="exact (default), ulps:N, rel:X, bits:N, or dist:RATE[:train_mse] (the final test MSE "
+                               "within an ensemble baseline's band, false-alarm rate at most RATE).")] = "exact",
+    seed: Annotated[int | None, typer.Option(
+        min=0, max=2**63 - 1, help="dist: run the ensemble's experiment at this seed.")] = None,
+    allow_different_spec: Annotated[bool, typer.Option(
+        "--allow-different-spec", help="dist: hold a run of another experiment (e.g. a changed --spec) to the "
+                                       "ensemble's band, naming what differs.")] = False,
     accept_class: Annotated[list[Path] | None, typer.Option(
         "--accept-class", metavar="FILE", help="A known-good fingerprint: identical to it passes; repeatable.")] = None,
     junit: Annotated[Path | None, typer.Option(metavar="FILE", help="Write a JUnit XML report here.")] = None,
@@ -68,10 +74,11 @@ def check(
     from bnaudit.report import junit as junit_report
 
     options = gate.RunOptions(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic, epochs=epochs,
-                              profile=profile, spec=spec)
+                              profile=profile, spec=spec, seed=seed)
     try:
         result = gate.check(baseline or [], records=run_record or [], options=options, tolerance=tolerance,
-                            accept_paths=accept_class or [], out=out, announce=None if as_json else _announce)
+                            accept_paths=accept_class or [], out=out, announce=None if as_json else _announce,
+                            allow_different_spec=allow_different_spec)
     except BnauditError as exc:
         if not isinstance(exc, UsageError | OutputError):  # it could not judge: say so where CI looks
             kind, code = exc.exit_code.name, int(exc.exit_code)

@@ -18,6 +18,27 @@ def split_list(text: str, option: str) -> list[str]:
     return list(dict.fromkeys(tokens))
 
 
+MAX_SEEDS = 10_000
+"""Seeds one option may name (``--seeds 1..100000`` is a typo more often than a plan)."""
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
+    """``A..B`` (both included), a comma list, or both mixed: ``1..32``, ``3,5,9``, ``1..4,10``."""
+    out: list[int] = []
+    for t in split_list(text, option):
+        low, sep, high = t.partition("..")
+        try:
+            values = range(int(low), int(high) + 1) if sep else range(int(t), int(t) + 1)
+        except ValueError:
+            raise UsageError(f"{option} {text!r}: {t!r} is not a seed or a range A..B of seeds") from None
+        if not values or values.start < 0 or values.stop > 2**63:
+            raise UsageError(f"{option} {text!r}: {t!r} must be non-negative seeds, A..B with A <= B")
+        if len(out) + len(values) > MAX_SEEDS:
+            raise UsageError(f"{option} {text!r}: more than {MAX_SEEDS} seeds")
+        out += values
+    return tuple(dict.fromkeys(out))
+
+
 def parse_threads(text: str) -> tuple[int, ...]:
     values = []
     for t in split_list(text, "--threads"):

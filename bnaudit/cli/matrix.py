@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from bnaudit.cli import lists
-from bnaudit.cli._options import SpecOption
+from bnaudit.cli._options import SeedScopeOption, SpecOption
 from bnaudit.cli.run import _epoch_list
 from bnaudit.controls import DTYPES, ISAS
 
@@ -59,6 +59,10 @@ def matrix(
     epochs: Annotated[int | None, typer.Option(help="Epochs of every run (default: the spec's; preset: its own).")]
     = None,
     spec: SpecOption = None,
+    seeds: Annotated[ListOption, typer.Option(
+        metavar="A..B", help="Run every configuration once per seed: a range A..B, a comma list, or both "
+                             "(the frozen inputs of --seed-scope drawn from each).")] = None,
+    seed_scope: SeedScopeOption = None,
     out: Annotated[Path | None, typer.Option(
         help="Matrix folder (default: reports/matrix/<preset or grid>-<plan id>); re-running resumes it.")] = None,
     jobs: Annotated[int, typer.Option("-j", "--jobs", help="Configurations run at a time.")] = 1,
@@ -87,7 +91,8 @@ def matrix(
                                   flush_denormal=flush_denormal)
     with cluster_of(scheduler) as cluster:
         plan = _plan(experiment, spec, preset, overrides, epochs=epochs, trace=_epoch_list(trace_epochs),
-                     audit_every=audit_every, hosts=() if cluster is None else cluster.hosts())
+                     audit_every=audit_every, hosts=() if cluster is None else cluster.hosts(),
+                     seeds=_seeds(seeds, seed_scope))
         target = out if out is not None else Path("reports") / "matrix" / f"{preset or 'grid'}-{plan.plan_id}"
         with matrix_view.progress(plan, enabled=not (as_json or as_markdown)) as on_event:
             summary = run_matrix(plan, target, render_markdown=matrix_view.markdown, jobs=jobs, force=force,
@@ -108,16 +113,31 @@ def cluster_of(scheduler: str | None) -> Iterator[Cluster | None]:
         yield cluster
 
 
+def _seeds(seeds: str | None, seed_scope: str | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``--seeds`` and ``--seed-scope`` parsed: the seeds (none: the spec's own) and the streams they draw."""
+    from bnaudit.errors import UsageError
+    from bnaudit.spec import DEFAULT_SEED_SCOPE, parse_seed_scope
+
+    if seeds is None and seed_scope is not None:
+        raise UsageError("--seed-scope says what --seeds draw; give --seeds too")
+    scope = DEFAULT_SEED_SCOPE if seed_scope is None else parse_seed_scope(seed_scope)
+    return (() if seeds is None else lists.parse_seeds(seeds)), scope
+
+
 def _plan(experiment: ExperimentSpec, spec: Path | None, preset: str | None, overrides: dict[str, tuple[Any, ...]],
-          *, epochs: int | None, trace: tuple[int, ...], audit_every: int, hosts: tuple[str, ...]) -> Plan:
+          *, epochs: int | None, trace: tuple[int, ...], audit_every: int, hosts: tuple[str, ...],
+          seeds: tuple[tuple[int, ...], tuple[str, ...]] = ((), ())) -> Plan:
     from bnaudit.matrix import plan as mplan
 
+    chosen, scope = seeds
     if preset is not None:
         return mplan.preset_plan(preset, experiment, epochs=epochs, overrides=overrides, trace_epochs=trace,
-                                 audit_every=audit_every, hosts=hosts)
-    return mplan.make_plan([mplan.Variant("default" if spec is None else Path(spec).stem, experiment)],
-                           mplan.Grid(**overrides), epochs=epochs, trace_epochs=trace, audit_every=audit_every,
-                           hosts=hosts)
+                                 audit_every=audit_every, hosts=hosts, seeds=chosen, seed_scope=scope)
+    variants: tuple[mplan.Variant, ...] = (mplan.Variant("default" if spec is None else Path(spec).stem, experiment),)
+    if chosen:
+        variants = mplan.seeded(variants, chosen, scope)
+    return mplan.make_plan(variants, mplan.Grid(**overrides), epochs=epochs, trace_epochs=trace,
+                           audit_every=audit_every, hosts=hosts)
 
 
 def _show(summary: MatrixSummary, target: Path, *, as_json: bool, as_markdown: bool) -> None:

@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from bnaudit.cli._options import ENV_SCHEMA, RUN_SCHEMA, DtypeOption, IsaOption, SpecOption, json_document
+from bnaudit.cli._options import (
+    ENV_SCHEMA,
+    RUN_SCHEMA,
+    DtypeOption,
+    IsaOption,
+    SeedOption,
+    SeedScopeOption,
+    SpecOption,
+    experiment_of,
+    json_document,
+)
 
 
 def _epoch_list(text: str | None) -> tuple[int, ...]:
@@ -39,6 +49,8 @@ def run(
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing record folder (only ever one bnaudit wrote).")] = False,
     spec: SpecOption = None,
+    seed: SeedOption = None,
+    seed_scope: SeedScopeOption = None,
     perturb: Annotated[str | None, typer.Option(
         metavar="LAYER.PARAM[INDEX]:ULPS", help="Move one initial value by some ulps (the chaos floor).")] = None,
     trace_epochs: Annotated[str | None, typer.Option(
@@ -67,9 +79,8 @@ def run(
     from bnaudit import controls, launch
     from bnaudit.blocks import RunSummary
     from bnaudit.report import run_summary
-    from bnaudit.spec import load_spec
 
-    experiment = load_spec(spec)
+    experiment = experiment_of(spec, seed, seed_scope)
     c = controls.from_options(dtype=dtype, threads=threads, isa=isa, deterministic=deterministic,
                               onednn_isa=onednn_isa, mkl_cbwr=mkl_cbwr, cpu_model=cpu_model, promote=promote,
                               numpy_disable=numpy_disable, openblas_coretype=openblas_coretype,
@@ -121,14 +132,15 @@ frozen_app = typer.Typer(help="The frozen inputs: data set, initial parameters, 
 @frozen_app.command("build")
 def frozen_build(
     spec: SpecOption = None,
+    seed: SeedOption = None,
+    seed_scope: SeedScopeOption = None,
     out: Annotated[Path | None, typer.Option(help="Folder (default: where runs look for them).")] = None,
 ) -> int:
     """(Re)generate the frozen inputs of a spec, with their sha256 manifest."""
     from bnaudit import frozen
     from bnaudit.report import escape
-    from bnaudit.spec import load_spec
 
-    experiment = load_spec(spec)
+    experiment = experiment_of(spec, seed, seed_scope)
     folder = frozen.write(experiment, out if out is not None else frozen.folder_for(experiment))
     loaded = frozen.read(folder, experiment)
     typer.echo(f"wrote {escape.printable(folder)} (spec {experiment.short_hash}, frozen digest {loaded.digest[:16]})")
@@ -136,15 +148,14 @@ def frozen_build(
 
 
 @frozen_app.command("verify")
-def frozen_verify(spec: SpecOption = None) -> int:
+def frozen_verify(spec: SpecOption = None, seed: SeedOption = None, seed_scope: SeedScopeOption = None) -> int:
     """Check the stored frozen inputs against their manifest and their generator, bit for bit."""
     import numpy as np
 
     from bnaudit import frozen
     from bnaudit.errors import InputError
-    from bnaudit.spec import load_spec
 
-    experiment = load_spec(spec)
+    experiment = experiment_of(spec, seed, seed_scope)
     loaded = frozen.load(experiment)
     fresh = frozen.generate(experiment)
     for name, array in (("inputs.npy", loaded.inputs), ("targets.npy", loaded.targets),

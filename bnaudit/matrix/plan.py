@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from bnaudit import controls, emulate, fileio
-from bnaudit.controls import Controls, RunConfig
+from bnaudit.controls import Controls, Perturbation, RunConfig
 from bnaudit.errors import UsageError
-from bnaudit.spec import ExperimentSpec, from_dict
+from bnaudit.spec import DEFAULT_SEED_SCOPE, ExperimentSpec, from_dict, with_seed
 
 MATRIX_SCHEMA = "bnaudit.matrix/1"
 
@@ -154,6 +154,8 @@ class Plan:
     configurations: tuple[Controls, ...] | None = None
     """The configurations run, where they are a chosen list rather than the grid's whole product
     (``bnaudit solve``'s stages; the grid then holds the values they take); None: the product."""
+    perturb: Perturbation | None = None
+    """The initial-state element every run moves by some ulps (``bnaudit ensemble``'s chaos floor); None: none."""
 
     def spec_of(self, variant: str) -> ExperimentSpec:
         return next(v.spec for v in self.variants if v.name == variant)
@@ -176,6 +178,7 @@ class Plan:
             **({"hosts": list(self.hosts)} if self.hosts else {}),  # absent: plan ids as before hosts existed
             **({"configurations": [c.label() for c in self.configurations]}
                if self.configurations is not None else {}),
+            **({"perturb": str(self.perturb)} if self.perturb is not None else {}),
         }
 
     @property
@@ -195,6 +198,13 @@ class Plan:
         }
 
 
+def seeded(variants: Sequence[Variant], seeds: Sequence[int], scope: tuple[str, ...] = DEFAULT_SEED_SCOPE
+           ) -> tuple[Variant, ...]:
+    """Each variant once per seed (``seed-N``, or ``<variant>-seed-N`` where there are several)."""
+    return tuple(Variant(f"seed-{n}" if len(variants) == 1 else f"{v.name}-seed-{n}", with_seed(v.spec, n, scope))
+                 for v in variants for n in seeds)
+
+
 def no_bn_variant(spec: ExperimentSpec) -> ExperimentSpec:
     """The seed's baseline network: the same experiment with ``[model] batchnorm = false``."""
     return from_dict({"model": {"batchnorm": False}}, base=spec)
@@ -203,13 +213,14 @@ def no_bn_variant(spec: ExperimentSpec) -> ExperimentSpec:
 def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = None,
               trace_epochs: tuple[int, ...] = (0,), audit_every: int = 10, preset: str | None = None,
               check_cpu: bool = True, hosts: Sequence[str] = (),
-              configurations: Sequence[Controls] | None = None) -> Plan:
+              configurations: Sequence[Controls] | None = None, perturb: Perturbation | None = None) -> Plan:
     """Validate every configuration (UsageError, exit 2, before anything runs) and name its folder.
 
     ``hosts``: cluster hosts (worker names) each configuration runs on, in ``runs/<host>/``; the
     CPU checks of ``validate`` are this machine's, so a plan over hosts is checked without them.
     ``configurations``: run these (in this order) instead of the grid's product; the grid is
     then ignored and replaced by the values they take (``grid_of``).
+    ``perturb``: every run moves this initial-state element (and runs its unperturbed twin).
     """
     chosen = None if configurations is None else tuple(configurations)
     if chosen is not None:
@@ -231,7 +242,8 @@ def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = N
     for host in hosts or (None,):
         for variant in variants:
             for c in grid.controls() if chosen is None else chosen:
-                config = RunConfig(controls=c, epochs=n_epochs, trace_epochs=trace_epochs, audit_every=audit_every)
+                config = RunConfig(controls=c, epochs=n_epochs, perturb=perturb, trace_epochs=trace_epochs,
+                                   audit_every=audit_every)
                 controls.validate(config, variant.spec, check_cpu=check_cpu and host is None)
                 folder = "runs/" + "".join(f"{p}/" for p in (host, variant.name if nested else None) if p)
                 runs.append(PlannedRun(variant=variant.name, config=config, folder=folder + c.label(), host=host))
@@ -239,7 +251,8 @@ def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = N
     if repeated:  # e.g. --mkl-cbwr avx2,AVX2: same label twice
         raise UsageError(f"two configurations of the grid share the folder {repeated[0]}; remove the repeated value")
     return Plan(variants=tuple(variants), grid=grid, epochs=n_epochs, trace_epochs=trace_epochs,
-                audit_every=audit_every, preset=preset, runs=tuple(runs), hosts=tuple(hosts), configurations=chosen)
+                audit_every=audit_every, preset=preset, runs=tuple(runs), hosts=tuple(hosts), configurations=chosen,
+                perturb=perturb)
 
 
 def grid_of(configurations: Sequence[Controls]) -> Grid:
@@ -248,12 +261,16 @@ def grid_of(configurations: Sequence[Controls]) -> Grid:
 
 
 def preset_plan(name: str, spec: ExperimentSpec, *, epochs: int | None, overrides: dict[str, tuple[Any, ...]],
-                trace_epochs: tuple[int, ...] = (0,), audit_every: int = 10, hosts: Sequence[str] = ()) -> Plan:
-    """A named plan; explicit grid options (``overrides``) replace the preset's values."""
+                trace_epochs: tuple[int, ...] = (0,), audit_every: int = 10, hosts: Sequence[str] = (),
+                seeds: Sequence[int] = (), seed_scope: tuple[str, ...] = DEFAULT_SEED_SCOPE) -> Plan:
+    """A named plan; explicit grid options (``overrides``) replace the preset's values; ``seeds``
+    runs each of its experiments once per seed."""
     if name != "seed-machines":
         raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     grid = Grid(dtype=("float32", "float64"), cpu_model=("seed-i7", "seed-i5", None))
     grid = dataclasses.replace(grid, **overrides)
-    variants = (Variant("bn", spec), Variant("no-bn", no_bn_variant(spec)))
+    variants: tuple[Variant, ...] = (Variant("bn", spec), Variant("no-bn", no_bn_variant(spec)))
+    if seeds:
+        variants = seeded(variants, seeds, seed_scope)
     return make_plan(variants, grid, epochs=SEED_MACHINES_EPOCHS if epochs is None else epochs,
                      trace_epochs=trace_epochs, audit_every=audit_every, preset=name, hosts=hosts)
