@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -248,8 +249,10 @@ def _ci(d: np.ndarray, statistic: Any, method: str) -> Interval | None:
 
     if d.size < 3 or np.all(d == d[0]):
         return None
-    res = stats.bootstrap((d,), statistic, confidence_level=0.95, n_resamples=BOOTSTRAP_RESAMPLES, method=method,
-                          random_state=np.random.default_rng(BOOTSTRAP_SEED))
+    with warnings.catch_warnings():  # a small or tied sample: the interval says what it can, not a warning
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap((d,), statistic, confidence_level=0.95, n_resamples=BOOTSTRAP_RESAMPLES,
+                              method=method, random_state=np.random.default_rng(BOOTSTRAP_SEED))
     low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return Interval(low, high) if math.isfinite(low) and math.isfinite(high) else None
 
@@ -261,6 +264,12 @@ def _fmt(p: float | None) -> str:
 def paired(a: str, b: str, outcome: str, ra: Mapping[int, Outcome], rb: Mapping[int, Outcome],
            floor: Floor | None, alpha: float = DEFAULT_ALPHA) -> Paired:
     """``a`` against ``b`` on the seeds both have."""
+    with warnings.catch_warnings():
+        return _paired(a, b, outcome, ra, rb, floor, alpha)
+
+
+def _paired(a: str, b: str, outcome: str, ra: Mapping[int, Outcome], rb: Mapping[int, Outcome],
+            floor: Floor | None, alpha: float) -> Paired:
     from scipy import stats
 
     seeds = sorted(s for s in set(ra) & set(rb)
@@ -270,6 +279,7 @@ def paired(a: str, b: str, outcome: str, ra: Mapping[int, Outcome], rb: Mapping[
     n, nonzero = len(seeds), int(np.count_nonzero(d))
     a_better, b_better = int(np.sum(d < 0)), int(np.sum(d > 0))
     wil = sign = dz = rb_corr = None
+    warnings.simplefilter("ignore")  # ties and zeros: scipy says so on stderr; the counts are in the answer
     if nonzero >= 1:
         sign = float(stats.binomtest(b_better, nonzero, 0.5).pvalue)
     if nonzero >= 2:
