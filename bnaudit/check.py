@@ -26,6 +26,12 @@ bits:N     an accuracy policy, not a drift policy: every layer of the candidate 
            without that block is an error (exit 8), never a pass; being identical to the
            baseline is not enough, since the baseline itself can be wrong.
 
+dist:RATE  an outcome policy for fleets whose bits cannot agree: the candidate's final test
+           MSE (``dist:RATE:train_mse``: train MSE) lies within the band of an ensemble
+           baseline's outcomes over seeds (``band``: order statistics, false-alarm rate
+           2k / (n + 1) <= RATE exactly); the candidate is any seed of the ensemble's
+           experiment, at its length.
+
 ``--accept-class FILE...`` (drift policies only): a candidate bit-identical to any of
 these fingerprints passes, and the result names which.
 
@@ -578,7 +584,7 @@ def dist_case(baseline: Baseline, candidate: Fingerprint, tolerance: Tolerance, 
                             f"({'; '.join(others)}); --allow-different-spec holds it to the ensemble anyway")
     value = final_outcome(candidate, tolerance.outcome)
     b = band(ens.values[tolerance.outcome], float(tolerance.limit or 0))
-    within = math.isfinite(value) and b.low <= value <= b.high
+    within = math.isfinite(value) and b.low <= value <= b.high and not candidate.nonfinite  # no NaN passes
     what = ("final test MSE" if tolerance.outcome == "test_mse" else "final train MSE") + (
         f" (another experiment: {'; '.join(others)})" if others else "")
     same = candidate.spec.hash == base_fp.spec.hash and candidate.frozen == base_fp.frozen

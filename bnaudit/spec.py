@@ -299,6 +299,8 @@ def from_dict(raw: dict[str, Any], *, base: ExperimentSpec | None = None) -> Exp
                 values[fname] = f.default
             else:
                 raise InputError(f"spec: missing {key}.{fname}")
+        if key == "data":  # a stream's own seed equal to the root seed is no seed of its own: the same hash
+            values.update({f: None for f in OPTIONAL_SEEDS if values[f] == values["seed"]})
         sections[key] = cls(**values)
     name = raw.get("name", base.name if base else None)
     if not isinstance(name, str) or not name:

@@ -291,3 +291,30 @@ def test_bnaudit_matrix_runs_on_the_cluster_named_by_scheduler(cluster, matrix_o
                              timeout=120)
     assert refused.returncode == ExitCode.USAGE and "Traceback" not in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+def test_an_ensemble_runs_each_seed_on_every_host_and_pairs_the_hosts_by_seed(cluster, tmp_path):
+    """`bnaudit ensemble --scheduler`: the seeds of one configuration on both hosts (native and Nehalem), the two
+    hosts as the two configurations of the pairs, every record brought back from its host."""
+    import json
+    import os
+
+    address = cluster.client.scheduler.address
+    out = tmp_path / "e"
+    done = subprocess.run([sys.executable, "-m", "bnaudit", "ensemble", "--scheduler", address, "--seeds", "1..2",
+                           "--epochs", "1", "--no-floor", "-j", "2", "--out", str(out), "--json"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    assert doc["configs"] == ["bn @host-a", "bn @host-b"] and doc["missing"] == []
+    pair = next(p for p in doc["pairs"] if p["outcome"] == "test_mse")
+    assert (pair["a"], pair["b"], pair["n"], pair["identical"]) == ("bn @host-a", "bn @host-b", 2, 0)
+    differences = []
+    for seed in (1, 2):
+        native, nehalem = (record.load(out / "runs" / "runs" / host / f"bn-seed-{seed}" / LABEL)
+                           for host in ("host-a", "host-b"))
+        assert nehalem.environment.get("emulated_cpu_model") == "Nehalem"
+        assert not native.environment.get("emulated_cpu_model")
+        assert compare.compare_pair(native, nehalem).first is not None  # the two hosts compute apart
+        differences.append(float(native.test_loss[-1]) - float(nehalem.test_loss[-1]))
+    assert pair["mean"] == sum(differences) / 2  # the pair is the hosts' records, seed by seed

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import typer
 
 from bnaudit import fileio
 from bnaudit._version import __version__
 from bnaudit.controls import DTYPES, ISAS
+
+if TYPE_CHECKING:
+    from bnaudit.spec import ExperimentSpec
 
 ERROR_SCHEMA = "bnaudit.error/1"
 RUN_SCHEMA = "bnaudit.run-summary/1"
@@ -47,7 +50,7 @@ SeedScopeOption = Annotated[str | None, typer.Option(
                           "data set fixed), init, order, data, or all.")]
 
 
-def experiment_of(spec: Path | None, seed: int | None, seed_scope: str | None) -> Any:
+def experiment_of(spec: Path | None, seed: int | None, seed_scope: str | None) -> ExperimentSpec:
     """The ``--spec`` file's experiment (the embedded default without one), reseeded by ``--seed``."""
     from bnaudit import spec as specs
     from bnaudit.errors import UsageError
