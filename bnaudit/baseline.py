@@ -319,6 +319,9 @@ def write_baseline(out: Path, source: Path, *, update: bool, force: bool = False
     if update:
         old = open_for_update(out, force=force, key=key)
         new = record.load(_source_fingerprint_file(Path(source)))
+        if old is not None and old.ensemble is not None and ensemble is None:
+            raise UsageError(f"{out} is an ensemble baseline ({len(old.ensemble.seeds)} seeds); one run does not "
+                             "replace it: remake it with bnaudit ensemble ... --baseline-out FILE --force")
         if old is not None:
             refuse_another_experiment(out, old, spec=new.spec, frozen=new.frozen, dtype=new.controls.dtype,
                                       force=force)

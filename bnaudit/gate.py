@@ -329,6 +329,9 @@ def make_baseline(out: Path, *, source: Path | None = None, options: RunOptions 
     if not update and out.exists() and not force:
         raise OutputError(f"{out} already exists; use bnaudit baseline update, or --force")
     old = open_for_update(out, force=force, key=key) if update else None
+    if old is not None and old.ensemble is not None:  # before the run: one run does not replace an ensemble
+        raise UsageError(f"{out} is an ensemble baseline ({len(old.ensemble.seeds)} seeds); one run does not "
+                         "replace it: remake it with bnaudit ensemble ... --baseline-out FILE --force")
     experiment, config = _plan(old, options, options.load_spec(), allow_longer=True)
     if old is not None:
         refuse_another_experiment(out, old, spec=experiment, dtype=config.controls.dtype, force=force)

@@ -120,6 +120,12 @@ def test_what_cannot_be_judged_is_refused_in_one_line(ensembles, cli, make_run, 
     for args, want, message in cases:
         code, _, err = cli("check", *args)
         assert code == want and message in err and len(err.strip().splitlines()) == 1, (args, code, err)
+    kept = (ensembles / "baseline.json").read_bytes()
+    code, _, err = cli("baseline", "update", "--out", str(ensembles / "baseline.json"), "--record", str(make_run(5)))
+    assert code == ExitCode.USAGE and "is an ensemble baseline" in err
+    code, _, err = cli("baseline", "update", "--out", str(ensembles / "baseline.json"))  # refused before a run
+    assert code == ExitCode.USAGE and "is an ensemble baseline" in err and "running" not in err
+    assert (ensembles / "baseline.json").read_bytes() == kept  # and it is left as it was
     edited = tmp_path / "edited.json"
     raw = json.loads((ensembles / "baseline.json").read_text())
     raw["extra"]["baseline"]["ensemble"]["test_mse"][0] *= 4  # widen the band by hand
