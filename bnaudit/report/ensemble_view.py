@@ -33,8 +33,10 @@ def _ci(ci: Interval | None) -> str:
 
 def headline(e: Ensemble) -> str:
     n = len(e.seeds)
-    return (f"{len(e.configs)} configuration{'' if len(e.configs) == 1 else 's'} x {n} seed{'' if n == 1 else 's'}, "
-            f"{e.epochs} epoch{'' if e.epochs == 1 else 's'} each (seeds draw {'+'.join(e.scope)})")
+    done = len({s for d in e.distributions for s in d.seeds})
+    partial = f" ({done} finished)" if e.missing else ""
+    return (f"{len(e.configs)} configuration{'' if len(e.configs) == 1 else 's'} x {n} seed{'' if n == 1 else 's'}"
+            f"{partial}, {e.epochs} epoch{'' if e.epochs == 1 else 's'} each (seeds draw {'+'.join(e.scope)})")
 
 
 def pair_line(p: Paired) -> str:
