@@ -340,7 +340,13 @@ class ChaosFloor:
 
 ENSEMBLE_OUTCOMES_SCHEMA = "bnaudit.ensemble-outcomes/1"
 OUTCOME_NAMES = ("test_mse", "train_mse")
-"""The outcomes an ensemble baseline holds: final eval-mode test and train MSE."""
+"""A run's outcomes (an ensemble's, an ensemble baseline's): final eval-mode test and train MSE; test first."""
+OUTCOME_WORDS = {"test_mse": "final test MSE", "train_mse": "final train MSE"}
+
+
+def outcome_series(name: str, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """The per-epoch series an outcome is the last value of (rows: the initial state, then each epoch)."""
+    return test if name == "test_mse" else train
 MAX_ENSEMBLE_SEEDS = 100_000
 
 

@@ -59,7 +59,7 @@ import numpy as np
 from bnaudit import bits, compare, fileio, record
 from bnaudit._version import __version__
 from bnaudit.baseline import Baseline, experiment_differences, source_name
-from bnaudit.blocks import OUTCOME_NAMES, DivergenceBlock, EnsembleOutcomes
+from bnaudit.blocks import OUTCOME_NAMES, OUTCOME_WORDS, DivergenceBlock, EnsembleOutcomes, outcome_series
 from bnaudit.errors import ExitCode, MismatchError, ReferenceFailure, UsageError
 from bnaudit.record import Fingerprint
 from bnaudit.spec import with_seed
@@ -548,7 +548,7 @@ def check_case(baseline: Baseline, candidate: Fingerprint, tolerance: Tolerance 
 
 def final_outcome(fp: Fingerprint, outcome: str) -> float:
     """The run's outcome after its last epoch: eval-mode test or train MSE."""
-    return float((fp.test_loss if outcome == "test_mse" else fp.train_loss)[-1])
+    return float(outcome_series(outcome, fp.train_loss, fp.test_loss)[-1])
 
 
 def require_ensemble(baseline: Baseline, tolerance: Tolerance) -> EnsembleOutcomes:
@@ -585,7 +585,7 @@ def dist_case(baseline: Baseline, candidate: Fingerprint, tolerance: Tolerance, 
     value = final_outcome(candidate, tolerance.outcome)
     b = band(ens.values[tolerance.outcome], float(tolerance.limit or 0))
     within = math.isfinite(value) and b.low <= value <= b.high and not candidate.nonfinite  # no NaN passes
-    what = ("final test MSE" if tolerance.outcome == "test_mse" else "final train MSE") + (
+    what = OUTCOME_WORDS[tolerance.outcome] + (
         f" (another experiment: {'; '.join(others)})" if others else "")
     same = candidate.spec.hash == base_fp.spec.hash and candidate.frozen == base_fp.frozen
     pair = compare.compare_pair(record.prefix(base_fp, candidate.epochs), candidate) if same else None

@@ -290,6 +290,17 @@ def json_number(x: float | int | None) -> float | int | str | None:
     return x
 
 
+def json_numbers(value: Any) -> Any:
+    """A document with every float in it as ``json_number`` writes it (dicts, lists and tuples walked)."""
+    if isinstance(value, float):
+        return json_number(value)
+    if isinstance(value, dict):
+        return {k: json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_numbers(v) for v in value]
+    return value
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard constant {name}")
 

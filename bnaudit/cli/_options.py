@@ -27,18 +27,8 @@ def json_document(schema: str, body: dict[str, Any]) -> str:
     Strict JSON: a non-finite number (the losses of a run that diverged) is written as the
     string "nan", "inf" or "-inf", as in every other document bnaudit writes.
     """
-    return json.dumps(_strict({"schema": schema, "bnaudit": __version__, **body}), indent=1, sort_keys=True,
-                      allow_nan=False)
-
-
-def _strict(value: Any) -> Any:
-    if isinstance(value, float):
-        return fileio.json_number(value)
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    return value
+    return json.dumps(fileio.json_numbers({"schema": schema, "bnaudit": __version__, **body}), indent=1,
+                      sort_keys=True, allow_nan=False)
 
 
 SpecOption = Annotated[Path | None, typer.Option("--spec", help="TOML file overriding the embedded default spec.")]
@@ -53,15 +43,11 @@ SeedScopeOption = Annotated[str | None, typer.Option(
 def experiment_of(spec: Path | None, seed: int | None, seed_scope: str | None) -> ExperimentSpec:
     """The ``--spec`` file's experiment (the embedded default without one), reseeded by ``--seed``."""
     from bnaudit import spec as specs
-    from bnaudit.errors import UsageError
+    from bnaudit.cli import lists
 
     experiment = specs.load_spec(spec)
-    if seed is None:
-        if seed_scope is not None:
-            raise UsageError("--seed-scope says what --seed draws; give --seed too")
-        return experiment
-    scope = specs.DEFAULT_SEED_SCOPE if seed_scope is None else specs.parse_seed_scope(seed_scope)
-    return specs.with_seed(experiment, seed, scope)
+    scope = lists.seed_scope(seed_scope, seeded=seed is not None, option="--seed")
+    return experiment if seed is None else specs.with_seed(experiment, seed, scope)
 
 # --dtype and --isa are choices (shell completion offers them, a typo is a usage error,
 # exit 2); controls.DTYPES and ISAS are the source, and the Literals must list the same.

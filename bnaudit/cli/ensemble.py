@@ -57,14 +57,14 @@ def ensemble(
     from bnaudit import fileio
     from bnaudit._version import __version__
     from bnaudit.cli import lists
-    from bnaudit.cli.matrix import _seeds, cluster_of
+    from bnaudit.cli.matrix import cluster_of
     from bnaudit.errors import RunFailed, UsageError
     from bnaudit.matrix import ensemble as core
     from bnaudit.matrix.plan import Grid
     from bnaudit.report import ensemble_view
     from bnaudit.spec import load_spec
 
-    chosen, scope = _seeds(seeds, seed_scope)
+    chosen, scope = lists.seeds_and_scope(seeds, seed_scope)
     overrides = lists.grid_values(dtype=dtype, threads=threads, isa=isa, cpu_model=cpu_model, mkl_cbwr=mkl_cbwr)
     req = core.request(load_spec(spec), networks=lists.split_list(networks, "--networks"), seeds=chosen,
                        scope=scope, grid=Grid(**overrides), epochs=epochs, perturb=perturb if floor else None)

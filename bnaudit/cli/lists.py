@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bnaudit import controls, emulate
+from bnaudit import controls, emulate, spec
 from bnaudit.errors import UsageError
 from bnaudit.matrix.plan import INHERIT
 
@@ -37,6 +37,20 @@ def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
             raise UsageError(f"{option} {text!r}: more than {MAX_SEEDS} seeds")
         out += values
     return tuple(dict.fromkeys(out))
+
+
+def seed_scope(text: str | None, *, seeded: bool, option: str) -> tuple[str, ...]:
+    """``--seed-scope`` (default: init+order), refused where ``option`` (--seed, --seeds) was not given."""
+    if text is not None and not seeded:
+        verb = "draws" if option == "--seed" else "draw"
+        raise UsageError(f"--seed-scope says what {option} {verb}; give {option} too")
+    return spec.DEFAULT_SEED_SCOPE if text is None else spec.parse_seed_scope(text)
+
+
+def seeds_and_scope(seeds: str | None, scope: str | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``--seeds`` and ``--seed-scope`` parsed: the seeds (none: the spec's own) and the streams they draw."""
+    return (() if seeds is None else parse_seeds(seeds)), seed_scope(scope, seeded=seeds is not None,
+                                                                      option="--seeds")
 
 
 def parse_threads(text: str) -> tuple[int, ...]:

@@ -92,7 +92,7 @@ def matrix(
     with cluster_of(scheduler) as cluster:
         plan = _plan(experiment, spec, preset, overrides, epochs=epochs, trace=_epoch_list(trace_epochs),
                      audit_every=audit_every, hosts=() if cluster is None else cluster.hosts(),
-                     seeds=_seeds(seeds, seed_scope))
+                     seeds=lists.seeds_and_scope(seeds, seed_scope))
         target = out if out is not None else Path("reports") / "matrix" / f"{preset or 'grid'}-{plan.plan_id}"
         with matrix_view.progress(plan, enabled=not (as_json or as_markdown)) as on_event:
             summary = run_matrix(plan, target, render_markdown=matrix_view.markdown, jobs=jobs, force=force,
@@ -111,17 +111,6 @@ def cluster_of(scheduler: str | None) -> Iterator[Cluster | None]:
 
     with Cluster(scheduler) as cluster:
         yield cluster
-
-
-def _seeds(seeds: str | None, seed_scope: str | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """``--seeds`` and ``--seed-scope`` parsed: the seeds (none: the spec's own) and the streams they draw."""
-    from bnaudit.errors import UsageError
-    from bnaudit.spec import DEFAULT_SEED_SCOPE, parse_seed_scope
-
-    if seeds is None and seed_scope is not None:
-        raise UsageError("--seed-scope says what --seeds draw; give --seeds too")
-    scope = DEFAULT_SEED_SCOPE if seed_scope is None else parse_seed_scope(seed_scope)
-    return (() if seeds is None else lists.parse_seeds(seeds)), scope
 
 
 def _plan(experiment: ExperimentSpec, spec: Path | None, preset: str | None, overrides: dict[str, tuple[Any, ...]],

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 
 from bnaudit import fileio, layout, record
-from bnaudit.blocks import EnsembleOutcomes
+from bnaudit.blocks import OUTCOME_NAMES, OUTCOME_WORDS, EnsembleOutcomes, outcome_series
 from bnaudit.controls import Perturbation, parse_perturbation
 from bnaudit.errors import UsageError
 from bnaudit.matrix import folder
-from bnaudit.matrix.plan import CONTROL_FIELDS, Grid, Plan, Variant, make_plan, no_bn_variant
+from bnaudit.matrix.plan import CONTROL_FIELDS, Grid, Plan, Variant, make_plan, no_bn_variant, seeded
 from bnaudit.record import Fingerprint
 from bnaudit.spec import DEFAULT_SEED_SCOPE, ExperimentSpec, with_seed
 
@@ -47,8 +47,6 @@ NETWORKS = ("bn", "no-bn")
 """The seed page's network, and its baseline without BatchNorm."""
 DEFAULT_SEEDS = "1..32"
 DEFAULT_PERTURB = "linear1.weight[0,0]:1"
-OUTCOMES = ("test_mse", "train_mse")
-"""Final eval-mode MSE after the last epoch; the first is the primary outcome."""
 DEFAULT_ALPHA = 0.05
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 20151212
@@ -73,8 +71,7 @@ class Request:
     def variants(self) -> tuple[Variant, ...]:
         """``<network>-seed-<n>``: every network once per seed."""
         base = {"bn": self.spec, "no-bn": no_bn_variant(self.spec)}
-        return tuple(Variant(f"{net}-seed-{n}", with_seed(base[net], n, self.scope))
-                     for net in self.networks for n in self.seeds)
+        return seeded([Variant(net, base[net]) for net in self.networks], self.seeds, self.scope, named=True)
 
 
 def request(spec: ExperimentSpec, *, networks: Sequence[str], seeds: Sequence[int],
@@ -122,7 +119,10 @@ class Outcome:
     test: np.ndarray
 
     def final(self, outcome: str) -> float:
-        return float((self.test if outcome == "test_mse" else self.train)[-1])
+        return float(self.series(outcome)[-1])
+
+    def series(self, outcome: str) -> np.ndarray:
+        return outcome_series(outcome, self.train, self.test)
 
 
 Table = dict[str, dict[int, Outcome]]
@@ -306,7 +306,7 @@ def _paired(a: str, b: str, outcome: str, ra: Mapping[int, Outcome], rb: Mapping
 
 def verdict(p: Paired, alpha: float) -> str:
     """The pair in one sentence."""
-    what = "test MSE" if p.outcome == "test_mse" else "train MSE"
+    what = OUTCOME_WORDS[p.outcome].removeprefix("final ")
     if p.n == 0:
         return "no seed with both runs finished"
     if p.identical == p.n:
@@ -351,7 +351,7 @@ def outcomes_of(req: Request, table: Table, config: str | None = None) -> tuple[
     unseeded = with_seed(record.load(first).spec, 0, req.scope).hash
     block = EnsembleOutcomes(config=name, scope=req.scope, unseeded=unseeded, epochs=len(runs[seeds[0]].test) - 1,
                              seeds=tuple(seeds), digests=tuple(runs[s].digest for s in seeds),
-                             values={o: tuple(runs[s].final(o) for s in seeds) for o in OUTCOMES})
+                             values={o: tuple(runs[s].final(o) for s in seeds) for o in OUTCOME_NAMES})
     return block, Path(first)
 
 
@@ -390,23 +390,12 @@ class Ensemble:
     """Runs not finished (an interrupted or partial ensemble is analysed on the seeds it has)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return _strict(dataclasses.asdict(self))
+        return fileio.json_numbers(dataclasses.asdict(self))
 
 
-def _strict(value: Any) -> Any:
-    """Non-finite numbers as ``fileio.json_number`` writes them (strict JSON)."""
-    if isinstance(value, float):
-        return fileio.json_number(value)
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    return value
-
-
-def band(config: str, outcome: str, runs: Mapping[int, Outcome], epochs: int) -> EpochBand:
+def epoch_band(config: str, outcome: str, runs: Mapping[int, Outcome], epochs: int) -> EpochBand:
     rows = tuple(r for r in layout.keyframe_schedule(epochs))
-    series = np.array([(o.test if outcome == "test_mse" else o.train)[list(rows)] for o in runs.values()])
+    series = np.array([o.series(outcome)[list(rows)] for o in runs.values()])
     q = np.nanquantile(series, [0.25, 0.5, 0.75], axis=0) if len(series) else np.full((3, len(rows)), np.nan)
     return EpochBand(config=config, outcome=outcome, rows=rows, median=tuple(q[1].tolist()),
                      q25=tuple(q[0].tolist()), q75=tuple(q[2].tolist()))
@@ -439,7 +428,7 @@ def analyse(req: Request, stages: Sequence[tuple[Plan, Path]], *, folder_text: s
     floors = []
     for name, runs in moved.items():
         plain = table.get(name, {})
-        for outcome in OUTCOMES:
+        for outcome in OUTCOME_NAMES:
             floors.append(floor_of(name, str(req.perturb), outcome, plain, runs))
 
     def floor_for(a: str, b: str, outcome: str) -> Floor | None:
@@ -449,9 +438,9 @@ def analyse(req: Request, stages: Sequence[tuple[Plan, Path]], *, folder_text: s
         return next((f for f in floors if f.outcome == outcome and f.config.split(" ", 1)[0] == net), None)
 
     pairs = [paired(a, b, o, table[a], table[b], floor_for(a, b, o), alpha)
-             for a, b in pairs_of(configs) for o in OUTCOMES]
-    dists = [distribution(c, o, table[c]) for c in configs for o in OUTCOMES]
-    bands = [band(c, o, table[c], runs_plan.epochs) for c in configs for o in OUTCOMES]
+             for a, b in pairs_of(configs) for o in OUTCOME_NAMES]
+    dists = [distribution(c, o, table[c]) for c in configs for o in OUTCOME_NAMES]
+    bands = [epoch_band(c, o, table[c], runs_plan.epochs) for c in configs for o in OUTCOME_NAMES]
     answer = Ensemble(folder=folder_text, spec_hash=req.spec.hash, networks=req.networks, seeds=req.seeds,
                       scope=req.scope, epochs=runs_plan.epochs, alpha=alpha, configs=configs,
                       distributions=tuple(dists), bands=tuple(bands), pairs=tuple(pairs), floors=tuple(floors),

@@ -198,10 +198,11 @@ class Plan:
         }
 
 
-def seeded(variants: Sequence[Variant], seeds: Sequence[int], scope: tuple[str, ...] = DEFAULT_SEED_SCOPE
-           ) -> tuple[Variant, ...]:
-    """Each variant once per seed (``seed-N``, or ``<variant>-seed-N`` where there are several)."""
-    return tuple(Variant(f"seed-{n}" if len(variants) == 1 else f"{v.name}-seed-{n}", with_seed(v.spec, n, scope))
+def seeded(variants: Sequence[Variant], seeds: Sequence[int], scope: tuple[str, ...] = DEFAULT_SEED_SCOPE, *,
+           named: bool = False) -> tuple[Variant, ...]:
+    """Each variant once per seed: ``<variant>-seed-N`` where there are several (or ``named``), else ``seed-N``."""
+    keep = named or len(variants) > 1
+    return tuple(Variant(f"{v.name}-seed-{n}" if keep else f"seed-{n}", with_seed(v.spec, n, scope))
                  for v in variants for n in seeds)
 
 

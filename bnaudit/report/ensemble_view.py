@@ -10,13 +10,14 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from bnaudit.blocks import OUTCOME_WORDS
 from bnaudit.matrix.ensemble import Ensemble, Interval, Outcome, Paired
 from bnaudit.report import console as console_policy
 from bnaudit.report import escape
 
 console = console_policy.stdout()
 
-WHAT = {"test_mse": "final test MSE", "train_mse": "final train MSE"}
+WHAT = OUTCOME_WORDS
 
 
 def _cell(text: object) -> str:
@@ -149,7 +150,7 @@ def figures(e: Ensemble, table: Mapping[str, Mapping[int, Outcome]], folder: Pat
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
     for ax, outcome in zip(axes[0], ("test_mse", "train_mse"), strict=True):
         for k, c in enumerate(configs):
-            series = np.array([o.test if outcome == "test_mse" else o.train for o in table[c].values()])
+            series = np.array([o.series(outcome) for o in table[c].values()])
             q25, median, q75 = np.nanquantile(series, [0.25, 0.5, 0.75], axis=0)
             rows = np.arange(series.shape[1])
             ax.plot(rows, median, color=f"C{k % 10}", linewidth=1.2, label=escape.figure_text(c))
