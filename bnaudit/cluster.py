@@ -32,12 +32,14 @@ import contextlib
 import tempfile
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from bnaudit import controls, emulate, envinfo, fileio, launch, record
 from bnaudit.controls import RunConfig
 from bnaudit.errors import BnauditError, Interrupted, MissingTool, RunFailed, UsageError
+from bnaudit.matrix import census
 from bnaudit.matrix.plan import HOST_NAME
 from bnaudit.spec import ExperimentSpec
 
@@ -106,6 +108,24 @@ class Cluster:
 
     def _address_of(self, host: str) -> str | None:
         return next((a for a, name in self._workers().items() if name == host), None)
+
+    def facts(self, hosts: Sequence[str]) -> dict[str, census.Facts]:
+        """Each host's CPUID vendor and CPU features, read on the host (under its model, for a host that
+        stands for one): a census or solve over the cluster separates its classes by them."""
+        found = {}
+        for host in hosts:
+            address = self._address_of(host)
+            if address is None:
+                raise RunFailed(f"host {host}: no worker of that name is connected to {self.address}")
+            future = self.client.submit(remote_facts, key=f"bnaudit-facts-{host}-{uuid.uuid4().hex}",
+                                        workers=[address], allow_other_workers=False, pure=False)
+            try:
+                answer = future.result(timeout=FETCH_TIMEOUT_S)
+            except Exception as exc:  # dask re-raises the task's own exception, of any class
+                raise RunFailed(f"host {host}: cannot read its CPU ({type(exc).__name__}: "
+                                f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+            found[host] = _checked_facts(answer, f"host {host}")
+        return found
 
     def _relay(self, event: tuple[float, Any]) -> None:
         """A progress event from a worker, to the run it belongs to (called on the client's event loop)."""
@@ -221,6 +241,31 @@ def host_cpu_model() -> str | None:
         return emulate.resolve(value)
     except BnauditError as exc:  # UsageError for an unknown model, MissingTool without qemu
         raise type(exc)(f"{HOST_MODEL_VARIABLE}={value}: {exc.message}") from None
+
+
+def _checked_facts(answer: object, where: str) -> census.Facts:
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(error, dict):
+        raise launch.error_of(str(error.get("kind")), f"{where}: {error.get('message')}")
+    vendor = answer.get("vendor") if isinstance(answer, dict) else None
+    features = answer.get("features") if isinstance(answer, dict) else None
+    if not isinstance(vendor, str) or not isinstance(features, list) or \
+            not all(isinstance(f, str) for f in features):
+        raise RunFailed(f"{where}: the worker's answer is not a CPU's vendor and features")
+    return census.Facts(vendor=vendor, features=frozenset(features))
+
+
+def remote_facts() -> dict[str, Any]:
+    """The task, on the worker: this host's CPUID vendor and features (its model's, for a host that stands for one)."""
+    try:
+        model = host_cpu_model()
+        if model is None:
+            vendor, features = envinfo.cpu_vendor(), envinfo.cpu_features()
+        else:
+            vendor, features = census.vendor_of(model), emulate.model_features(model)
+    except BnauditError as exc:
+        return {"error": {"kind": type(exc).__name__, "message": exc.message}}
+    return {"vendor": vendor, "features": sorted(k for k, v in features.items() if v)}
 
 
 def remote_run(spec: dict[str, Any], config: dict[str, Any], key: str) -> dict[str, Any]:

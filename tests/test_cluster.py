@@ -318,3 +318,66 @@ def test_an_ensemble_runs_each_seed_on_every_host_and_pairs_the_hosts_by_seed(cl
         assert compare.compare_pair(native, nehalem).first is not None  # the two hosts compute apart
         differences.append(float(native.test_loss[-1]) - float(nehalem.test_loss[-1]))
     assert pair["mean"] == sum(differences) / 2  # the pair is the hosts' records, seed by seed
+
+
+def _cli_json(*argv: str) -> dict:
+    import json
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "bnaudit", *argv, "--json"], capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_a_census_through_the_cluster_says_what_a_census_on_local_processes_says(cluster, tmp_path):
+    """host-a (this machine) and host-b (a Nehalem host) against `census --models Nehalem` here: the same
+    machines, bits, classes, splits, vendors and features, each host's read on the host itself."""
+    address = cluster.client.scheduler.address
+    remote = _cli_json("census", "--scheduler", address, "-j", "2", "--out", str(tmp_path / "cluster"))
+    local = _cli_json("census", "--models", "Nehalem", "-j", "2", "--out", str(tmp_path / "local"))
+    as_local = {"host-a": "native", "host-b": "Nehalem"}
+    assert [m["name"] for m in remote["machines"]] == ["host-a", "host-b"]
+    assert [m["name"] for m in local["machines"]] == ["native", "Nehalem"]
+    for r, lo in zip(remote["machines"], local["machines"]):
+        assert {**r, "name": as_local[r["name"]]} == lo  # digest, class, vendor, features, capability
+    assert [[as_local[n] for n in c] for c in remote["classes"]] == local["classes"]
+    assert remote["splits"] == local["splits"] and remote["missing"] == local["missing"] == []
+    assert len(local["classes"]) == 2 or local["machines"][0]["capability"] == "DEFAULT"  # as the matrix test says
+    for host in ("host-a", "host-b"):  # each host's run was made there, in runs/<host>/
+        assert record.load(tmp_path / "cluster" / "runs" / host / LABEL).digest \
+            == next(m["digest"] for m in remote["machines"] if m["name"] == host)
+    refused = subprocess.run([sys.executable, "-m", "bnaudit", "census", "--scheduler", address, "--models",
+                              "Haswell", "--out", str(tmp_path / "no")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == ExitCode.USAGE and "--models does not apply" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
+
+
+def test_a_solve_over_the_cluster_pins_each_run_to_its_host_and_reads_its_answer_from_their_records(
+        cluster, tmp_path):
+    """`solve --scheduler`: the hosts are the machines; the screen's runs come back from host-a and host-b, and
+    the answer (agree or not under --isa default) is what their records say; the timing runs stay here."""
+    address = cluster.client.scheduler.address
+    out = tmp_path / "s"
+    doc = _cli_json("solve", "--scheduler", address, "--lever", "isa=default", "--max-levers", "1",
+                    "--verify-epochs", "1", "--cost-epochs", "1", "--cost-repeats", "1", "-j", "2", "--out", str(out))
+    assert doc["machines"] == ["host-a", "host-b"] and doc["levers"] == ["isa=default"]
+    stage = {p.name.partition("-")[0]: p for p in out.iterdir() if p.is_dir()}
+    base = [record.load(stage["baseline"] / "runs" / h / LABEL) for h in ("host-a", "host-b")]
+    assert [len(c) for c in doc["classes_before"]] == [len(c.indices) for c in compare.equivalence_classes(base)]
+    if len(doc["classes_before"]) == 1:
+        return  # nothing to solve (a host with no kernels beyond SSE4.2: never CI's)
+    capped = [record.load_record(stage["screen"] / "runs" / h / "float32_t1_default_nondet")
+              for h in ("host-a", "host-b")]
+    assert capped[1].meta["environment"]["emulated_cpu_model"] == "Nehalem"
+    agree = capped[0].fingerprint.digest == capped[1].fingerprint.digest
+    (tried,) = doc["tried"]
+    assert tried["recipe"] == "isa=default" and tried["classes"] == (1 if agree else 2)
+    if agree:
+        assert doc["best"] == "isa=default" and doc["run_options"] == ["--isa", "default"]
+        assert (stage["cost"] / "runs").is_dir() and not any(
+            h.name.startswith("host-") for h in (stage["cost"] / "runs").rglob("*"))  # timed here
+    else:
+        assert doc["best"] is None and [sorted(c) for c in doc["partition"]["classes"]] == [["host-a"], ["host-b"]]
+        assert doc["causes"]  # what separates them, read from each host's own CPU
+    assert doc["runs"]["baseline"] == 2 and doc["runs"]["screen-1"] == 2

@@ -4,7 +4,10 @@ The machines are this one (``native``) and qemu CPU models across Intel and AMD
 generations, each running the experiment with the numerics settings as they come (no
 ISA cap, the default thread count of one).  A census is a matrix over ``cpu_model``
 alone, so its folder is a matrix folder (resumable, ``summary.json`` beside the runs);
-this module plans it and reads it back as classes:
+this module plans it and reads it back as classes.  Over a dask cluster the machines are the
+cluster's hosts instead, one native run on each (a host whose worker holds
+``BNAUDIT_HOST_CPU_MODEL`` stands for that qemu model), and the host itself reads its CPU's
+vendor and features (``bnaudit.cluster``).
 
 - **classes**: machines whose fingerprints are bit-identical (``compare.equivalence_classes``);
 - **where two classes part**: the training split of one member of each
@@ -27,7 +30,7 @@ runs without it, and its features say so.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +124,32 @@ class Census:
         }
 
 
-def plan(spec: ExperimentSpec, machines: Sequence[str], *, epochs: int = DEFAULT_EPOCHS) -> Plan:
-    """The census as a matrix plan: one run per machine, settings as they come, no operator audit."""
-    models = tuple(None if emulate.is_native(m) else m for m in machines)
-    return make_plan([Variant("census", spec)], Grid(cpu_model=models), epochs=epochs, audit_every=0)
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What the census reads of a machine besides its run."""
+
+    vendor: str
+    """CPUID vendor ("?" where unknown)."""
+    features: frozenset[str]
+    """CPU features present, as numpy's dispatcher reads them."""
 
 
-def machine_name(model: str | None) -> str:
+FactsOf = Callable[[Sequence[str]], Mapping[str, Facts]]
+"""The facts of the machines named (``local_facts``, or ``cluster.Cluster.facts`` for hosts)."""
+
+
+def plan(spec: ExperimentSpec, machines: Sequence[str], *, epochs: int = DEFAULT_EPOCHS,
+         hosts: Sequence[str] = ()) -> Plan:
+    """The census as a matrix plan: one run per machine, settings as they come, no operator audit;
+    with ``hosts`` (a cluster's), one native run on each host instead of ``machines``."""
+    models = (None,) if hosts else tuple(None if emulate.is_native(m) else m for m in machines)
+    return make_plan([Variant("census", spec)], Grid(cpu_model=models), epochs=epochs, audit_every=0, hosts=hosts)
+
+
+def machine_name(model: str | None, host: str | None = None) -> str:
+    """A machine as the census names it: the cluster host, else ``native`` or the qemu model."""
+    if host is not None:
+        return host
     return NATIVE if model is None else model
 
 
@@ -151,30 +173,36 @@ def machine_features(names: Sequence[str], native: Mapping[str, bool], *, jobs: 
     return {n: frozenset(k for k, v in found[n].items() if v) for n in names}
 
 
-def analyse(p: Plan, out: Path, native_vendor: str, native_features: Mapping[str, bool], *,
-            jobs: int = 1) -> Census:
+def local_facts(native_vendor: str, native_features: Mapping[str, bool], *, jobs: int = 1) -> FactsOf:
+    """Facts of ``native`` (given) and of qemu models (their vendor, and their features read under qemu)."""
+    def facts(names: Sequence[str]) -> dict[str, Facts]:
+        features = machine_features(names, native_features, jobs=jobs)
+        return {n: Facts(vendor=native_vendor if n == NATIVE else vendor_of(n), features=features[n]) for n in names}
+    return facts
+
+
+def analyse(p: Plan, out: Path, facts_of: FactsOf) -> Census:
     """Read the census folder's records back as classes, splits and separating features."""
     out = Path(out)
     fps: dict[str, Fingerprint] = {}
     missing = []
     for run in p.runs:
         rec = folder.finished(p, run, out, with_reference=False)
-        name = machine_name(run.controls.cpu_model)
+        name = machine_name(run.controls.cpu_model, run.host)
         if rec is None:
             missing.append(name)
         else:
             fps[name] = rec.fingerprint
-    names = list(fps)
-    return classify(fps, features=machine_features(names, native_features, jobs=jobs),
-                    vendors={n: native_vendor if n == NATIVE else vendor_of(n) for n in names},
-                    where=str(out), epochs=p.epochs, missing=missing)
+    return classify(fps, facts_of(list(fps)), where=str(out), epochs=p.epochs, missing=missing)
 
 
-def classify(fps: Mapping[str, Fingerprint], *, features: Mapping[str, frozenset[str]], vendors: Mapping[str, str],
-             where: str, epochs: int, missing: Sequence[str], why_epochs: str = WHY_EPOCHS) -> Census:
+def classify(fps: Mapping[str, Fingerprint], facts: Mapping[str, Facts], *, where: str, epochs: int,
+             missing: Sequence[str], why_epochs: str = WHY_EPOCHS) -> Census:
     """Machines' fingerprints (by machine name) as classes of bit-identical runs, where each pair of
     classes parts, and the features and vendors (by machine; "?" where unknown) that separate them."""
     names = list(fps)
+    features = {n: facts[n].features for n in names}
+    vendors = {n: facts[n].vendor for n in names}
     classes = compare.equivalence_classes([fps[n] for n in names]) if names else []
     members = tuple(tuple(names[k] for k in c.indices) for c in classes)
     klass = {n: i for i, ms in enumerate(members) for n in ms}

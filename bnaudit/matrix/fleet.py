@@ -186,10 +186,10 @@ def from_records(sources: Sequence[tuple[str, Path]], *, dtype: str = "float32")
         pick = rows[0]
         (r, n) = next(k for k in complete if _at(*k) == pick.recipe)
         fps = {m: complete[(r, n)][m][0] for m in machines}
-        features = {m: frozenset(str(f) for f in fp.environment.get("cpu_features", ())) for m, fp in fps.items()}
-        partition = census.classify(
-            fps, features=features, vendors={m: _fleet_vendor(fp) for m, fp in fps.items()}, where="", epochs=n,
-            missing=(), why_epochs="the records' own length")
+        facts = {m: census.Facts(vendor=_fleet_vendor(fp),
+                                 features=frozenset(str(f) for f in fp.environment.get("cpu_features", ())))
+                 for m, fp in fps.items()}
+        partition = census.classify(fps, facts, where="", epochs=n, missing=(), why_epochs="the records' own length")
         partition_recipe = pick.recipe
         causes = split_causes(partition)
     return FleetSolution(machines=machines, dtype=dtype, sources=tuple((n, str(p)) for n, p in sources),

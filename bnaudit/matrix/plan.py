@@ -154,6 +154,9 @@ class Plan:
     configurations: tuple[Controls, ...] | None = None
     """The configurations run, where they are a chosen list rather than the grid's whole product
     (``bnaudit solve``'s stages; the grid then holds the values they take); None: the product."""
+    on_hosts: tuple[str, ...] | None = None
+    """The host each of ``configurations`` runs on, where each runs on one host rather than on all of
+    ``hosts`` (``bnaudit solve`` over a cluster); None: every configuration on every host."""
     perturb: Perturbation | None = None
     """The initial-state element every run moves by some ulps (``bnaudit ensemble``'s chaos floor); None: none."""
 
@@ -178,6 +181,7 @@ class Plan:
             **({"hosts": list(self.hosts)} if self.hosts else {}),  # absent: plan ids as before hosts existed
             **({"configurations": [c.label() for c in self.configurations]}
                if self.configurations is not None else {}),
+            **({"on_hosts": list(self.on_hosts)} if self.on_hosts is not None else {}),
             **({"perturb": str(self.perturb)} if self.perturb is not None else {}),
         }
 
@@ -214,13 +218,16 @@ def no_bn_variant(spec: ExperimentSpec) -> ExperimentSpec:
 def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = None,
               trace_epochs: tuple[int, ...] = (0,), audit_every: int = 10, preset: str | None = None,
               check_cpu: bool = True, hosts: Sequence[str] = (),
-              configurations: Sequence[Controls] | None = None, perturb: Perturbation | None = None) -> Plan:
+              configurations: Sequence[Controls] | None = None, on_hosts: Sequence[str] | None = None,
+              perturb: Perturbation | None = None) -> Plan:
     """Validate every configuration (UsageError, exit 2, before anything runs) and name its folder.
 
     ``hosts``: cluster hosts (worker names) each configuration runs on, in ``runs/<host>/``; the
     CPU checks of ``validate`` are this machine's, so a plan over hosts is checked without them.
     ``configurations``: run these (in this order) instead of the grid's product; the grid is
     then ignored and replaced by the values they take (``grid_of``).
+    ``on_hosts``: with ``configurations``, the one host each of them runs on (``bnaudit solve``'s
+    stages over a cluster), instead of every configuration on every host of ``hosts``.
     ``perturb``: every run moves this initial-state element (and runs its unperturbed twin).
     """
     chosen = None if configurations is None else tuple(configurations)
@@ -228,6 +235,10 @@ def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = N
         if not chosen:
             raise UsageError("a matrix needs at least one configuration")
         grid = grid_of(chosen)
+    if on_hosts is not None:
+        if chosen is None or len(on_hosts) != len(chosen) or hosts:
+            raise ValueError("on_hosts places each of the configurations, instead of hosts")
+        hosts = tuple(dict.fromkeys(on_hosts))
     if not variants:
         raise UsageError("a matrix needs at least one experiment")
     bad_host = next((h for h in hosts if not HOST_NAME.match(h)), None)
@@ -240,9 +251,11 @@ def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = N
         emulate.resolve(model)  # MissingTool (7) without qemu, UsageError (2) for an unknown model
     nested = len(variants) > 1
     runs = []
-    for host in hosts or (None,):
+    placed = [(h, c) for h in hosts or (None,) for c in (grid.controls() if chosen is None else chosen)] \
+        if on_hosts is None else list(zip(on_hosts, chosen or ()))
+    for host in dict.fromkeys(h for h, _ in placed):
         for variant in variants:
-            for c in grid.controls() if chosen is None else chosen:
+            for c in (c for h, c in placed if h == host):
                 config = RunConfig(controls=c, epochs=n_epochs, perturb=perturb, trace_epochs=trace_epochs,
                                    audit_every=audit_every)
                 controls.validate(config, variant.spec, check_cpu=check_cpu and host is None)
@@ -253,7 +266,7 @@ def make_plan(variants: Sequence[Variant], grid: Grid, *, epochs: int | None = N
         raise UsageError(f"two configurations of the grid share the folder {repeated[0]}; remove the repeated value")
     return Plan(variants=tuple(variants), grid=grid, epochs=n_epochs, trace_epochs=trace_epochs,
                 audit_every=audit_every, preset=preset, runs=tuple(runs), hosts=tuple(hosts), configurations=chosen,
-                perturb=perturb)
+                on_hosts=None if on_hosts is None else tuple(on_hosts), perturb=perturb)
 
 
 def grid_of(configurations: Sequence[Controls]) -> Grid:

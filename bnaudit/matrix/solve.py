@@ -1,6 +1,7 @@
 """A solver for a fleet: the cheapest settings that make every machine compute the experiment alike.
 
-The machines are the census's (``native`` and qemu CPU models).  A *lever* is one control at one
+The machines are the census's (``native`` and qemu CPU models), or the hosts of a dask cluster
+(``on_cluster``: each stage's runs pinned to their host, the host's CPU read there).  A *lever* is one control at one
 value (``isa=default``, ``mkl_cbwr=COMPATIBLE``, ``deterministic=on``); a *recipe* is a set of
 levers of distinct controls.  The search runs in stages, each a matrix folder of its own under
 the solve folder, ``<stage>-<plan id>`` (so an interrupted solve resumes where it stopped, and a
@@ -42,7 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bnaudit import compare, controls, emulate, fileio, record
+from bnaudit import compare, controls, emulate, envinfo, fileio, record
 from bnaudit.compare import Difference
 from bnaudit.controls import Controls, RunConfig
 from bnaudit.errors import InputError, RunFailed, UsageError
@@ -291,55 +292,68 @@ class _Search:
     run_stage: StageRunner
     jobs: int
     force: bool = False
+    on_cluster: bool = False
+    """The machines are cluster hosts: their runs are native runs pinned to them."""
     fps: dict[tuple[Recipe, str, int], Fingerprint] = dataclasses.field(default_factory=dict)
     errors: dict[tuple[Recipe, str, int], str] = dataclasses.field(default_factory=dict)
     runs: dict[str, int] = dataclasses.field(default_factory=dict)
     """Runs each stage needed (made, resumed or read from an earlier stage's folder)."""
 
+    def controls_of(self, recipe: Recipe, machine: str) -> Controls:
+        """The controls of a machine's run under ``recipe`` (a cluster host's: a native run there)."""
+        return configured(self.base, recipe, census.NATIVE if self.on_cluster else machine)
+
     def stage(self, name: str, wanted: Sequence[tuple[Recipe, str]], epochs: int, *, jobs: int | None = None,
-              rounds: int = 1) -> dict[int, dict[tuple[Recipe, str], float]]:
+              rounds: int = 1, here: bool = False) -> dict[int, dict[tuple[Recipe, str], float]]:
         """Run (or resume) the (recipe, machine) pairs not yet known at this length, in the folder
         ``<name>-<plan id>``; ``rounds`` > 1 runs each that many times (the cost stage) and returns
         each round's training seconds.  A pair whose record some earlier stage folder of this solve
-        holds (another solve's stage, a solve with other levers) is read from there, not run again."""
-        fresh = {(r, m) for r, m in wanted if rounds > 1 or (r, m, epochs) not in self.fps}
+        holds (another solve's stage, a solve with other levers) is read from there, not run again.
+        ``here``: on this machine, whatever the machines are (the cost stage; its fingerprints are
+        then not a cluster host's and are not kept)."""
+        pinned = self.on_cluster and not here
+        keep = rounds == 1 and (pinned or not self.on_cluster)
+        fresh = {(r, m) for r, m in wanted if not keep or (r, m, epochs) not in self.fps}
         self.runs[name] = self.runs.get(name, 0) + len(fresh) * rounds
         todo = []
         for r, m in wanted:
-            if rounds == 1 and (r, m, epochs) not in self.fps:
-                found = None if self.force else self.earlier(configured(self.base, r, m), epochs)
+            if keep and (r, m, epochs) not in self.fps:
+                found = None if self.force else self.earlier(self.controls_of(r, m), epochs, m if pinned else None)
                 if found is not None:
                     self.fps[(r, m, epochs)] = found
                     continue
-            if rounds > 1 or (r, m, epochs) not in self.fps:
+            if not keep or (r, m, epochs) not in self.fps:
                 todo.append((r, m))
         if not todo:
             return {}
-        configs = [configured(self.base, r, m) for r, m in todo]
+        configs = [configured(self.base, r, census.NATIVE) if here else self.controls_of(r, m) for r, m in todo]
         variants = [Variant(f"round-{k + 1}" if rounds > 1 else VARIANT, self.spec) for k in range(rounds)]
-        plan = make_plan(variants, Grid(), epochs=epochs, audit_every=0, configurations=configs)
+        plan = make_plan(variants, Grid(), epochs=epochs, audit_every=0, configurations=configs,
+                         on_hosts=[m for _, m in todo] if pinned else None)
         target = self.out / f"{name}-{plan.plan_id}"
         errors = self.run_stage(name, plan, target, self.jobs if jobs is None else jobs)
+        pairs = {(pair[1] if pinned else None, c): pair for pair, c in zip(todo, configs)}
         by_round: dict[int, dict[tuple[Recipe, str], float]] = {}
         for run in plan.runs:
             k = int(run.variant.removeprefix("round-")) - 1 if rounds > 1 else 0
-            pair = todo[configs.index(run.controls)]
+            pair = pairs[(run.host, run.controls)]
             rec = folder.finished(plan, run, target, with_reference=False)
             if rec is None:
                 self.errors[(*pair, epochs)] = errors.get(run.key, "did not complete")
                 continue
             by_round.setdefault(k, {})[pair] = float(rec.meta["train_seconds"])
-            if rounds == 1:
+            if keep:
                 self.fps[(*pair, epochs)] = rec.fingerprint
         return by_round
 
-    def earlier(self, c: Controls, epochs: int) -> Fingerprint | None:
-        """The fingerprint of this configuration at this length, if a stage folder of the solve holds it."""
+    def earlier(self, c: Controls, epochs: int, host: str | None = None) -> Fingerprint | None:
+        """The fingerprint of this configuration at this length (on this cluster host), if a stage folder
+        of the solve holds it."""
         want = RunConfig(controls=c, epochs=epochs, audit_every=0).to_dict()
         if not self.out.is_dir():
             return None
         for stage in sorted(p for p in self.out.iterdir() if p.is_dir()):
-            path = stage / "runs" / c.label()
+            path = stage / "runs" / (f"{host}/{c.label()}" if host is not None else c.label())
             if not (path / "record.json").is_file():
                 continue
             try:
@@ -364,15 +378,19 @@ class _Search:
         return None
 
 
-def feasible(spec: ExperimentSpec, base: Controls, levers: Sequence[Lever], machines: Sequence[str]
-             ) -> tuple[list[Lever], list[Infeasible]]:
-    """The levers every machine can honour (``controls.validate`` under its CPU), and why not the others."""
+def feasible(spec: ExperimentSpec, base: Controls, levers: Sequence[Lever], machines: Sequence[str],
+             hosts: Mapping[str, census.Facts] | None = None) -> tuple[list[Lever], list[Infeasible]]:
+    """The levers every machine can honour (``controls.validate`` under its CPU; for cluster hosts,
+    ``hosts``, the ISA caps their CPU features allow), and why not the others."""
     ok, bad = [], []
     for lv in levers:
         reason = None
         for m in machines:
             try:
-                controls.validate(RunConfig(controls=configured(base, (lv,), m), epochs=1, audit_every=0), spec)
+                if hosts is None:
+                    controls.validate(RunConfig(controls=configured(base, (lv,), m), epochs=1, audit_every=0), spec)
+                else:
+                    _host_honours(hosts[m], lv)
             except UsageError as exc:
                 reason = Infeasible(lever=lv.text, machine=m, reason=str(exc))
                 break
@@ -381,6 +399,15 @@ def feasible(spec: ExperimentSpec, base: Controls, levers: Sequence[Lever], mach
         else:
             bad.append(reason)
     return ok, bad
+
+
+def _host_honours(facts: census.Facts, lever: Lever) -> None:
+    """UsageError where a host's CPU cannot take the lever (an ISA cap above its features)."""
+    if lever.field != "isa" or lever.value == "native":
+        return
+    supported = envinfo.supported_isas({f: True for f in facts.features})
+    if lever.value not in supported:
+        raise UsageError(f"this host's CPU cannot run --isa {lever.value} (it supports {', '.join(supported)})")
 
 
 def _redundant(base: Controls, recipe: Recipe) -> bool:
@@ -414,18 +441,22 @@ def split_causes(c: census.Census) -> list[str]:
 def solve(spec: ExperimentSpec, machines: Sequence[str], levers: Sequence[Lever], out: Path,
           run_stage: StageRunner, *, dtype: str = "float32", screen_epochs: int = census.DEFAULT_EPOCHS,
           verify_epochs: int | None = None, cost_epochs: int | None = None, cost_repeats: int = 3,
-          max_levers: int = DEFAULT_MAX_LEVERS, jobs: int = 1, force: bool = False, native_vendor: str = "?",
-          native_features: Mapping[str, bool] | None = None) -> Solution:
-    """Search, verify and cost; see the module's docstring for the stages."""
+          max_levers: int = DEFAULT_MAX_LEVERS, jobs: int = 1, force: bool = False,
+          facts_of: census.FactsOf | None = None, on_cluster: bool = False) -> Solution:
+    """Search, verify and cost; see the module's docstring for the stages.  ``facts_of``: the machines'
+    CPU vendors and features (``census.local_facts``; default: vendor and features unknown for
+    ``native``); ``on_cluster``: the machines are the hosts of the cluster ``run_stage`` runs on."""
     names, verify_n, cost_n = _request(spec, machines, screen_epochs, verify_epochs, cost_epochs, cost_repeats,
-                                       max_levers)
+                                       max_levers, on_cluster)
+    facts_of = facts_of or census.local_facts("?", {})
     base = Controls(dtype=dtype)
     unique = list(dict.fromkeys(levers))
     for lv in unique:  # a value no machine could take is the request's fault, not a machine's
         controls.validate(RunConfig(controls=configured(base, (lv,), census.NATIVE), epochs=1, audit_every=0), spec,
                           check_cpu=False)
-    ok, infeasible = feasible(spec, base, unique, names)
-    s = _Search(spec=spec, base=base, machines=names, out=Path(out), run_stage=run_stage, jobs=jobs, force=force)
+    ok, infeasible = feasible(spec, base, unique, names, facts_of(names) if on_cluster else None)
+    s = _Search(spec=spec, base=base, machines=names, out=Path(out), run_stage=run_stage, jobs=jobs, force=force,
+                on_cluster=on_cluster)
 
     # 1. the census
     none: Recipe = ()
@@ -451,7 +482,8 @@ def solve(spec: ExperimentSpec, machines: Sequence[str], levers: Sequence[Lever]
     rounds: dict[int, dict[tuple[Recipe, str], float]] = {}
     costed = [r for r in solutions if r != none and _native_ok(spec, base, r)]
     if costed:
-        rounds = s.stage("cost", [(r, census.NATIVE) for r in (none, *costed)], cost_n, jobs=1, rounds=cost_repeats)
+        rounds = s.stage("cost", [(r, census.NATIVE) for r in (none, *costed)], cost_n, jobs=1, rounds=cost_repeats,
+                         here=True)
     order = sorted(solutions, key=lambda r: (_cost(rounds, r) is None, _cost(rounds, r) or 0.0, len(r)))
 
     # 6. verify the cheapest at full length, then the next if it parts
@@ -476,7 +508,7 @@ def solve(spec: ExperimentSpec, machines: Sequence[str], levers: Sequence[Lever]
             recipe, n = order[0], verify_n  # agreed over the screen, parted at full length
         elif recipe != none:
             s.stage("partition", [(recipe, m) for m in names], screen_epochs)
-        partition = _partition(s, recipe, names, n, native_vendor, native_features or {})
+        partition = _partition(s, recipe, names, n, facts_of)
         partition_recipe = recipe_text(recipe)
         causes = split_causes(partition)
 
@@ -489,11 +521,13 @@ def solve(spec: ExperimentSpec, machines: Sequence[str], levers: Sequence[Lever]
 
 
 def _request(spec: ExperimentSpec, machines: Sequence[str], screen_epochs: int, verify_epochs: int | None,
-             cost_epochs: int | None, cost_repeats: int, max_levers: int) -> tuple[tuple[str, ...], int, int]:
+             cost_epochs: int | None, cost_repeats: int, max_levers: int, on_cluster: bool = False
+             ) -> tuple[tuple[str, ...], int, int]:
     """The machines (``native`` once) and the verify and cost lengths; UsageError for a request that cannot be."""
-    names = tuple(dict.fromkeys(census.NATIVE if emulate.is_native(m) else m for m in machines))
+    names = tuple(dict.fromkeys(m if on_cluster else census.NATIVE if emulate.is_native(m) else m for m in machines))
     if len(names) < 2:
-        raise UsageError("solve needs at least two machines (e.g. --machines native,Nehalem,Haswell)")
+        raise UsageError("solve needs at least two machines (e.g. --machines native,Nehalem,Haswell"
+                         + (", or a cluster of two hosts)" if on_cluster else ")"))
     if not 1 <= max_levers <= len(LEVER_FIELDS):
         raise UsageError(f"--max-levers must be between 1 and {len(LEVER_FIELDS)}, got {max_levers}")
     if cost_repeats < 1:
@@ -637,13 +671,12 @@ def _fewest(s: _Search, tried: Sequence[Tried], recipes: Mapping[str, Recipe], a
     return recipes[best[2]], epochs
 
 
-def _partition(s: _Search, recipe: Recipe, names: Sequence[str], epochs: int, vendor: str,
-               native_features: Mapping[str, bool]) -> census.Census:
+def _partition(s: _Search, recipe: Recipe, names: Sequence[str], epochs: int, facts_of: census.FactsOf
+               ) -> census.Census:
     """The machines' classes under ``recipe``, as a census reads them (splits, separating features)."""
     fps = {m: s.fps[(recipe, m, epochs)] for m in names if (recipe, m, epochs) in s.fps}
-    return census.classify(fps, features=census.machine_features(list(fps), native_features, jobs=s.jobs),
-                           vendors={m: vendor if m == census.NATIVE else census.vendor_of(m) for m in fps},
-                           where=str(s.out), epochs=epochs, missing=[m for m in names if m not in fps])
+    return census.classify(fps, facts_of(list(fps)), where=str(s.out), epochs=epochs,
+                           missing=[m for m in names if m not in fps])
 
 
 def solve_id(spec: ExperimentSpec, machines: Sequence[str], levers: Sequence[Lever], **settings: Any) -> str:
