@@ -120,6 +120,20 @@ class Difference:
         what = f"tensor {self.tensor}" if self.tensor else f"layer {self.layer} ({self.phase} group)"
         return f"{when}, layer {self.layer}, {what}" if self.tensor else f"{when}, {what}"
 
+    @property
+    def text(self) -> str:
+        """``where``, and how much differs there: the one line every view prints (compare, check, report)."""
+        text = self.where
+        if self.fraction_differing is not None and self.elements:
+            n = round(self.fraction_differing * self.elements)
+            text += (f"; {n} of {self.elements} elements differ ({self.fraction_differing:.2%}), by at most "
+                     f"{self.max_ulps} ulp{'' if self.max_ulps == 1 else 's'}")
+        elif self.granularity == "step":
+            text += " (step digests: values are not recorded inside a step)"
+        elif self.tensor is None:
+            text += " (fingerprints hold epoch digests per (phase, layer) group)"
+        return text
+
 
 @dataclasses.dataclass(frozen=True)
 class StepTensorDelta:

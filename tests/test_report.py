@@ -118,12 +118,60 @@ def test_report_says_what_it_found(written: Path, runs: dict[str, Path]) -> None
     assert "initial state" in md
     # The runs carry their divergence from the shipped mpmath reference: the report shows it.
     assert "no run carries a divergence from the mpmath reference" not in md
-    assert "fewest correct bits (final)" in md
+    assert "fewest correct bits, weights (final)" in md
     from bnaudit import record
 
     for name in ("t1", "f64"):
         losses = record.load_record(runs[name]).arrays["losses"][-1]
         assert f"{losses[0]:.4g}" in md, f"final train MSE of {name} missing"
+
+
+def test_the_findings_come_first_and_name_what_compare_json_says_for_the_same_runs(
+        written: Path, runs: dict[str, Path], cli) -> None:
+    """The story's sentences against `bnaudit compare --json` of each pair the report compares: the same first
+    difference (where, share, ulps), the same growth per epoch, the same count of layers closer to exact."""
+    import math
+
+    from bnaudit.compare import Difference
+    from bnaudit.report import build, escape, story
+
+    report = build.build_report(list(runs.values()))  # the inputs of `written`
+    sentences = story.sentences(report)
+    md = (written / "report.md").read_text()
+    order = [md.index(h) for h in ("## Findings", "## Environment", "## Runs", "## 1. Divergence heatmaps",
+                                   "## 4. The seed's figures")]
+    assert order == sorted(order), order  # the story first, then the machines, then the figures
+    for sentence in sentences:
+        assert escape.markdown(sentence, block_start=True) in md
+    assert sentences[0] == story.classes_sentence(report)
+    assert any(p.kind == "perturb" for p in report.pairs)  # a pair that differs on every host
+    for p in report.pairs:
+        text = " ".join(story.pair_sentences(report, p))
+        code, out, err = cli("compare", str(report.run(p.a).path), str(report.run(p.b).path), "--json")
+        doc = json.loads(out)["pair"]
+        assert code == (0 if doc["identical"] else 1), err
+        if doc["identical"]:
+            assert text == f"{p.b} and {p.a} are bit-identical."
+            continue
+        first = Difference(**doc["first"])
+        assert f"parts from {p.a} at {first.text}." in text
+        if doc["growth_rate"] is not None:
+            assert f"grows x{math.exp(doc['growth_rate']):.3g} per epoch" in text
+        closer = doc["closer_to_reference"]
+        assert closer, "the runs carry the shipped reference: closeness is known"
+        n = {side: sum(v == side for v in closer.values()) for side in ("a", "b", "tie")}
+        assert (f"more correct bits in {n['a']} of {len(closer)} layers for {p.a}, {n['b']} for {p.b}, "
+                f"{n['tie']} tied") in text
+    # the fewest correct bits, rounded down: never more than the value itself
+    for r in report.runs:
+        ref = report.references[r.label]
+        value, _ = story.fewest_bits(ref)
+        assert story.floor_tenth(value) <= value < story.floor_tenth(value) + 0.1
+        assert f"{story.floor_tenth(value):.1f} of {ref.precision}" in md
+    env = md[md.index("## Environment"):md.index("## Runs")]
+    for r in report.runs:  # the machine and library versions of every run
+        e = r.record.fingerprint.environment
+        assert escape.markdown(str(e["torch"]), cell=True) in env and str(e["torch_build"]["onednn"]) in env
 
 
 def test_numpy_forward_matches_torch_float64(runs: dict[str, Path]) -> None:
@@ -230,7 +278,7 @@ def test_reference_and_audit_blocks_are_drawn(runs: dict[str, Path], tmp_path: P
     # a float32 run's Linear outputs are within a few ulps of exact at their scale (rounding theory)
     assert 0 < aud.operators["linear.out"].max() < 16, aud.operators["linear.out"]
     md = (out.out / "report.md").read_text()
-    assert "fewest correct bits (final)" in md
+    assert "fewest correct bits, weights (final)" in md
 
 
 def test_malformed_blocks_are_refused_at_load(runs: dict[str, Path], tmp_path: Path, cli) -> None:
@@ -397,15 +445,18 @@ def test_formats_depend_only_on_the_model_and_tables() -> None:
     """pip-audit's formats and diffoscope's presenters: no format imports another, nor the build or the writer.
 
     ``escape`` (untrusted text made literal for each output) and ``console`` (the one
-    terminal policy) are leaves every view may use.
+    terminal policy) are leaves every view may use; ``story`` (the findings in sentences)
+    reads the model alone, and every view and the tables may use it.
     """
     graph = report_imports()
     assert graph["model"] == set(), graph["model"]
     assert graph["escape"] == set(), graph["escape"]
     assert graph["console"] == set(), graph["console"]
-    assert graph["tables"] <= {"model"}, graph["tables"]
+    assert graph["story"] <= {"model"}, graph["story"]
+    assert graph["tables"] <= {"model", "story"}, graph["tables"]
     for name in FORMATS:
-        assert graph[name] <= {"model", "tables", "escape", "console"}, f"{name} imports {sorted(graph[name])}"
+        assert graph[name] <= {"model", "tables", "story", "escape", "console"}, \
+            f"{name} imports {sorted(graph[name])}"
     assert graph["build"] <= {"model"}, graph["build"]
     done: set[str] = set()
 

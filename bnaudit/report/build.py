@@ -302,7 +302,7 @@ def compare_runs(a: RunEntry, b: RunEntry, kind: str, exact: Sensitivity | None 
                     first_layer=None if pc.first is None else pc.first.layer, rows=rows, layers=layers,
                     max_abs=max_abs, max_ulps=max_ulps, growth_rate=pc.growth_rate,
                     saturation_epoch=pc.saturation_epoch, environment_diff=tuple(pc.environment_diff),
-                    exact=pc.exact)
+                    exact=pc.exact, first=pc.first, closer=pc.closer_to_reference)
 
 
 def _departures(run: RunEntry) -> int:

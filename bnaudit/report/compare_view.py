@@ -108,18 +108,7 @@ def list_diff(a: Any, b: Any) -> str | None:
 
 def first_text(d: Difference | None) -> str:
     """The first difference in one line."""
-    if d is None:
-        return "none: bit-identical"
-    text = d.where
-    if d.fraction_differing is not None and d.elements:
-        n = round(d.fraction_differing * d.elements)
-        text += f"; {n} of {d.elements} elements differ ({d.fraction_differing:.2%}), by at most {d.max_ulps} ulp"
-        text += "" if d.max_ulps == 1 else "s"
-    elif d.granularity == "step":
-        text += " (step digests: values are not recorded inside a step)"
-    elif d.tensor is None:
-        text += " (fingerprints hold epoch digests per (phase, layer) group)"
-    return text
+    return "none: bit-identical" if d is None else d.text
 
 
 def split_lines(c: PairComparison) -> list[str]:

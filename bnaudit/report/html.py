@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bnaudit.report import escape
+from bnaudit.report import escape, story
 from bnaudit.report.model import SECTIONS, FigureInfo, Report
-from bnaudit.report.tables import Table, class_colour, class_table, header_facts, key_table, pair_table
+from bnaudit.report.tables import (
+    Table,
+    class_colour,
+    class_table,
+    environment_table,
+    header_facts,
+    key_table,
+    pair_table,
+)
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1380px;
@@ -26,6 +34,7 @@ figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 
 figcaption { font-size: 0.9em; color: #333; max-width: 1100px; }
 figcaption b { display: block; margin-bottom: 0.2em; }
 .notes li { color: #6b4e00; }
+ul.findings { font-size: 1.05em; } ul.findings li { margin: 0.3em 0; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.3em; vertical-align: middle; }
 """
 
@@ -58,8 +67,11 @@ def render(report: Report, figs: Sequence[FigureInfo]) -> str:
              f"<style>{STYLE}</style></head><body>", "<h1>bnaudit report</h1>", '<dl class="facts">']
     parts += [f"<dt>{escape.html(k)}</dt><dd>{escape.html(v)}</dd>" for k, v in header_facts(report)]
     parts.append("</dl>")
+    parts += ['<h2 id="findings">Findings</h2><ul class="findings">']
+    parts += [f"<li>{escape.html(s)}</li>" for s in story.sentences(report)] + ["</ul>"]
     parts += ['<nav><ul>'] + [f'<li><a href="#{key}">{escape.html(title)}</a></li>'
                                 for key, title in SECTIONS.items()] + ["</ul></nav>"]
+    parts += ["<h2>Environment</h2>", _table(environment_table(report))]
     parts += ["<h2>Runs</h2>", _table(key_table(report))]
     if report.pairs:
         parts += ["<h2>Pairs compared</h2>", _table(pair_table(report))]

@@ -1,6 +1,6 @@
 """report.md: the report as Markdown, for a repository or a pull request.
 
-The same content as ``index.html``: the shared tables (``tables``), the notes, and each
+The same content as ``index.html``: the findings (``story``), the shared tables (``tables``), the notes, and each
 figure with its caption, linked relative to the report folder.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bnaudit.report import escape
+from bnaudit.report import escape, story
 from bnaudit.report.model import SECTIONS, FigureInfo, Report
-from bnaudit.report.tables import Table, class_table, header_facts, key_table, pair_table
+from bnaudit.report.tables import Table, class_table, environment_table, header_facts, key_table, pair_table
 
 
 def _cell(text: str) -> str:
@@ -34,7 +34,9 @@ def render(report: Report, figs: Sequence[FigureInfo]) -> str:
     """The whole report as Markdown; figures are linked relative to the report folder."""
     out = ["# bnaudit report", ""]
     out += [f"- **{k}**: {escape.markdown(v)}" for k, v in header_facts(report)]
-    out += ["", "## Runs", "", md_table(key_table(report)), ""]
+    out += ["", "## Findings", ""] + [f"- {_item(s)}" for s in story.sentences(report)]
+    out += ["", "## Environment", "", md_table(environment_table(report)), ""]
+    out += ["## Runs", "", md_table(key_table(report)), ""]
     if report.pairs:
         out += ["## Pairs compared", "", md_table(pair_table(report)), ""]
     if report.notes:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bnaudit.amplification import Beside
+from bnaudit.compare import Difference
 from bnaudit.controls import Controls, Perturbation, promote_text
 from bnaudit.record import Record
 from bnaudit.spec import ExperimentSpec
@@ -22,13 +23,14 @@ from bnaudit.spec import ExperimentSpec
 CONTROL_KEYS = tuple(f.name for f in dataclasses.fields(Controls))
 """The controls a run asks for, in ``Controls`` field order (dtype, threads, isa, ...)."""
 SECTIONS = {
-    "seed": "1. The seed's figures: learned function and error over epochs",
-    "heatmap": "2. Divergence heatmaps: layer by epoch",
-    "growth": "3. Divergence growth",
-    "bn": "4. BatchNorm conditioning monitor",
+    "heatmap": "1. Divergence heatmaps: layer by epoch",
+    "growth": "2. Divergence growth",
+    "bn": "3. BatchNorm conditioning monitor",
+    "seed": "4. The seed's figures: learned function and error over epochs",
     "matrix": "5. Matrix summary",
 }
-"""The report's sections in reading order: key -> heading (every format shows them so)."""
+"""The report's figure sections in reading order, after the findings and the environment: the
+divergence first, then the seed page's own figures (key -> heading; every format shows them so)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,11 @@ class PairView:
     """Environment facts that differ, most likely causes first."""
     exact: Beside | None = None
     """The divergence beside the exact-arithmetic amplification over the same rows (where measured)."""
+    first: Difference | None = None
+    """The first difference itself (``compare``'s), which ``first_text`` and ``first_detail`` put in words."""
+    closer: dict[str, str] | None = None
+    """Layer -> "a", "b" or "tie": whose weights keep more correct bits (``divergence.closer``); None: not both
+    carry a reference."""
 
     @property
     def title(self) -> str:

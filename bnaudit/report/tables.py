@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime
 import math
+from typing import Any
 
 import numpy as np
 
 from bnaudit._version import __version__
 from bnaudit.amplification import Beside
+from bnaudit.report import story
 from bnaudit.report.model import Report
 
 Table = tuple[list[str], list[list[str]]]
@@ -39,7 +41,7 @@ def key_table(report: Report) -> Table:
     headers = ["run", "class", "configuration", "epochs", "final train MSE", "final test MSE",
                "min BN var / eps", "non-finite"]
     if report.references:
-        headers.append("fewest correct bits (final)")
+        headers.append("fewest correct bits, weights (final)")
     rows = []
     for r in report.runs:
         losses = r.record.arrays["losses"][-1]
@@ -51,7 +53,8 @@ def key_table(report: Report) -> Table:
                "none" if not nf else f"epoch {nf.get('epoch')} {nf.get('phase')} {nf.get('tensor')}"]
         if report.references:
             ref = report.references.get(r.label)
-            row.append(f"{ref.correct_bits[-1].min():.1f} of {ref.precision}" if ref is not None else "-")
+            row.append("-" if ref is None else
+                       f"{story.floor_tenth(story.fewest_bits(ref)[0]):.1f} of {ref.precision}")
         rows.append(row)
     return headers, rows
 
@@ -71,7 +74,8 @@ def pair_table(report: Report) -> Table:
     for p in report.pairs:
         final_abs = float(np.nanmax(p.max_abs[-1])) if p.max_abs.size else 0.0
         final_ulps = float(np.nanmax(p.max_ulps[-1])) if p.max_ulps.size else 0.0
-        env = ", ".join(str(k) for k, _, _ in p.environment_diff[:3]) or "-"
+        env = "; ".join(f"{k}: {story.value_text(va)} vs {story.value_text(vb)}"
+                        for k, va, vb in p.environment_diff[:3]) or "-"
         rows.append([p.title, "1-ulp baseline" if p.kind == "perturb" else "configurations",
                      "bit-identical" if p.identical else "differ",
                      (p.first_text + (f" ({p.first_detail})" if p.first_detail else "")) or "-",
@@ -79,6 +83,45 @@ def pair_table(report: Report) -> Table:
                      f"{p.growth_rate:.3g}" if p.growth_rate is not None else "-",
                      str(p.saturation_epoch) if p.saturation_epoch is not None else "-", beyond_exact(p.exact), env])
     return headers, rows
+
+
+def environment_table(report: Report) -> Table:
+    """One row per run: the machine, the library versions, and every numerics setting in effect."""
+    headers = ["run", "CPU", "emulated CPU", "CPU features", "torch kernels", "torch", "numpy", "MKL", "oneDNN",
+               "OpenMP", "numerics settings in effect"]
+    rows = []
+    for r in report.runs:
+        env, eff = r.record.fingerprint.environment, r.record.fingerprint.effective
+        build = _mapping(env.get("torch_build"))
+        rows.append([r.label, str(env.get("cpu_model") or "?"), str(env.get("emulated_cpu_model") or "-"),
+                     " ".join(str(f) for f in env.get("cpu_features") or ()) or "-",
+                     str(eff.get("cpu_capability", "?")), str(env.get("torch", "?")), str(env.get("numpy", "?")),
+                     str(build.get("mkl", "-")), str(build.get("onednn", "-")), str(build.get("openmp", "-")),
+                     settings_text(env, eff)])
+    return headers, rows
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def settings_text(env: dict[str, Any], eff: dict[str, Any]) -> str:
+    """The numerics variables a run's process had, and the in-process settings it read back."""
+    variables = _mapping(env.get("environment"))
+    parts = [f"{k}={v}" for k, v in sorted(variables.items()) if k != "KMP_DUPLICATE_LIB_OK"]
+    for key, word in (("deterministic_algorithms", "deterministic algorithms"),
+                      ("mkldnn_deterministic", "oneDNN deterministic"), ("flush_denormal", "flush denormals")):
+        if eff.get(key):
+            parts.append(word)
+    if "intra_op_threads" in eff:
+        parts.append(f"torch threads {eff['intra_op_threads']}")
+    dispatch = eff.get("numpy_dispatch")
+    if isinstance(dispatch, list) and dispatch:
+        parts.append("numpy " + " ".join(str(d) for d in dispatch))
+    for pool in eff.get("threadpools") or ():
+        if isinstance(pool, dict) and pool.get("internal_api") == "openblas" and pool.get("architecture"):
+            parts.append(f"OpenBLAS {pool['architecture']}")
+    return ", ".join(parts) or "-"
 
 
 def class_table(report: Report) -> Table:

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnaudit.report import console as console_policy
-from bnaudit.report import escape
+from bnaudit.report import escape, story
 from bnaudit.report.model import PairView, ReferenceView, Report
 from bnaudit.report.tables import Table as RowsTable
 from bnaudit.report.tables import class_table, key_table, pair_table
@@ -108,6 +108,8 @@ def render(report: Report, console: Console | None = None) -> None:
                                               ("runs", str(len(report.runs))),
                                               ("classes", str(len(report.classes)))))
     console.print(escape.terminal(f"bnaudit report: {facts}", style="bold"))
+    for sentence in story.sentences(report):
+        console.print(escape.terminal(f"- {sentence}"))
     runs = key_table(report)
     console.print(_rich_table("Runs", _columns(runs, [h for h in runs[0] if h != "configuration"])))
     console.print(_rich_table("Classes of bit-identical runs", class_table(report)))
