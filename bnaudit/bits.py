@@ -10,6 +10,7 @@ Numpy only: comparison and reporting use this module, and must not need torch.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -158,3 +159,9 @@ def from_hex(items: list[str], dtype: str) -> np.ndarray:
         raise ValueError(f"expected {width}-digit hex strings")
     ints = [int(s, 16) for s in items]
     return np.array(ints, dtype=st.bits_dtype).view(st.numpy_dtype)
+
+
+def correct_bits_text(value: float) -> str:
+    """A correct-bit count for people: rounded down to a tenth, so that a shown count never passes a
+    threshold the count itself fails (10.97 shows as 10.9, not 11.0)."""
+    return f"{math.floor(value * 10 + 1e-9) / 10:.1f}"

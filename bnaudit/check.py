@@ -230,7 +230,7 @@ class Measure:
             return f"max {int(self.value)} ulps ({where})"
         if policy is Policy.REL:
             return f"max relative error {self.value:.3g} ({where})"
-        return f"fewest correct bits {self.value:.1f} ({where})"
+        return f"fewest correct bits {bits.correct_bits_text(self.value)} ({where})"
 
 
 def _ordinal(k: int) -> str:

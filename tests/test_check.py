@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnaudit import check, compare, fileio, gate, record, schemas
+from bnaudit import bits, check, compare, fileio, gate, record, schemas
 from bnaudit._version import __version__
 from bnaudit.baseline import BASELINE_SCHEMA, Signature, load_baseline, write_baseline
 from bnaudit.blocks import DivergenceBlock
@@ -866,6 +866,11 @@ def test_each_measure_describes_itself_in_its_policys_words():
     assert m.describe(check.Policy.BITS) == "fewest correct bits 17.0 (bn2 at epoch row 3)"
     assert dataclasses.replace(m, value=2.5e-7).describe(check.Policy.REL) == (
         "max relative error 2.5e-07 (bn2 at epoch row 3)")
+    # a count is shown rounded down: 10.97 fails bits:11, and must not read "11.0"
+    assert dataclasses.replace(m, value=10.97).describe(check.Policy.BITS) == (
+        "fewest correct bits 10.9 (bn2 at epoch row 3)")
+    shown = [bits.correct_bits_text(v) for v in (0.0, 10.97, 11.0, 23.99, 24.0)]
+    assert shown == ["0.0", "10.9", "11.0", "23.9", "24.0"]
 
 
 def test_a_reference_less_run_is_told_how_to_get_one(baseline, drifted):

@@ -132,6 +132,7 @@ def test_the_findings_come_first_and_name_what_compare_json_says_for_the_same_ru
     difference (where, share, ulps), the same growth per epoch, the same count of layers closer to exact."""
     import math
 
+    from bnaudit import bits
     from bnaudit.compare import Difference
     from bnaudit.report import build, escape, story
 
@@ -166,8 +167,9 @@ def test_the_findings_come_first_and_name_what_compare_json_says_for_the_same_ru
     for r in report.runs:
         ref = report.references[r.label]
         value, _ = story.fewest_bits(ref)
-        assert story.floor_tenth(value) <= value < story.floor_tenth(value) + 0.1
-        assert f"{story.floor_tenth(value):.1f} of {ref.precision}" in md
+        shown = bits.correct_bits_text(value)
+        assert float(shown) <= value < float(shown) + 0.1
+        assert f"{shown} of {ref.precision}" in md
     env = md[md.index("## Environment"):md.index("## Runs")]
     for r in report.runs:  # the machine and library versions of every run
         e = r.record.fingerprint.environment

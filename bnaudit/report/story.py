@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from bnaudit import compare
+from bnaudit import bits, compare
 from bnaudit.report.model import PairView, ReferenceView, Report
 
 CAUSES_SHOWN = 2
@@ -27,11 +27,6 @@ CAUSES_SHOWN = 2
 def after(row: int) -> str:
     """An epoch row in words: the initial state, or after N epochs."""
     return "the initial state" if row == 0 else f"after {row} epoch{'' if row == 1 else 's'}"
-
-
-def floor_tenth(value: float) -> float:
-    """A correct-bit count rounded down to a tenth, so that a shown value never passes a threshold it fails."""
-    return math.floor(value * 10 + 1e-9) / 10
 
 
 def fewest_bits(ref: ReferenceView) -> tuple[float, int]:
@@ -125,7 +120,7 @@ def bits_sentence(report: Report) -> str | None:
             continue
         ref = report.references[label]
         value, row = fewest_bits(ref)
-        kept.append(f"{c.name} {floor_tenth(value):.1f} of {ref.precision} {after(row)}")
+        kept.append(f"{c.name} {bits.correct_bits_text(value)} of {ref.precision} {after(row)}")
     if not kept:
         return None
     return ("Fewest correct bits over every layer's weights and biases, against the mpmath reference: "

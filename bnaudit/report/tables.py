@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from bnaudit import bits
 from bnaudit._version import __version__
 from bnaudit.amplification import Beside
 from bnaudit.report import story
@@ -54,7 +55,7 @@ def key_table(report: Report) -> Table:
         if report.references:
             ref = report.references.get(r.label)
             row.append("-" if ref is None else
-                       f"{story.floor_tenth(story.fewest_bits(ref)[0]):.1f} of {ref.precision}")
+                       f"{bits.correct_bits_text(story.fewest_bits(ref)[0])} of {ref.precision}")
         rows.append(row)
     return headers, rows
 
