@@ -22,6 +22,7 @@ from matplotlib.artist import Artist
 from matplotlib.axis import Tick
 from matplotlib.figure import Figure
 from matplotlib.text import Text
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from bnaudit.amplification import Beside
 from bnaudit.report import escape
@@ -94,17 +95,29 @@ def _milestones(ax: plt.Axes, report: Report, epochs: int) -> None:
 
 
 def epoch_axis(ax: plt.Axes, epochs: int) -> None:
-    """Epochs linear up to 10 and logarithmic beyond: runs part in the first epochs, then drift for hundreds."""
+    """The one epoch axis of every figure: linear up to 10 (a tick at every epoch) and logarithmic beyond,
+    the break marked by a grey line: runs part in the first epochs, then drift for hundreds."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
     if epochs > 20:
         ax.set_xscale("symlog", linthresh=10, linscale=1.0)
-        ticks = [t for t in (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000) if t <= epochs]
+        ticks = [t for t in (*range(11), 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000) if t <= epochs]
         if epochs >= 1.4 * ticks[-1]:
             ticks.append(epochs)
-        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xticks(ticks, [str(t) if t in (0, 1, 2, 5) or t >= 10 else "" for t in ticks])
+        minor = [m * d for d in (10, 100, 1000) for m in range(2, 10) if m * d <= epochs]
+        ax.xaxis.set_minor_locator(FixedLocator(minor))
+        ax.axvline(10, color="0.6", linewidth=0.8, linestyle=(0, (1, 2)), zorder=0)
+        ax.text(10, 1.0, " log →", transform=ax.get_xaxis_transform(), fontsize=7, color="0.4", va="bottom")
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(-0.5, epochs + 0.5)
 
 
-EPOCH_AXIS_NOTE = " The epoch axis is linear up to 10 and logarithmic beyond."
+EPOCHS_LABEL = "epochs trained (0 = the initial state)"
+"""The epoch axis's label, the same in every figure."""
+EPOCH_AXIS_NOTE = (" The epoch axis is linear up to 10 (every epoch ticked) and logarithmic beyond the dotted line "
+                   "at 10.")
 
 
 # --------------------------------------------------------------------------- 1. seed figures
@@ -115,6 +128,11 @@ def _function_panel(ax: plt.Axes, report: Report, runs: Sequence[tuple[RunEntry,
     ax.scatter(report.x[:n], report.targets[:n], s=14, color="0.2", marker="o", label="train samples", zorder=3)
     ax.scatter(report.x[n:], report.targets[n:], s=16, facecolors="none", edgecolors="0.35", marker="s",
                label="test samples", zorder=3)
+    if runs:
+        grid = report.learned[runs[0][0].label].grid_x
+        truth = np.polynomial.polynomial.polyval(grid, report.spec.data.target)
+        ax.plot(grid, truth, color="black", linewidth=1.0, linestyle=(0, (4, 2)), zorder=4,
+                label=f"ground truth y = {polynomial_text(report.spec.data.target)} (without noise)")
     for run, colour, legend in runs:
         lf = report.learned[run.label]
         ax.plot(lf.grid_x, lf.grid_y, color=colour, linewidth=1.8,
@@ -133,6 +151,24 @@ def _function_panel(ax: plt.Axes, report: Report, runs: Sequence[tuple[RunEntry,
     ax.grid(alpha=0.3)
 
 
+def polynomial_text(coefficients: Sequence[float]) -> str:
+    """c0 + c1 x + c2 x² ... as people write it, highest power first (x³ − 2x)."""
+    sup = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+    terms = []
+    for k in range(len(coefficients) - 1, -1, -1):
+        c = float(coefficients[k])
+        if c == 0:
+            continue
+        power = "" if k == 0 else "x" if k == 1 else "x" + str(k).translate(sup)
+        size = f"{abs(c):g}" if abs(c) != 1 or k == 0 else ""
+        sign = "−" if c < 0 else "+"
+        terms.append((sign, size + power))
+    if not terms:
+        return "0"
+    first_sign, first = terms[0]
+    return ("−" if first_sign == "−" else "") + first + "".join(f" {sg} {t}" for sg, t in terms[1:])
+
+
 def _error_panel(ax: plt.Axes, report: Report, runs: Sequence[tuple[RunEntry, str, str]]) -> None:
     epochs = 0
     for run, colour, legend in runs:
@@ -148,7 +184,8 @@ def _error_panel(ax: plt.Axes, report: Report, runs: Sequence[tuple[RunEntry, st
     _milestones(ax, report, epochs)
     ax.plot([], [], color="0.3", linewidth=1.4, label="train (solid)")
     ax.plot([], [], color="0.3", linewidth=1.4, linestyle="--", label="test (dashed)")
-    ax.set_xlabel("epoch (0 = initial state)")
+    ax.set_xlabel(EPOCHS_LABEL)
+    epoch_axis(ax, epochs)
     ax.set_ylabel("eval-mode MSE (target units²)")
     ax.set_title("train (solid) and test (dashed) error", fontsize=10)
     ax.legend(fontsize=7 if len(runs) <= 8 else 6, loc="upper right", ncols=1 if len(runs) <= 8 else 2)
@@ -198,7 +235,7 @@ def seed_figures(report: Report, folder: Path) -> list[FigureInfo]:
 
 
 def _heat_axes(n: int, width: float = 13.0) -> tuple[Figure, list[plt.Axes]]:
-    fig, axes = _new(width, 1.5 + 1.9 * n, n, 1, left=1.0, right=0.2, top=0.95, bottom=0.65, hspace=0.35)
+    fig, axes = _new(width, 1.5 + 2.1 * n, n, 1, left=1.0, right=0.2, top=1.05, bottom=0.65, hspace=0.55)
     return fig, list(axes[:, 0])
 
 
@@ -228,9 +265,7 @@ def _pair_heatmap(report: Report, folder: Path) -> list[FigureInfo]:
         ax.set_title(f"{p.title}{kind}" + ("  —  bit-identical" if p.identical else ""), fontsize=9, loc="left")
         _mark_first(ax, p)
         epoch_axis(ax, int(p.rows[-1]))
-        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="#d9ecd0", label="identical parameters")]
-                  + ([ax.lines[-1]] if ax.lines else []), fontsize=7, loc="lower right", framealpha=0.85)
-    axes[-1].set_xlabel("epoch row (0 = initial state, e = end of epoch e)")
+    axes[-1].set_xlabel(EPOCHS_LABEL)
     if mesh is not None:
         fig.colorbar(mesh, ax=axes, label="log10 max |Δ parameter| (parameter units)", shrink=0.9)
     more = f" {len(pairs) - len(shown)} more pairs are listed in the table but not drawn." \
@@ -251,31 +286,39 @@ def _reference_heatmap(report: Report, folder: Path) -> list[FigureInfo]:
     shown_refs = refs[:MAX_PANELS]
     fig, axes = _heat_axes(len(shown_refs))
     mesh = None
+    top = max(ref.precision for _, ref in shown_refs)  # one absolute scale: 26 float64 bits outrank 24 float32 ones
     for ax, (label, ref) in zip(axes, shown_refs):
         mesh = ax.pcolormesh(np.append(ref.rows, ref.rows[-1] + 1) - 0.5, np.arange(len(ref.layers) + 1) - 0.5,
-                             ref.correct_bits.T / ref.precision, cmap="viridis", vmin=0, vmax=1, shading="flat")
+                             ref.correct_bits.T, cmap="viridis", vmin=0, vmax=top, shading="flat")
         ax.set_yticks(range(len(ref.layers)), [escape.figure_text(x) for x in ref.layers], fontsize=7)
         ax.invert_yaxis()
         ax.set_ylabel("layer")
         ax.set_title(f"{label} vs mpmath reference ({ref.precision}-bit significand)", fontsize=9, loc="left")
+        ax.set_xlabel("")
         below = np.argwhere(ref.correct_bits < ref.precision / 2)
         if len(below):
             i, j = below[np.argmin(below[:, 0])]
             ax.plot([ref.rows[i]], [j], marker="X", color="red", markersize=10, markeredgecolor="white",
-                    linestyle="none", label=f"first below half the bits: epoch row {ref.rows[i]}, {ref.layers[j]}")
+                    linestyle="none")
+            mark = f"✕ first below half the bits: {ref.layers[j]}, " + (
+                "the initial state" if ref.rows[i] == 0 else f"after {ref.rows[i]} epochs")
         else:
-            ax.plot([], [], marker="X", color="red", linestyle="none",
-                    label="no layer falls below half its bits")
-        ax.legend(fontsize=7, loc="lower right", framealpha=0.85)
+            mark = "no layer falls below half its bits"
+        ax.set_title(f"{ax.get_title(loc='left')}\n{mark}", fontsize=8, loc="left")
         epoch_axis(ax, int(ref.rows[-1]))
-    axes[-1].set_xlabel("epoch row (0 = initial state, e = end of epoch e)")
+    axes[-1].set_xlabel(EPOCHS_LABEL)
     if mesh is not None:
-        fig.colorbar(mesh, ax=axes, label="correct bits / significand bits (fraction)", shrink=0.9)
+        bar = fig.colorbar(mesh, ax=axes, label="correct bits (of the significand)", shrink=0.9)
+        for precision in sorted({ref.precision for _, ref in shown_refs}):
+            bar.ax.axhline(precision, color="white" if precision < top else "red", linewidth=2)
+            bar.ax.text(1.6, precision, f"{precision}", transform=bar.ax.get_yaxis_transform(), fontsize=7,
+                        va="center", color="red")
     return [_save(
         fig, folder, "heatmap_reference", "heatmap", "How many bits are still right: divergence from the reference",
-        "Colour: correct bits of each layer's parameters against the mpmath high-precision reference, as a "
-        "fraction of the run dtype's significand bits (1 = every bit right). The cross marks the first cell "
-        "with fewer than half its bits right. Look for the layer that loses its bits first." + EPOCH_AXIS_NOTE)]
+        "Colour: correct bits of each layer's parameters against the mpmath high-precision reference, on one "
+        "absolute scale for every dtype (the lines on the colour bar mark each run dtype's significand: 24 "
+        "bits for float32, 53 for float64, 8 for bfloat16). The cross marks the first cell with fewer than "
+        "half its dtype's bits right. Look for the layer that loses its bits first." + EPOCH_AXIS_NOTE)]
 
 
 def heatmap_figures(report: Report, folder: Path) -> list[FigureInfo]:
@@ -284,22 +327,24 @@ def heatmap_figures(report: Report, folder: Path) -> list[FigureInfo]:
 
 
 def _mark_first(ax: plt.Axes, p: PairView) -> None:
+    """The first difference: a cross at its epoch and layer, named above the panel (never over the cells)."""
     if p.identical or p.first_epoch_row is None:
         return
-    label = f"first difference: {p.first_text}"
-    label = label if len(label) <= 100 else label[:99] + "…"
+    label = f"✕ first difference: {p.first_text}"
+    label = label if len(label) <= 140 else label[:139] + "…"
     if p.first_layer in p.layers:
         ax.plot([p.first_epoch_row], [p.layers.index(p.first_layer)], marker="X", color="#00e5ff", markersize=11,
-                markeredgecolor="black", linestyle="none", label=label)
+                markeredgecolor="black", linestyle="none")
     else:
-        ax.axvline(p.first_epoch_row, color="#00e5ff", linewidth=1.5, label=label)
+        ax.axvline(p.first_epoch_row, color="#00e5ff", linewidth=1.5)
+    ax.set_title(f"{ax.get_title(loc='left')}\n{label}", fontsize=8, loc="left")
 
 
 # --------------------------------------------------------------------------- 3. growth
 
 
 def _growth_between(ax: plt.Axes, report: Report, pairs: Sequence[PairView], perturb: Sequence[PairView],
-                    floors: dict[str, FloorView], below: float, epochs: int) -> None:
+                    floors: dict[str, FloorView], below_axes: float, epochs: int) -> None:
     """Left panel: the largest parameter difference per epoch of each pair, and the chaos floors dashed."""
     drawn = False
     exact_label = ["exact arithmetic (mpmath) from the same start, while the difference is small"]
@@ -322,7 +367,7 @@ def _growth_between(ax: plt.Axes, report: Report, pairs: Sequence[PairView], per
         if not np.isfinite(series).any():
             continue
         rate = f", growth {p.growth_rate:.3g}/epoch" if p.growth_rate is not None else ""
-        sat = f", saturates at epoch {p.saturation_epoch}" if p.saturation_epoch is not None else ""
+        sat = f", saturates after {p.saturation_epoch} epochs" if p.saturation_epoch is not None else ""
         if p.kind == "perturb":
             ax.plot(p.rows, series, color="black", linestyle="--", linewidth=1.6,
                     label=f"1-ulp sensitivity baseline: {p.b}{rate}{sat}")
@@ -336,7 +381,7 @@ def _growth_between(ax: plt.Axes, report: Report, pairs: Sequence[PairView], per
         if not np.isfinite(series).any():
             continue
         rate = f", growth {f.growth_rate:.3g}/epoch" if f.growth_rate is not None else ""
-        sat = f", saturates at epoch {f.saturation_row}" if f.saturation_row is not None else ""
+        sat = f", saturates after {f.saturation_row} epochs" if f.saturation_row is not None else ""
         ax.plot(f.rows, series, color="black", linestyle="--", linewidth=1.6,
                 label=f"1-ulp sensitivity baseline: {label} vs its twin{rate}{sat}"[:120])
         exact_line(f.rows, series, f.exact)
@@ -348,18 +393,15 @@ def _growth_between(ax: plt.Axes, report: Report, pairs: Sequence[PairView], per
                 transform=ax.transAxes)
     _milestones(ax, report, epochs)
     epoch_axis(ax, epochs)
-    ax.set_xlabel("epoch row (0 = initial state)")
+    ax.set_xlabel(EPOCHS_LABEL)
     ax.set_ylabel("max |Δ parameter| over all layers (parameter units)")
     ax.set_title("between runs", fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        if below:
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.5 / (4.8 - 1.35)), frameon=False)
-        else:
-            ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # under the axes, never over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -below_axes), frameon=False)
     ax.grid(alpha=0.3, which="major")
 
 
-def _growth_reference(ax: plt.Axes, report: Report, epochs: int) -> None:
+def _growth_reference(ax: plt.Axes, report: Report, epochs: int, below_axes: float) -> None:
     """Right panel: each run's worst layer against the mpmath reference, as a relative error."""
     for label, ref in report.references.items():
         run = report.run(label)
@@ -370,10 +412,10 @@ def _growth_reference(ax: plt.Axes, report: Report, epochs: int) -> None:
     ax.set_yscale("log")
     _milestones(ax, report, epochs)
     epoch_axis(ax, epochs)
-    ax.set_xlabel("epoch row (0 = initial state)")
+    ax.set_xlabel(EPOCHS_LABEL)
     ax.set_ylabel("2^−(fewest correct bits over layers) (relative error)")
     ax.set_title("against the mpmath reference", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -below_axes), frameon=False)
     ax.grid(alpha=0.3, which="major")
 
 
@@ -387,13 +429,14 @@ def growth_figures(report: Report, folder: Path) -> list[FigureInfo]:
     if not pairs and not perturb and not floors and not refs:
         return []
     ncols = 1 + (1 if refs else 0)
-    n_lines = len(pairs) + len(perturb) + len(floors) + 1
-    below = 0.2 * n_lines if n_lines > 5 else 0.0  # a long legend goes under the axes, not over the curves
+    n_lines = max(len(pairs) + 2 * len(perturb) + 2 * len(floors) + 2, len(refs) + 1)
+    below = 0.17 * n_lines + 0.2  # the legends go under the axes, not over the curves
     fig, axes = _new(13 if ncols == 2 else 11, 4.8 + below, 1, ncols, wspace=0.2, bottom=0.6 + below)
     epochs = max(r.epochs for r in report.runs)
-    _growth_between(axes[0, 0], report, pairs, perturb, floors, below, epochs)
+    height = (4.8 + below) - 0.75 - (0.6 + below)  # the axes' height in inches
+    _growth_between(axes[0, 0], report, pairs, perturb, floors, 0.55 / height, epochs)
     if refs:
-        _growth_reference(axes[0, 1], report, epochs)
+        _growth_reference(axes[0, 1], report, epochs, 0.55 / height)
     caption = ("Largest parameter difference over all layers, per epoch, on a log axis: how fast two runs move "
                "apart once they have parted. ")
     if perturb or floors:
@@ -438,8 +481,9 @@ def _bn_conditioning(report: Report, folder: Path) -> list[FigureInfo]:
         ax.axhspan(1e-3, 100.0, color="red", alpha=0.07, label="within 100× eps")
         ax.set_yscale("log")
         _milestones(ax, report, max(r.epochs for r in report.runs))
+        epoch_axis(ax, max(r.epochs for r in report.runs))
         ax.set_title(layer, fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epochs trained")
         if k % ncols == 0:
             ax.set_ylabel("smallest unit batch variance / eps (ratio)")
         ax.grid(alpha=0.3, which="major")
@@ -458,7 +502,8 @@ def _bn_conditioning(report: Report, folder: Path) -> list[FigureInfo]:
         "For each BatchNorm layer, the smallest per-unit batch variance of its input seen during each epoch "
         "(over all steps), divided by eps. BN divides by sqrt(var + eps): near or below the red band a "
         "unit's output is dominated by eps and rounding in its input is amplified by up to 1/sqrt(eps) (the "
-        f"seed's 'division by sigma' caution).{low} Look for a layer whose curve falls toward the band.")]
+        f"seed's 'division by sigma' caution).{low} Look for a layer whose curve falls toward the band."
+        + EPOCH_AXIS_NOTE)]
 
 
 AUDIT_STYLES = {"linear.out": ("tab:blue", "-"), "bn.mean": ("tab:orange", "--"), "bn.var": ("tab:green", "-."),
@@ -470,20 +515,30 @@ def _operator_audit(report: Report, folder: Path) -> list[FigureInfo]:
     if not report.audits:
         return []
     items = list(report.audits.items())[:4]
-    fig, axes = _new(min(13, 2 + 5 * len(items)), 4.8, 1, len(items), top=0.95, wspace=0.08, sharey=True)
+    fig, axes = _new(min(13, 2 + 5 * len(items)), 5.4, 1, len(items), top=0.95, bottom=1.2, wspace=0.08,
+                     sharey=True)
     for ax, (label, audit) in zip(axes[0], items):
         for i, (op, values) in enumerate(audit.operators.items()):
             colour, style = AUDIT_STYLES.get(op, (CLASS_COLOURS[i % len(CLASS_COLOURS)], "-"))
             ax.plot(audit.rows, np.where(values > 0, values, np.nan), linestyle=style, color=colour,
                     marker="o", markersize=3, linewidth=2.2 if op.startswith("linear") else 1.4, label=op)
+        ax.axhline(0.5, color="0.35", linewidth=1.0, linestyle=(0, (5, 3)), zorder=0,
+                   label="0.5 ulp: correctly rounded")
         ax.set_yscale("log")
-        ax.set_xlabel("epoch row")
-        ax.set_ylabel("largest local error (ulps of the run dtype at the operator's scale)")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "1235" else ""))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(audit.rows) == 1:  # one audited epoch: a visible span around it, not ±0.04
+            ax.set_xlim(float(audit.rows[0]) - 1, float(audit.rows[0]) + 1)
+        ax.set_xlabel(EPOCHS_LABEL)
+        if ax is axes[0][0]:
+            ax.set_ylabel("largest local error (ulps at the operator's scale)")
         amp = f", max BN amplification {audit.max_amplification:.3g}" if np.isfinite(audit.max_amplification) \
             else ""
         ax.set_title(f"{label}\n{audit.flags} BN unit(s) flagged{amp}", fontsize=9)
-        ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="major")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncols=len(labels), frameon=False)
     more = f" {len(report.audits) - len(items)} more audited runs are not drawn." \
         if len(report.audits) > len(items) else ""
     return [_save(
@@ -493,7 +548,8 @@ def _operator_audit(report: Report, folder: Path) -> list[FigureInfo]:
         "not drawn on the log axis). Linear outputs should stay at a few ulps; BN's batch statistics and "
         "1/sqrt(var + eps) stay small too, and the title counts the BN units flagged for a variance near eps "
         "or a large |mean|/std, with the largest amplification max|x|/sqrt(var + eps) of input rounding. "
-        "Look for BN lines far above the Linear line." + more)]
+        "The dashed line is 0.5 ulp, a correctly rounded result. Look for BN lines far above the Linear line."
+        + more)]
 
 
 def bn_figures(report: Report, folder: Path) -> list[FigureInfo]:
