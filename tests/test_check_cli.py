@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from bnaudit import baseline as baseline_file
-from bnaudit import check, fileio, gate, record
+from bnaudit import bits, check, fileio, gate, record
 from bnaudit.baseline import load_baseline
 from bnaudit.cli.check import STEP_SUMMARY_VARIABLE
 
@@ -584,7 +584,7 @@ def test_bits_recomputes_a_records_divergence_and_refuses_an_edited_block(cli, s
     fewest = float(carried.correct_bits.min())
     n = math.floor(fewest)
     code, out, _ = _check(cli, smoke_baseline, run, f"bits:{n}")  # the genuine block is the recomputed one
-    assert code == 0 and f"fewest correct bits {fewest:.1f}" in out
+    assert code == 0 and f"fewest correct bits {bits.correct_bits_text(fewest)}" in out
     assert _check(cli, smoke_baseline, run, f"bits:{n + 1}")[0] == 1
     forged = _forge(run, tmp_path / "edited-block", edit=_full_marks)
     for tolerance in (f"bits:{n + 1}", "bits:24"):
