@@ -138,8 +138,10 @@ def figures(e: Ensemble, table: Mapping[str, Mapping[int, Outcome]], folder: Pat
                 labels.append(escape.figure_text(f"floor: {f.config}\n{f.perturb}"))
         ax.axhline(0, color="0.5", linewidth=0.8)
         ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
-        ax.set_ylabel("difference in final test MSE, seed by seed")
-        fig.suptitle("Paired differences (blue) and the 1-ulp floor (red); bar: median", fontweight="bold")
+        ax.set_ylabel("final test MSE, a − b, seed by seed\n(below 0: a is better)")
+        floor = any(f.outcome == "test_mse" for f in e.floors)
+        fig.suptitle("Paired differences (blue)" + (" and the 1-ulp floor (red)" if floor else "") + "; bar: median",
+                     fontweight="bold")
         fig.tight_layout()
         written.append(_save(fig, folder / "differences.png"))
 
