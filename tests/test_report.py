@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import struct
@@ -91,9 +92,9 @@ def test_report_folder_has_html_markdown_and_valid_figures(written: Path) -> Non
     assert (written / "index.html").is_file() and (written / "report.md").is_file()
     pngs = sorted((written / "figures").glob("*.png"))
     names = {p.stem for p in pngs}
-    # one per class (4 classes: t1, t2, perturbed, float64) + overlay, both heatmap kinds that apply, growth, BN, grid
-    assert {"seed_overlay", "heatmap_pairs", "growth", "bn_conditioning", "matrix_grid"} <= names, names
-    assert sum(n.startswith("seed_") and n != "seed_overlay" for n in names) == 4
+    # the classes overlaid and side by side (one figure, not one per class), the heatmaps, growth, BN, the grid
+    assert {"seed_overlay", "seed_classes", "heatmap_pairs", "growth", "bn_conditioning", "matrix_grid"} <= names
+    assert sum(n.startswith("seed_") for n in names) == 2, names
     for p in pngs:
         width, height = png_size(p)
         assert 400 <= width <= 2000 and 250 <= height <= 2500, f"{p.name}: {width}x{height} px"
@@ -473,16 +474,33 @@ def test_formats_depend_only_on_the_model_and_tables() -> None:
         visit(node, ())
 
 
-def test_class_colours_are_matplotlibs_tab20() -> None:
-    """The colours HTML swatches and figures share, against matplotlib's own palette."""
+def test_class_colours_stay_apart_and_their_text_reads() -> None:
+    """The colours HTML swatches and figures share: matplotlib's tab10 first, then ten more; every pair apart in
+    CIELAB (computed here from the CIE formulas), each visible on white, its text at 4.5:1 or more."""
+    import itertools
+
     import matplotlib.pyplot as plt
     from matplotlib import colors as mcolors
 
-    from bnaudit.report.tables import CLASS_COLOURS
+    from bnaudit.report.tables import CLASS_COLOURS, contrast, text_colour
 
-    tab20 = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
-    assert CLASS_COLOURS == tuple(mcolors.to_hex(c) for c in list(tab20[0::2]) + list(tab20[1::2]))
+    tab10 = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]
+    assert CLASS_COLOURS[:10] == tuple(mcolors.to_hex(c) for c in tab10) and len(set(CLASS_COLOURS)) == 20
 
+    def lab(colour: str) -> tuple[float, float, float]:
+        rgb = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in mcolors.to_rgb(colour)]
+        xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ rgb
+        f = [t ** (1 / 3) if t > 216 / 24389 else (24389 / 27 * t + 16) / 116
+             for t in xyz / np.array([0.95047, 1.0, 1.08883])]
+        return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+
+    closest = min(math.dist(lab(a), lab(b)) for a, b in itertools.combinations(CLASS_COLOURS, 2))
+    assert closest >= 25, closest  # tab20, the palette before, had two colours 16.6 apart
+
+    for colour in CLASS_COLOURS:
+        assert contrast(colour, "#ffffff") >= 2.0, colour  # a line of it shows on the page (tab20's least: 1.45)
+        assert contrast(colour, text_colour(colour)) >= 4.5, colour  # a class letter on it reads
+    assert round(contrast("#000000", "#ffffff"), 6) == 21.0 and contrast("#777777", "#777777") == 1.0
 
 def test_runs_are_labelled_by_their_fingerprint(runs: dict[str, Path], tmp_path: Path) -> None:
     """One configuration label everywhere: ``Fingerprint.label`` (an emulated CPU keeps its model's case)."""

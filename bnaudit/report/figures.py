@@ -27,7 +27,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from bnaudit.amplification import Beside
 from bnaudit.report import escape
 from bnaudit.report.model import FigureInfo, FloorView, PairView, Report, RunEntry, promote_text
-from bnaudit.report.tables import CLASS_COLOURS, class_colour
+from bnaudit.report.tables import CLASS_COLOURS, class_colour, text_colour
 
 DPI = 100
 MAX_PANELS = 12
@@ -147,7 +147,7 @@ def _function_panel(ax: plt.Axes, report: Report, runs: Sequence[tuple[RunEntry,
     lo, hi = np.nanmin(report.targets), np.nanmax(report.targets)
     pad = 0.25 * (hi - lo)
     ax.set_ylim(lo - pad, hi + pad)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.13), frameon=False, ncols=2)
     ax.grid(alpha=0.3)
 
 
@@ -188,7 +188,7 @@ def _error_panel(ax: plt.Axes, report: Report, runs: Sequence[tuple[RunEntry, st
     epoch_axis(ax, epochs)
     ax.set_ylabel("eval-mode MSE (target units²)")
     ax.set_title("train (solid) and test (dashed) error", fontsize=10)
-    ax.legend(fontsize=7 if len(runs) <= 8 else 6, loc="upper right", ncols=1 if len(runs) <= 8 else 2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.13), frameon=False, ncols=2)
     ax.grid(alpha=0.3, which="major")
 
 
@@ -197,7 +197,8 @@ def seed_figures(report: Report, folder: Path) -> list[FigureInfo]:
     reps = class_representatives(report)
     if len(reps) > 1:
         shown = [(run, class_colour(report, run.class_name), legend) for run, legend in reps[:len(CLASS_COLOURS)]]
-        fig, axes = _new(13, 4.8, 1, 2)
+        below = 0.55 + 0.16 * ((len(shown) + 4) // 2)  # the legends' rows, under the panels
+        fig, axes = _new(13, 4.8 + below, 1, 2, bottom=0.6 + below)
         left, right = axes[0]
         _function_panel(left, report, shown)
         _error_panel(right, report, shown)
@@ -212,23 +213,59 @@ def seed_figures(report: Report, folder: Path) -> list[FigureInfo]:
             "Right: eval-mode train and test MSE per epoch on a log axis, learning-rate drops dotted. Look for "
             "where the curves of different classes separate: identical bits draw one curve, and runs that "
             "parted early can still end with visibly different functions and test errors." + more))
-    for run, _ in reps:
-        colour = class_colour(report, run.class_name)
-        cls = next(c for c in report.classes if c.name == run.class_name)
-        fig, axes = _new(13, 4.4, 1, 2)
+    if len(reps) == 1:  # one class: its own full figure is the overlay
+        run = reps[0][0]
+        fig, axes = _new(13, 5.3, 1, 2, bottom=1.5)
         left, right = axes[0]
+        colour = class_colour(report, run.class_name)
         _function_panel(left, report, [(run, colour, run.label)])
         _error_panel(right, report, [(run, colour, run.label)])
         losses = run.record.arrays["losses"][-1]
-        same = (f" Bit-identical to it: {', '.join(m for m in cls.members if m != run.label)}."
-                if len(cls.members) > 1 else "")
         out.append(_save(
-            fig, folder, f"seed_{cls.name}", "seed", f"Class {cls.name}: {run.label}",
-            f"{run.config_text}; {run.epochs} epochs; final train MSE {losses[0]:.4g}, test MSE {losses[1]:.4g}."
-            f"{same} Left: learned function (float64 evaluation of the run's final parameters, BN in eval mode, "
-            "noise feature 0 for the curve). Right: train/test MSE per epoch, learning-rate drops dotted. Look "
-            "for a test error that rises while the train error falls: the noisy feature being fitted."))
+            fig, folder, "seed_overlay", "seed", f"All {len(report.runs)} runs are bit-identical: {run.label}",
+            f"{run.config_text}; {run.epochs} epochs; final train MSE {losses[0]:.4g}, test MSE {losses[1]:.4g}. "
+            "Left: learned function (float64 evaluation of the run's final parameters, BN in eval mode, noise "
+            "feature 0 for the curve) against the ground truth. Right: train/test MSE per epoch, learning-rate "
+            "drops dotted. Look for a test error that rises while the train error falls: the noisy feature being "
+            "fitted." + EPOCH_AXIS_NOTE))
+        return out
+    out.append(_small_multiples(report, folder, reps[:SMALL_MULTIPLES]))
     return out
+
+
+SMALL_MULTIPLES = 24
+"""Classes drawn as small panels (the tables list every class)."""
+
+
+def _small_multiples(report: Report, folder: Path, reps: Sequence[tuple[RunEntry, str]]) -> FigureInfo:
+    """Each class's learned function in a small panel of its own, on shared axes, against the ground truth."""
+    ncols = min(4, len(reps))
+    nrows = (len(reps) + ncols - 1) // ncols
+    fig, axes = _new(13, 0.9 + 2.3 * nrows, nrows, ncols, left=0.6, top=0.85, bottom=0.5, wspace=0.08,
+                     hspace=0.45, sharey=True)
+    grid = report.learned[reps[0][0].label].grid_x
+    truth = np.polynomial.polynomial.polyval(grid, report.spec.data.target)
+    lo, hi = np.nanmin(report.targets), np.nanmax(report.targets)
+    for k, (run, _) in enumerate(reps):
+        ax = axes[k // ncols, k % ncols]
+        lf = report.learned[run.label]
+        ax.scatter(report.x, report.targets, s=3, color="0.75", zorder=1)
+        ax.plot(grid, truth, color="black", linewidth=0.8, linestyle=(0, (4, 2)), zorder=2)
+        ax.plot(lf.grid_x, lf.grid_y, color=class_colour(report, run.class_name), linewidth=1.6, zorder=3)
+        losses = run.record.arrays["losses"][-1]
+        ax.set_title(f"class {run.class_name}: test MSE {losses[1]:.3g}", fontsize=8, loc="left")
+        ax.set_ylim(lo - 0.15 * (hi - lo), hi + 0.15 * (hi - lo))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for k in range(len(reps), nrows * ncols):
+        axes[k // ncols, k % ncols].set_visible(False)
+    more = f" Only the first {SMALL_MULTIPLES} classes are drawn." if len(report.classes) > SMALL_MULTIPLES else ""
+    return _save(
+        fig, folder, "seed_classes", "seed", "Each class's learned function, side by side",
+        "One small panel per class of bit-identical runs (its members are in the classes table): the learned "
+        "function at the final parameters (float64, BN in eval mode, noise feature 0) in the class's colour, "
+        "the ground truth dashed, the samples grey; the title gives the final test MSE. Look for classes whose "
+        "functions differ where the data is sparse, at the ends of the range." + more)
 
 
 # --------------------------------------------------------------------------- 2. heatmaps
@@ -607,8 +644,10 @@ def matrix_figures(report: Report, folder: Path) -> list[FigureInfo]:
         names = list(dict.fromkeys(r.class_name for r in runs))
         for k, name in enumerate(names):  # a cell of several classes is split in vertical bands
             ax.add_patch(plt.Rectangle((j - 0.5 + k / len(names), i - 0.5), 1 / len(names), 1,
-                                       color=class_colour(report, name), alpha=0.85, linewidth=0))
-        ax.text(j, i, "/".join(names), ha="center", va="center", fontsize=11, fontweight="bold", color="white")
+                                       color=class_colour(report, name), linewidth=0))
+        ax.text(j, i, "/".join(names), ha="center", va="center", fontsize=11, fontweight="bold",
+                color=text_colour(class_colour(report, names[0])) if len(names) == 1 else "black",
+                bbox=None if len(names) == 1 else {"facecolor": "white", "alpha": 0.8, "linewidth": 0})
     for i in range(len(row_vals)):
         for j in range(len(col_vals)):
             if (i, j) not in cells:
