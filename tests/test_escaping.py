@@ -315,7 +315,7 @@ def test_report_shows_hostile_text_literally(cli, hostile, tmp_path: Path, monke
     one_visible_text(out + err)  # matplotlib's warnings too: a missing glyph would quote the raw character
     page = _Html(MD.render((folder / "report.md").read_text(encoding="utf-8")))
     assert set(page.tags) <= MD_TAGS, f"report.md injected {set(page.tags) - MD_TAGS}"
-    for text in (SPEC_NAME, label_a, a, b, "Class A: " + label_a):
+    for text in (SPEC_NAME, label_a, a, b, "classes of bit-identical results (A: " + label_a):
         assert shown(text) in page.text, f"{shown(text)!r} not in report.md as text"
     page = _Html((folder / "index.html").read_text(encoding="utf-8"))
     assert set(page.tags) <= HTML_TAGS, f"index.html injected {set(page.tags) - HTML_TAGS}"
