@@ -28,7 +28,7 @@ kmp_deterministic_reduction=False, flush_denormal=False, force=False, on_progres
     A record folder, a ``record.json``, a fingerprint file or a baseline file, every field,
     size limit and hash checked; a baseline's seal too, and with ``key`` (the signing key,
     as ``BNAUDIT_SIGNING_KEY`` holds it) its signature.
-``compare(a, b, *more, allow_different_spec=False) -> PairComparison | ManyComparison``
+``compare(a, b, *more, allow_different_spec=False, same_length=False) -> PairComparison | ManyComparison``
     Two inputs: bit-identical, or the first difference, divergence, growth and environment
     differences; three or more: classes of bit-identical runs.  Inputs are paths (as
     ``load``), fingerprints or ``Run`` results.
@@ -220,22 +220,25 @@ def _fingerprint_of(value: RunArg) -> Fingerprint:
 
 
 @overload
-def compare(a: RunArg, b: RunArg, /, *, allow_different_spec: bool = False) -> PairComparison: ...
+def compare(a: RunArg, b: RunArg, /, *, allow_different_spec: bool = False,
+            same_length: bool = False) -> PairComparison: ...
 
 
 @overload
 def compare(a: RunArg, b: RunArg, c: RunArg, /, *more: RunArg,
-            allow_different_spec: bool = False) -> ManyComparison: ...
+            allow_different_spec: bool = False, same_length: bool = False) -> ManyComparison: ...
 
 
 def compare(a: RunArg, b: RunArg, /, *more: RunArg,
-            allow_different_spec: bool = False) -> PairComparison | ManyComparison:
+            allow_different_spec: bool = False, same_length: bool = False) -> PairComparison | ManyComparison:
     """Compare runs bit for bit, as ``bnaudit compare`` does.
 
     Two runs: a ``PairComparison`` (``identical``; else ``first``, the first difference,
     the divergence, the growth and the environment differences).  Three or more: a
     ``ManyComparison`` (classes of bit-identical runs).  Runs of different experiments
-    are refused (MismatchError) unless ``allow_different_spec``.  Where the experiment's
+    are refused (MismatchError) unless ``allow_different_spec``; runs of different lengths
+    are compared over the epochs they all ran (``lengths`` says so), or refused with
+    ``same_length``.  Where the experiment's
     exact sensitivity is stored, the growth is set beside it (``PairComparison.exact``).
     """
     from bnaudit.reference import sensitivity
@@ -243,8 +246,9 @@ def compare(a: RunArg, b: RunArg, /, *more: RunArg,
     fps = [_fingerprint_of(x) for x in (a, b, *more)]
     exact = sensitivity.stored(fps[0].spec)
     if len(fps) == 2:
-        return _compare.compare_pair(fps[0], fps[1], allow_different_spec=allow_different_spec, exact=exact)
-    return _compare.compare_many(fps, allow_different_spec=allow_different_spec, exact=exact)
+        return _compare.compare_pair(fps[0], fps[1], allow_different_spec=allow_different_spec, exact=exact,
+                                     same_length=same_length)
+    return _compare.compare_many(fps, allow_different_spec=allow_different_spec, exact=exact, same_length=same_length)
 
 
 def check(

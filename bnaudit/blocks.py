@@ -24,6 +24,7 @@ import numpy as np
 from bnaudit import bits
 from bnaudit.errors import InputError
 from bnaudit.fileio import b64decode, b64encode, json_number
+from bnaudit.layout import after
 
 DIVERGENCE_SCHEMA = "bnaudit.divergence/1"
 AUDIT_SCHEMA = "bnaudit.audit/1"
@@ -122,6 +123,29 @@ class LossBits:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fewest:
+    """The fewest correct bits of a run (``DivergenceBlock.fewest``) and where they were fewest."""
+
+    bits: float
+    """Correct bits, in [0, precision]; shown rounded down (``bits.correct_bits_text``)."""
+    row: int
+    """Epoch row where they were fewest (``layout.after`` names it)."""
+    series: str
+    """The series: "<layer> weights" or "<layer> activations"."""
+    precision: int
+    """The run dtype's significand bits."""
+
+    WHAT = "the fewest of any layer's weights or activations at any measured epoch"
+    """What the number covers, in the words every view prints once beside it."""
+
+    @property
+    def text(self) -> str:
+        """The one line every view prints: value (rounded down), where, and what it covers."""
+        return (f"fewest correct bits {bits.correct_bits_text(self.bits)} of {self.precision} ({self.series}, "
+                f"{after(self.row)}): {self.WHAT}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DivergenceBlock:
     """A run's distance from the mpmath reference, per series and epoch row (``bnaudit.divergence``)."""
 
@@ -150,6 +174,20 @@ class DivergenceBlock:
     def names(self) -> tuple[str, ...]:
         """Series names "<layer> <what>"."""
         return tuple(s.name for s in self.series)
+
+    def fewest(self) -> Fewest:
+        """The fewest correct bits: the one definition every view uses (check's bits:N, the report, the summary).
+
+        Over every series (each layer's weights and its activations on the probe batch) at
+        every measured epoch: a threshold holds for the run exactly when this does.  Raises
+        ValueError when nothing was measured.
+        """
+        table = np.asarray(self.correct_bits, dtype=np.float64)
+        if table.size == 0:
+            raise ValueError("the divergence block measured nothing")
+        i, j = np.unravel_index(int(np.argmin(np.where(np.isnan(table), np.inf, table))), table.shape)
+        return Fewest(bits=float(table[i, j]), row=int(self.rows[j]), series=self.names[i],
+                      precision=self.precision_bits)
 
     def to_json(self) -> dict[str, Any]:
         """The block as it is stored in ``extra["divergence"]`` (``from_json`` reads it back exactly)."""

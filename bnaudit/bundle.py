@@ -46,7 +46,7 @@ def plan(a: Fingerprint, b: Fingerprint, c: PairComparison) -> dict[str, Any]:
         raise UsageError("--bundle needs the exact values of the first traced step, which inputs written by an "
                          "older bnaudit do not carry; run them again")
     if d.granularity != "step" or (d.epoch, d.step) != firststep.FIRST_STEP or d.phase != "forward":
-        raise UsageError(f"--bundle reproduces one forward operation of the first step (epoch 0, step 0); "
+        raise UsageError(f"--bundle reproduces one forward operation of the first step (epoch 1, step 1); "
                          f"these runs first part at {d.where}")
     modules = a.spec.modules()
     names = [n for n, _ in modules]
@@ -98,6 +98,7 @@ def export(a: Fingerprint, b: Fingerprint, c: PairComparison, out: Path, *, forc
     doc = {"schema": BUNDLE_SCHEMA, "op": p["op"], "layer": p["layer"], "split": c.first.where,  # type: ignore
            "inputs": inputs, "parameters": p["parameters"], "eps": p.get("eps"), "momentum": p.get("momentum"),
            "controlled_prefixes": list(controls.CONTROLLED_PREFIXES),
+           "controlled_names": list(controls.CONTROLLED_NAMES),
            "expected": {k: {"a": side_a["digests"][k], "b": side_b["digests"][k]} for k in p["outputs"]},
            "sides": {"a": side_a, "b": side_b}}
     from bnaudit import reproducer  # the script is copied, not run

@@ -8,21 +8,26 @@ A check compares a **candidate** (a fresh run, or a given record) with a baselin
 same experiment and run dtype.  The candidate may be shorter than the baseline: the
 baseline is then cut to the candidate's epochs (``record.prefix``: its digest recomputed
 over that prefix; a run's first epochs do not depend on how many follow), so one
-full-length baseline serves the smoke check of every commit and the full nightly check.
+full-length baseline serves the smoke check of every commit and the full nightly check;
+the result says so in one line (``CheckResult.prefix_text``), and ``same_length`` refuses
+instead.  A candidate longer than the baseline is refused: its later epochs would go
+unchecked under a verdict that claims the run.
 
 Policies (``--tolerance``):
 
 exact      the digests are equal: every traced tensor bit for bit.
-ulps:N     at every epoch row both fingerprints carry parameters for
-           (``layout.keyframe_schedule``: 0, 1, 2, 3, 5, 10, 20, ..., epochs), every
+ulps:N     at every epoch both fingerprints carry parameters for
+           (``layout.keyframe_schedule``: the initial state, after epochs 1, 2, 3, 5, 10, 20,
+           ..., and the last), every
            parameter is within N ulps of the baseline's, counted in the run's storage dtype
            (N at most ``MAX_ULPS``, 2^53 - 1: every count up to it is exact in a float64).
-rel:X      at those rows, every parameter's relative difference |a - b| / max(|a|, |b|)
+rel:X      at those epochs, every parameter's relative difference |a - b| / max(|a|, |b|)
            is at most X.  Both are the per-layer tables ``bnaudit compare`` prints
            (``compare.layer_divergence``), so a limit can be read off a comparison.
 bits:N     an accuracy policy, not a drift policy: every layer of the candidate keeps at
-           least N correct bits relative to the mpmath reference at every epoch it was
-           measured (the run's divergence block, ``Fingerprint.divergence``).  A run
+           least N correct bits relative to the mpmath reference, in its weights and in its
+           activations, at every epoch it was measured (the run's divergence block,
+           ``DivergenceBlock.fewest``: the one definition of "fewest correct bits").  A run
            without that block is an error (exit 8), never a pass; being identical to the
            baseline is not enough, since the baseline itself can be wrong.
 
@@ -37,7 +42,7 @@ these fingerprints passes, and the result names which.
 
 No policy passes a candidate with a NaN or infinite parameter where the baseline's is
 finite (a NaN has no ulp distance, an infinity only a finite one), and a candidate
-whose digests are the baseline's at a row where its parameters are not is refused
+whose digests are the baseline's at an epoch where its parameters are not is refused
 (InputError, from ``compare``): one of the two was edited.  What the bits policy reads
 is the candidate's divergence block; ``gate`` recomputes a record's from its verified
 arrays before it gets here.
@@ -61,6 +66,7 @@ from bnaudit._version import __version__
 from bnaudit.baseline import Baseline, experiment_differences, source_name
 from bnaudit.blocks import OUTCOME_NAMES, OUTCOME_WORDS, DivergenceBlock, EnsembleOutcomes, outcome_series
 from bnaudit.errors import ExitCode, MismatchError, ReferenceFailure, UsageError
+from bnaudit.layout import after
 from bnaudit.record import Fingerprint
 from bnaudit.spec import with_seed
 
@@ -207,18 +213,18 @@ class Measure:
     value: float
     """Max ulps (ulps), max relative error (rel) or fewest correct bits (bits)."""
     row: int
-    """Epoch row where it was worst (0 = initial state, e+1 = end of epoch e)."""
+    """Epoch row where it was worst (0: the initial state; r: after epoch r, ``layout.after``)."""
     layer: str
     """Where it was worst: a layer (ulps, rel) or a series "<layer> <weights|activations>" (bits)."""
     rows: tuple[int, ...]
-    """Epoch rows that were compared."""
+    """Epoch rows that were compared (same numbering)."""
     nonfinite: bool = False
     """The candidate has a NaN or infinite parameter where the baseline's is finite (at ``row``, in ``layer``)."""
     band: Band | None = None
     """dist: the ensemble's band the outcome (``value``, ``layer`` names it) was held to."""
 
     def describe(self, policy: Policy) -> str:
-        where = f"{self.layer} at epoch row {self.row}"
+        where = f"{self.layer}, {after(self.row)}"
         if self.band is not None:
             b = self.band
             inside = "inside" if math.isfinite(self.value) and b.low <= self.value <= b.high else "outside"
@@ -240,7 +246,7 @@ def _ordinal(k: int) -> str:
 def _worst(values: np.ndarray, div: compare.LayerDivergence) -> Measure:
     """The largest entry of a (rows, layers) table: its value, epoch row and layer."""
     if not div.rows or not div.layers:
-        raise MismatchError("the baseline and the run share no epoch row with parameter values")
+        raise MismatchError("the baseline and the run share no epoch with parameter values")
     i, j = np.unravel_index(int(np.argmax(values)), values.shape)
     return Measure(value=float(values[i, j]), row=int(div.rows[i]), layer=div.layers[j], rows=div.rows)
 
@@ -278,15 +284,15 @@ def reference_bits(fp: Fingerprint) -> DivergenceBlock:
                                "(is a reference stored for its spec? bnaudit reference build), so bits:N "
                                "cannot be judged")
     if fp.divergence.correct_bits.size == 0:
-        raise ReferenceFailure(f"{fp.source}: the divergence from the reference measured no epoch row")
+        raise ReferenceFailure(f"{fp.source}: the divergence from the reference measured no epoch")
     return fp.divergence
 
 
 def measure_bits(candidate: Fingerprint) -> Measure:
-    """Fewest correct bits of any layer (weights or activations) at any epoch row measured."""
+    """The run's fewest correct bits (``DivergenceBlock.fewest``: any layer's weights or activations, any epoch)."""
     ref = reference_bits(candidate)
-    i, j = np.unravel_index(int(np.argmin(ref.correct_bits)), ref.correct_bits.shape)
-    return Measure(value=float(ref.correct_bits[i, j]), row=int(ref.rows[j]), layer=ref.names[i], rows=ref.rows)
+    f = ref.fewest()
+    return Measure(value=f.bits, row=f.row, layer=f.series, rows=ref.rows)
 
 
 def _layer_of_column(fp: Fingerprint, column: int) -> str:
@@ -376,10 +382,20 @@ class CaseResult:
     """(key, baseline value, candidate value) of the environment facts that differ."""
     seconds: float = 0.0
     """Wall time of the candidate's run (0 for a given record)."""
+    kept: bool = True
+    """Whether ``candidate`` is still on disk: False when ``bnaudit check`` ran it in a temporary folder
+    (no --out), which is gone once the check ends."""
 
     @property
     def passed(self) -> bool:
         return self.verdict.passed
+
+    @property
+    def prefix_text(self) -> str | None:
+        """The one line saying a prefix of the baseline was compared, or None when the lengths are equal."""
+        if self.epochs == self.baseline_epochs:
+            return None
+        return f"compared over the run's {self.epochs} epochs, the first of the baseline's {self.baseline_epochs}"
 
     def to_dict(self) -> dict[str, Any]:
         m = self.measured
@@ -388,6 +404,7 @@ class CaseResult:
             "dtype": self.dtype,
             "baseline": self.baseline,
             "candidate": self.candidate,
+            "candidate_kept": self.kept,
             "epochs": self.epochs,
             "baseline_epochs": self.baseline_epochs,
             "tolerance": str(self.tolerance),
@@ -494,9 +511,9 @@ def _judge_drift(base: Fingerprint, candidate: Fingerprint, tolerance: Tolerance
     if candidate.epochs not in measured.rows:
         # The digests differ but the parameters of the run's last epochs were never
         # compared: a drift there would pass unseen.  Refuse rather than guess.
-        raise UsageError(f"--tolerance {tolerance} compares parameters at epoch rows "
-                         f"{', '.join(map(str, measured.rows))}; a {candidate.epochs}-epoch run ends between "
-                         "them: check a length among those rows (e.g. --profile smoke)")
+        raise UsageError(f"--tolerance {tolerance} compares parameters after epochs "
+                         f"{', '.join(map(str, measured.rows))} (0: the initial state); a {candidate.epochs}-epoch "
+                         "run ends between them: check one of those lengths (e.g. --profile smoke)")
     return (Verdict.WITHIN if measured.value <= float(tolerance.limit or 0) else Verdict.DRIFT), measured
 
 
@@ -517,11 +534,12 @@ def _verdict(base: Fingerprint, candidate: Fingerprint, tolerance: Tolerance, id
 
 
 def check_case(baseline: Baseline, candidate: Fingerprint, tolerance: Tolerance = EXACT, *,
-               accept: Sequence[Fingerprint] = (), seconds: float = 0.0, any_spec: bool = False) -> CaseResult:
+               accept: Sequence[Fingerprint] = (), seconds: float = 0.0, any_spec: bool = False,
+               same_length: bool = False) -> CaseResult:
     """Hold one candidate to its baseline under a policy.
 
-    Refuses (MismatchError) a candidate of another experiment, another run dtype, or with
-    more epochs than the baseline covers; ``compare.compare_pair`` refuses (InputError)
+    Refuses (MismatchError) a candidate of another experiment, another run dtype, with
+    more epochs than the baseline covers, or (``same_length``) with fewer; ``compare.compare_pair`` refuses (InputError)
     one whose digests equal the baseline's at a row where its parameters do not.  Under
     dist:RATE (``dist_case``) another seed is the same experiment, and ``any_spec`` admits
     another experiment too (named in the result).
@@ -533,6 +551,10 @@ def check_case(baseline: Baseline, candidate: Fingerprint, tolerance: Tolerance 
     if candidate.epochs > base_fp.epochs:
         raise MismatchError(f"{baseline.path} covers {base_fp.epochs} epochs, the run {candidate.epochs}: "
                             "make a longer baseline or check fewer epochs (--profile smoke, --epochs N)")
+    if same_length and candidate.epochs != base_fp.epochs:
+        raise MismatchError(f"{baseline.path} covers {base_fp.epochs} epochs, the run {candidate.epochs}: "
+                            "refused by --same-length (without it the run is checked against the baseline's "
+                            f"first {candidate.epochs} epochs)")
     if controls.dtype != baseline.dtype:
         raise MismatchError(f"{baseline.path} is a {baseline.dtype} baseline, {candidate.source} "
                             f"a {controls.dtype} run")
@@ -630,8 +652,11 @@ def pair_candidates(baselines: Sequence[Baseline],
 
 def run_check(pairs: Sequence[tuple[Baseline, Fingerprint]], tolerance: Tolerance = EXACT, *,
               accept: Sequence[Fingerprint] = (), accept_paths: Sequence[str] = (),
-              seconds: Sequence[float] | None = None, any_spec: bool = False) -> CheckResult:
+              seconds: Sequence[float] | None = None, any_spec: bool = False, same_length: bool = False,
+              kept: bool = True) -> CheckResult:
     """Check every (baseline, candidate) pair under one policy.
+
+    ``kept``: whether the candidates' records stay on disk (False: run in a temporary folder).
 
     Under bits:N each candidate must carry its divergence from the reference already
     (``gate.with_reference`` recomputes a record folder's from its verified arrays).
@@ -639,7 +664,8 @@ def run_check(pairs: Sequence[tuple[Baseline, Fingerprint]], tolerance: Toleranc
     if accept:
         refuse_accept_classes(tolerance)
     cases = tuple(check_case(b, c, tolerance, accept=accept, seconds=(seconds[i] if seconds else 0.0),
-                             any_spec=any_spec) for i, (b, c) in enumerate(pairs))
+                             any_spec=any_spec, same_length=same_length) for i, (b, c) in enumerate(pairs))
+    cases = tuple(dataclasses.replace(c, kept=kept) for c in cases)
     names = [c.name for c in cases]
     if len(set(names)) < len(names):  # one configuration from several machines: name each by its source
         cases = tuple(dataclasses.replace(c, name=f"{c.name} [{source_name(c.candidate)}]") if names.count(c.name) > 1

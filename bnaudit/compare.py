@@ -9,7 +9,7 @@ detail both have and says which it used (``granularity``):
 
 - traced steps (epoch 0 always, others with ``--trace-epochs``): a 64-bit digest of every
   tensor of the step, in both records and fingerprints -> "step";
-- epoch rows (0 = initial state, e+1 = end of epoch e): a 64-bit digest per tensor in
+- epoch rows (``layout.after``: 0 the initial state, r after epoch r): a 64-bit digest per tensor in
   records -> "epoch-tensor"; a 32-bit digest per (phase, layer) group in fingerprints ->
   "epoch-group";
 - parameter values: at every epoch row in records, at ``layout.keyframe_schedule(epochs)``
@@ -63,7 +63,7 @@ import numpy as np
 from bnaudit import amplification, bits, divergence, firststep, record
 from bnaudit.amplification import Beside, Window
 from bnaudit.errors import InputError, MismatchError
-from bnaudit.layout import TraceLayout
+from bnaudit.layout import TraceLayout, after, during
 from bnaudit.record import Fingerprint, TensorKey
 from bnaudit.spec import ExperimentSpec
 
@@ -84,9 +84,10 @@ class Difference:
     """Where two runs first part."""
 
     epoch: int
-    """0-based epoch; the initial state counts as epoch 0, step 0, phase "init"."""
+    """0-based epoch (the text counts from 1, ``layout.during``); the initial state is epoch 0, step 0, phase
+    "init"."""
     step: int | None
-    """Step within the epoch; None when only epoch-level detail exists (an epoch row past 0)."""
+    """0-based step within the epoch; None when only epoch-level detail exists (after epoch 1 or later)."""
     phase: str
     """init, forward, backward, update, eval or probe ("unknown" if only whole-row digests differ)."""
     layer: str
@@ -100,23 +101,27 @@ class Difference:
     max_ulps: int | None
     """Largest ulp distance in the runs' storage dtype, when values are available."""
     row: int | None = None
-    """Epoch row of the difference (0 initial, e+1 end of epoch e); None inside a step."""
+    """Epoch row of the difference (0 the initial state, r after epoch r); None inside a step."""
     elements: int | None = None
     """Number of elements of the tensor, when values are available."""
 
     @property
+    def _row(self) -> int:
+        return self.row if self.row is not None else self.epoch + 1
+
+    @property
     def where(self) -> str:
-        """One line for people: epoch, step, phase, layer, tensor."""
+        """One line for people: when (``layout.after``, ``layout.during``), phase, layer, tensor."""
         if self.phase in ("eval", "probe"):
             what = "eval pass" if self.phase == "eval" else "probe pass (train mode, the fixed probe batch)"
             when = (f"{what} over the initial parameters" if self.row == 0
-                    else f"{what} at the end of epoch {self.epoch}")
+                    else f"{what} {after(self._row)}")
         elif self.row == 0:
-            when = "initial state (epoch 0, step 0, phase init)"
+            when = "the initial state (phase init)"
         elif self.step is None:
-            when = f"end of epoch {self.epoch} (phase {self.phase})"
+            when = f"{after(self._row)} (phase {self.phase})"
         else:
-            when = f"epoch {self.epoch}, step {self.step}, phase {self.phase}"
+            when = f"{during(self.epoch, self.step)}, phase {self.phase}"
         what = f"tensor {self.tensor}" if self.tensor else f"layer {self.layer} ({self.phase} group)"
         return f"{when}, layer {self.layer}, {what}" if self.tensor else f"{when}, {what}"
 
@@ -162,7 +167,7 @@ class LayerDivergence:
     """Parameter divergence between two runs, per layer, at the epoch rows both have values for."""
 
     rows: tuple[int, ...]
-    """Epoch rows (0 = initial state, e+1 = end of epoch e)."""
+    """Epoch rows (0 the initial state, r after epoch r)."""
     layers: tuple[str, ...]
     """Layers with parameters, in forward order (linear1, bn1, ..., linear6)."""
     max_abs: np.ndarray
@@ -238,6 +243,9 @@ class PairComparison:
     probe_compared: bool = False
     """Whether both inputs are records, which keep the probe pass's activations (fingerprint
     files do not)."""
+    lengths: tuple[int, int] = (0, 0)
+    """Epochs of a and of b as given; when they differ, everything above is over the first min of them
+    (``common_length``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +290,8 @@ class ManyComparison:
     """Classes of bit-identical inputs, in order of first appearance."""
     pairs: tuple[ClassPair, ...]
     """Every pair of classes (i < j)."""
+    lengths: tuple[int, ...] = ()
+    """Each input's epochs as given; when they differ, everything above is over the first min(lengths)."""
 
     @property
     def identical(self) -> bool:
@@ -336,13 +346,46 @@ def mismatches(a: Fingerprint, b: Fingerprint) -> list[str]:
     out = experiment_differences(a.spec, b.spec, a.frozen, b.frozen)
     if a.storage != b.storage:
         out.append(f"different storage dtype ({a.storage} vs {b.storage})")
-    if a.epochs != b.epochs:
-        out.append(f"different epoch counts ({a.epochs} vs {b.epochs})")
     return out
 
 
+def common_length(fps: Sequence[Fingerprint], *,
+                  same_length: bool = False) -> tuple[list[Fingerprint], tuple[int, ...]]:
+    """Runs of different lengths on one footing: each cut to the epochs they all ran (``record.prefix``).
+
+    The one rule of compare, report and check (``check`` cuts only the baseline): a run's
+    first epochs do not depend on how many follow, so the common prefix is compared, and
+    ``prefix_text`` says so.  ``same_length`` refuses instead (MismatchError).  Returns the
+    inputs (cut) and their lengths as given.
+    """
+    lengths = tuple(fp.epochs for fp in fps)
+    n = min(lengths, default=0)
+    if n == max(lengths, default=0):
+        return list(fps), lengths
+    if same_length:
+        raise MismatchError(f"refusing runs of different lengths ({_lengths_text(lengths)} epochs) with "
+                            f"--same-length; without it they are compared over their first {n} epochs")
+    if n < 1:
+        raise MismatchError(f"a run of {n} epochs shares only its initial state with the others "
+                            f"({_lengths_text(lengths)} epochs): nothing of the training to compare")
+    return [record.prefix(fp, n) for fp in fps], lengths
+
+
+def _lengths_text(lengths: Sequence[int]) -> str:
+    shown = sorted(set(lengths))
+    return ", ".join(map(str, shown[:-1])) + f" and {shown[-1]}" if len(shown) > 1 else str(shown[0])
+
+
+def prefix_text(lengths: Sequence[int]) -> str | None:
+    """The one line every view prints when runs of different lengths were compared on their common prefix."""
+    if len(set(lengths)) <= 1:
+        return None
+    return f"runs of {_lengths_text(lengths)} epochs: compared over the first {min(lengths)} (--same-length refuses)"
+
+
 def ensure_comparable(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool = False) -> None:
-    """Raise MismatchError naming what differs, unless the caller allows comparing what still can be.
+    """Raise MismatchError naming what differs (experiment, storage dtype), unless the caller allows comparing
+    what still can be.  Lengths are not a mismatch: ``common_length`` compares their common prefix.
 
     Schema versions are checked when loading: ``record.load`` accepts only the schemas this
     bnaudit reads, so two loaded inputs always have comparable layouts.
@@ -439,7 +482,7 @@ def _epoch_view(a: Fingerprint, b: Fingerprint, n_rows: int) -> tuple[str, list[
         inconsistent = np.flatnonzero(~row_differs & differs.any(axis=1))
         if len(inconsistent):
             r = int(inconsistent[0])
-            raise InputError(f"{a.source} / {b.source}: epoch row {r} has equal row digests but different "
+            raise InputError(f"{a.source} / {b.source}, {after(r)}: equal whole-state digests but different "
                              f"{granularity} digests (an edited or corrupt input)")
         if a.state_digests is not None and b.state_digests is not None:
             state_differs = a.state_digests[:n_rows] != b.state_digests[:n_rows]
@@ -477,7 +520,7 @@ def _check_state_consistent(a: Fingerprint, b: Fingerprint, keys: list[Any], dif
     for rows, what in ((hidden, "equal state digests but different parameter or running-statistics digests"),
                        (unseen, "different state digests but equal parameter and running-statistics digests")):
         if len(rows):
-            raise InputError(f"{a.source} / {b.source}: epoch row {int(rows[0])} has {what} "
+            raise InputError(f"{a.source} / {b.source}, {after(int(rows[0]))}: {what} "
                              "(an edited or corrupt input)")
 
 
@@ -494,7 +537,7 @@ def _check_snapshots_consistent(a: Fingerprint, b: Fingerprint, row_differs: np.
         bad = np.flatnonzero((ba != bb).any(axis=1))
         if len(bad):
             r = int(rows[same][bad[0]])
-            raise InputError(f"{a.source} / {b.source}: epoch row {r} has identical digests but different "
+            raise InputError(f"{a.source} / {b.source}, {after(r)}: identical digests but different "
                              "parameter snapshots (an edited or corrupt input)")
 
 
@@ -812,13 +855,15 @@ def closer_to_reference(a: Fingerprint, b: Fingerprint) -> dict[str, str] | None
 # --------------------------------------------------------------------------- the comparisons
 
 def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool = False,
-                 exact: Sensitivity | None = None) -> PairComparison:
-    """Compare two runs (refusing different experiments unless allowed).
+                 exact: Sensitivity | None = None, same_length: bool = False) -> PairComparison:
+    """Compare two runs (refusing different experiments unless allowed), over the epochs both ran.
 
     ``exact``: the experiment's sensitivity (``bnaudit.reference.sensitivity``), to set the
-    divergence beside; ignored for runs of another experiment.
+    divergence beside; ignored for runs of another experiment.  ``same_length``: refuse runs
+    of different lengths instead of comparing their common prefix (``common_length``).
     """
     ensure_comparable(a, b, allow_different_spec=allow_different_spec)
+    (a, b), lengths = common_length([a, b], same_length=same_length)
     a, b = record.comparable([a, b])
     epochs = min(a.epochs, b.epochs)
     first, eval_first, granularity, n_steps, n_rows = split(a, b, epochs=epochs)
@@ -845,7 +890,7 @@ def compare_pair(a: Fingerprint, b: Fingerprint, *, allow_different_spec: bool =
         nonfinite=(a.nonfinite, b.nonfinite), eval_first=eval_first,
         first_step=None if identical else first_step_deltas(a, b), growth_window=window, exact=beside,
         exact_known=exact is not None and exact.spec_hash == a.spec.hash == b.spec.hash,
-        probe_first=probe_difference(a, b, epochs=epochs),
+        probe_first=probe_difference(a, b, epochs=epochs), lengths=(lengths[0], lengths[1]),
         probe_compared=(a.probe is not None and b.probe is not None and a.storage == b.storage
                         and a.spec.hash == b.spec.hash))
 
@@ -871,15 +916,17 @@ def equivalence_classes(fps: Sequence[Fingerprint]) -> list[EquivalenceClass]:
 
 
 def compare_many(fps: Sequence[Fingerprint], *, allow_different_spec: bool = False,
-                 exact: Sensitivity | None = None) -> ManyComparison:
-    """Group inputs into classes of bit-identical runs; compare every pair of classes."""
+                 exact: Sensitivity | None = None, same_length: bool = False) -> ManyComparison:
+    """Group inputs into classes of bit-identical runs over the epochs they all ran; compare every pair of classes."""
     for fp in fps[1:]:
         ensure_comparable(fps[0], fp, allow_different_spec=allow_different_spec)
-    fps = record.comparable(fps)
+    cut, lengths = common_length(fps, same_length=same_length)
+    fps = record.comparable(cut)
     classes = equivalence_classes(fps)
     pairs = []
     for i in range(len(classes)):
         for j in range(i + 1, len(classes)):
             a, b = fps[classes[i].indices[0]], fps[classes[j].indices[0]]
             pairs.append(ClassPair(i=i, j=j, comparison=compare_pair(a, b, allow_different_spec=True, exact=exact)))
-    return ManyComparison(sources=tuple(fp.source for fp in fps), classes=tuple(classes), pairs=tuple(pairs))
+    return ManyComparison(sources=tuple(fp.source for fp in fps), classes=tuple(classes), pairs=tuple(pairs),
+                          lengths=lengths)

@@ -72,12 +72,10 @@ DISPATCH_FIELDS = ("numpy_disable", "openblas_coretype", "dynamic_threads", "kmp
                    "flush_denormal")
 """Controls files leave out at their default, so that records of runs that do not use them are as before."""
 
-# Inherited variables that would silently change a run; the child gets only ours.
-CONTROLLED_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "OMP_", "KMP_", "GOMP_", "BNAUDIT_CPU_MODEL")
-# ... and of OpenBLAS's and numpy's variables, the ones bnaudit sets (the others, such as
-# OPENBLAS_VERBOSE, reach the run and are recorded: a machine may need them).
-CONTROLLED_NAMES = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OPENBLAS_DEFAULT_NUM_THREADS",
-                    "NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES")
+# Inherited variables that would silently change a run; the child gets only ours
+# (``envinfo.uncontrolled`` is the filter, shared with the emulated-CPU probe).
+CONTROLLED_PREFIXES = envinfo.CONTROLLED_PREFIXES
+CONTROLLED_NAMES = envinfo.CONTROLLED_NAMES
 
 
 def numpy_targets() -> tuple[str, ...]:
@@ -397,7 +395,7 @@ def _check_record_size(spec: ExperimentSpec, config: RunConfig) -> None:
 
 def child_environment(controls: Controls, base: dict[str, str]) -> dict[str, str]:
     """The environment a run's process starts with: inherited controls removed, ours set."""
-    env = {k: v for k, v in base.items() if not k.startswith(CONTROLLED_PREFIXES) and k not in CONTROLLED_NAMES}
+    env = envinfo.uncontrolled(base)
     n = str(controls.threads)
     dynamic = "TRUE" if controls.dynamic_threads else "FALSE"
     env.update({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,

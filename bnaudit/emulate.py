@@ -26,6 +26,7 @@ import functools
 import shutil
 import subprocess
 
+from bnaudit import envinfo
 from bnaudit.errors import MissingTool, UsageError
 
 QEMU = "qemu-x86_64"
@@ -148,7 +149,10 @@ def model_features(name: str) -> dict[str, bool]:
 
     argv = wrap([sys.executable, "-I", "-c", _FEATURE_PROBE], name)
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+        # The environment a run gets, less bnaudit's own settings: an inherited
+        # OPENBLAS_CORETYPE must not pick kernels the model lacks.
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True,
+                             env=envinfo.uncontrolled(envinfo.environ())).stdout
         features = json.loads(out.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
         raise UsageError(f"cannot read the CPU features of the emulated model {name!r} "

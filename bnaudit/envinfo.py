@@ -51,6 +51,23 @@ The numerics variables a run records or sets (``NUMERICS_PREFIXES``, ``NUMERICS_
 not act on them.  ``BNAUDIT_CPU_MODEL`` is set by bnaudit for an emulated run's process."""
 
 
+CONTROLLED_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "OMP_", "KMP_", "GOMP_", "BNAUDIT_CPU_MODEL")
+"""Inherited variables that would silently change a run: a run's process gets only bnaudit's."""
+CONTROLLED_NAMES = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OPENBLAS_DEFAULT_NUM_THREADS",
+                    "NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES")
+"""... and of OpenBLAS's and numpy's variables, the ones bnaudit sets (the others, such as
+OPENBLAS_VERBOSE, reach the run and are recorded: a machine may need them)."""
+
+
+def uncontrolled(base: dict[str, str]) -> dict[str, str]:
+    """``base`` without the variables bnaudit controls (``CONTROLLED_PREFIXES``, ``CONTROLLED_NAMES``).
+
+    An inherited OPENBLAS_CORETYPE=Haswell, say, makes OpenBLAS run AVX2 kernels under an
+    emulated CPU without AVX2: an illegal instruction instead of the model's own kernels.
+    """
+    return {k: v for k, v in base.items() if not k.startswith(CONTROLLED_PREFIXES) and k not in CONTROLLED_NAMES}
+
+
 def environ() -> dict[str, str]:
     """A copy of the process environment (for building a child's environment)."""
     return dict(os.environ)

@@ -239,17 +239,18 @@ def signature_warnings(baselines: Sequence[Baseline]) -> list[str]:
 
 
 def _judge(pairs: Sequence[tuple[Baseline, Fingerprint]], policy: Tolerance, classes: Sequence[Fingerprint],
-           accept_paths: Sequence[Path], seconds: Sequence[float] | None = None, any_spec: bool = False) -> CheckResult:
+           accept_paths: Sequence[Path], seconds: Sequence[float] | None = None, any_spec: bool = False,
+           same_length: bool = False, kept: bool = True) -> CheckResult:
     """``run_check``, each record's reference divergence recomputed first under bits:N (records still on disk)."""
     if policy.policy is Policy.BITS:
         pairs = [(b, with_reference(c)) for b, c in pairs]
     return run_check(pairs, policy, accept=classes, accept_paths=[str(p) for p in accept_paths], seconds=seconds,
-                     any_spec=any_spec)
+                     any_spec=any_spec, same_length=same_length, kept=kept)
 
 
 def _run_and_judge(chosen: Sequence[Baseline], options: RunOptions, spec: ExperimentSpec | None, policy: Tolerance,
                    classes: Sequence[Fingerprint], accept_paths: Sequence[Path], out: Path | None,
-                   announce: Announce | None, any_spec: bool = False) -> CheckResult:
+                   announce: Announce | None, any_spec: bool = False, same_length: bool = False) -> CheckResult:
     """Run each chosen baseline's configuration (all planned before the first starts), then judge the runs."""
     pair_candidates(chosen, [])  # refuses two baselines of one dtype
     plans = [_plan(b, options, spec, any_spec=any_spec) for b in chosen]
@@ -265,14 +266,16 @@ def _run_and_judge(chosen: Sequence[Baseline], options: RunOptions, spec: Experi
             fp, took = execute(experiment, config, root / config.controls.label(), announce)
             pairs.append((b, fp))
             seconds.append(took)
-        return _judge(pairs, policy, classes, accept_paths, seconds, any_spec=any_spec)
+        return _judge(pairs, policy, classes, accept_paths, seconds, any_spec=any_spec, same_length=same_length,
+                      kept=out is not None)
 
 
 # --------------------------------------------------------------------------- the commands
 
 def check(baseline_paths: Sequence[Path], *, records: Sequence[Path] = (), options: RunOptions = RunOptions(),
           tolerance: str = "exact", accept_paths: Sequence[Path] = (), out: Path | None = None,
-          announce: Announce | None = None, allow_different_spec: bool = False) -> CheckResult:
+          announce: Announce | None = None, allow_different_spec: bool = False,
+          same_length: bool = False) -> CheckResult:
     """``bnaudit check``: run the experiment per baseline (or take ``records``) and judge it.
 
     ``options.dtype`` picks the baselines to check; the other options override their
@@ -300,14 +303,14 @@ def check(baseline_paths: Sequence[Path], *, records: Sequence[Path] = (), optio
         if given:
             raise UsageError(f"--record checks an existing run; {', '.join(given)} cannot be combined with it")
         result = _judge(pair_candidates(baselines, [record.load(r) for r in records]), policy, classes, accept_paths,
-                        any_spec=allow_different_spec)
+                        any_spec=allow_different_spec, same_length=same_length)
     else:
         chosen = [b for b in baselines if options.dtype is None or b.dtype == options.dtype]
         if not chosen:
             raise MismatchError(f"no baseline for dtype {options.dtype} (baselines: "
                                 f"{', '.join(sorted({b.dtype for b in baselines}))})")
         result = _run_and_judge(chosen, options, spec, policy, classes, accept_paths, out, announce,
-                                any_spec=allow_different_spec)
+                                any_spec=allow_different_spec, same_length=same_length)
     return dataclasses.replace(result, warnings=tuple(signature_warnings(baselines)))
 
 

@@ -12,6 +12,11 @@ pick epoch rows, and no two share a word:
 * ``keyframe_schedule(epochs)``: the rows whose parameters a fingerprint carries
   exactly (roughly log-spaced: 0, 1, 2, 3, 5, 10, 20, ...), its **keyframes**.
 
+Words for people (every view uses these three, and only these): an epoch row r is
+``after(r)``, "the initial state" for 0 (before training) and "after epoch r" otherwise,
+epochs counted from 1; a traced step is ``during(epoch, step)``, "epoch e+1, step s+1";
+``epochs_text(start, end)`` names the epochs a window of rows spans.  "Row" is the arrays' word, never the reader's.
+
 Digests are the first 64 bits of sha256 of a tensor's raw bytes, 0 meaning "no tensor
 here" (a gradient before the first step).
 """
@@ -147,6 +152,31 @@ def digest(data: Any, *more: Any) -> int:
         h.update(part)
     value = int.from_bytes(h.digest()[:8], "little")
     return value or 1
+
+
+def after(row: int) -> str:
+    """An epoch row in words: "the initial state" (row 0, before training) or "after epoch r"."""
+    return "the initial state" if row == 0 else f"after epoch {row}"
+
+
+def during(epoch: int, step: int) -> str:
+    """A traced step (0-based epoch and step) in words, counted from 1: "epoch 1, step 1" is training's first."""
+    return f"epoch {epoch + 1}, step {step + 1}"
+
+
+def epochs_text(start: int, end: int) -> str:
+    """A window of epoch rows start..end in words: the epochs it spans ("epochs 1-7" for rows 0..7)."""
+    return f"epoch {end}" if end == start + 1 else f"epochs {start + 1}-{end}"
+
+
+def at(where: str) -> str:
+    """A place in training (``compare.Difference.where``) after a verb such as "part": "at epoch 1, step 1, ...",
+    "after epoch 99 (phase update), ...", "in the eval pass ..."."""
+    if where.startswith("after "):
+        return where
+    if where.startswith(("eval pass", "probe pass")):
+        return f"in the {where}"
+    return f"at {where}"
 
 
 def probe_schedule(epochs: int) -> list[int]:

@@ -62,7 +62,10 @@ def main(argv: list[str]) -> int:
         print(f"usage: python reproduce.py {'|'.join(bundle['sides'])}", file=sys.stderr)
         return 2
     side = bundle["sides"][argv[1]]
-    for key in [k for k in os.environ if k.startswith(tuple(bundle["controlled_prefixes"]))]:
+    # Before numpy loads: OpenBLAS reads OPENBLAS_CORETYPE once, when it is loaded, and an
+    # inherited one (Haswell, say) would run AVX2 kernels on a CPU without them.
+    names = set(bundle.get("controlled_names", ()))
+    for key in [k for k in os.environ if k.startswith(tuple(bundle["controlled_prefixes"])) or k in names]:
         del os.environ[key]
     os.environ.update(side["environment"])
 

@@ -82,6 +82,7 @@ def execute(request: dict[str, Any], stream: Any) -> dict[str, Any]:
         created=datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat())
     result, blocks = _train(spec, inputs, config, stream)
     meta["extra"].update(blocks)
+    stage_reporter(stream, (2 if config.perturb is not None else 1) * config.epochs, result)("writing record")
     out = Path(request["out"])
     fp = record.write_record(out, meta, result, TraceLayout.for_spec(spec), force=bool(request.get("force")))
     return {
@@ -123,15 +124,29 @@ def _train(spec: ExperimentSpec, inputs: FrozenInputs, config: RunConfig,
         done = config.epochs
     observers = audit.observers_for(spec, config)
     result = runner.run(spec, inputs, config, progress=progress, observers=observers)
+    after_training = stage_reporter(stream, stages * config.epochs, result)
+    if observers:
+        after_training("audit")
     extra = {observer.name: observer.result() for observer in observers}
     if twin is not None:
+        after_training("chaos floor")
         extra["perturbation"] = chaos_floor(twin, result, config.controls.storage)
+    after_training("vs reference")
     block = divergence.versus_reference(
         spec, config.controls.storage, result.params, result.probe_rows, result.probe, TraceLayout.for_spec(spec),
         losses=np.stack([result.train_loss, result.test_loss], axis=1))
     if block is not None:
         extra["divergence"] = block
     return result, extra
+
+
+def stage_reporter(stream: Any, total: int, result: RunResult) -> Any:
+    """What the run does after its last epoch, as progress events at the full count with a ``stage``: the bar
+    then says what it waits for instead of sitting at N/N."""
+    def stage(what: str) -> None:
+        _emit(stream, {"event": "progress", "epoch": total, "epochs": total, "stage": what,
+                       "train_loss": float(result.train_loss[-1]), "test_loss": float(result.test_loss[-1])})
+    return stage
 
 
 def die_with_parent(parent: int | None) -> None:

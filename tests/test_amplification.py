@@ -268,7 +268,7 @@ def test_the_report_sets_the_perturbation_beside_exact_arithmetic(compare_runs, 
     assert b is not None and b.exact == sensitivity.stored(default_spec()).window(b.seen.start, b.seen.end)
     headers, rows = tables.pair_table(rep)
     (row,) = [r for r in rows if r[1] == "1-ulp baseline"]
-    assert row[headers.index("beyond exact arithmetic")] == f"x{math.exp(b.added):.3g} over rows 0..{b.seen.end}"
+    assert row[headers.index("beyond exact arithmetic")] == f"x{math.exp(b.added):.3g} over epochs 1-{b.seen.end}"
     assert rep.exact_rows is not None and list(rep.exact_rows) == list(range(1001))
     (info,) = figures.growth_figures(rep, tmp_path)
     assert "The dotted grey lines are exact arithmetic" in info.caption and (tmp_path / "growth.png").is_file()

@@ -28,7 +28,7 @@ from bnaudit.errors import BnauditError, ExitCode
 
 EPOCHS = 3
 PERTURB = "linear1.weight[0,0]:1"
-FIRST = "initial state (epoch 0, step 0, phase init), layer linear1, tensor linear1.weight"
+FIRST = "the initial state (phase init), layer linear1, tensor linear1.weight"
 """Where a run with PERTURB first differs from its unperturbed twin."""
 SUBMODULES = {m.name for m in pkgutil.iter_modules(bnaudit.__path__)}
 

@@ -510,7 +510,7 @@ def test_no_policy_passes_non_finite_parameters_where_the_baselines_are_finite(b
         if tolerance != "exact":
             assert case.measured is not None and case.measured.nonfinite
             assert case.measured.describe(case.tolerance.policy) == (
-                f"non-finite parameters where the baseline's are finite (linear1 at epoch row {EPOCHS})")
+                f"non-finite parameters where the baseline's are finite (linear1, after epoch {EPOCHS})")
             assert case.to_dict()["measured"]["value"] == "inf"
     assert check.check_case(baseline, drifted, check.parse_tolerance(f"ulps:{check.MAX_ULPS}")).passed
     perfect = _with_block(bad, _divergence_block(["linear1"], [0, 1, 2, 3], np.full((1, 4), 24.0)))
@@ -528,7 +528,7 @@ def test_the_baselines_digests_with_other_parameters_are_refused(baseline, base_
     for tolerance in ("exact", "ulps:16", "bits:1"):
         with pytest.raises(InputError) as exc:
             check.check_case(baseline, _with_block(edited, None), check.parse_tolerance(tolerance))
-        assert exc.value.message == (f"{baseline.path} / {same.source}: epoch row 2 has identical digests but "
+        assert exc.value.message == (f"{baseline.path} / {same.source}, after epoch 2: identical digests but "
                                      "different parameter snapshots (an edited or corrupt input)")
         assert int(exc.value.exit_code) == 3
 
@@ -597,7 +597,7 @@ def test_bits_policy_without_a_reference_is_an_error_never_a_pass(baseline, base
         with pytest.raises(ReferenceFailure, match="no divergence from the mpmath reference"):
             check.check_case(baseline, _with_block(fp, None), check.parse_tolerance("bits:8"))
     empty = _with_block(drifted, _divergence_block([], [], np.zeros((0, 0))))
-    with pytest.raises(ReferenceFailure, match="measured no epoch row"):
+    with pytest.raises(ReferenceFailure, match=r"measured no epoch$"):
         check.check_case(baseline, empty, check.parse_tolerance("bits:8"))
     with pytest.raises(UsageError, match="accept-class"):
         check.run_check([(baseline, drifted)], check.parse_tolerance("bits:8"), accept=[drifted])
@@ -691,9 +691,9 @@ def test_ulps_policy_refuses_a_run_ending_between_compared_rows(make_run, tmp_pa
     run4 = record.load(make_run(4, perturb="linear1.weight[0,0]:1"))
     with pytest.raises(UsageError) as exc:
         check.check_case(base, run4, check.parse_tolerance("ulps:1000000000"))
-    assert exc.value.message == ("--tolerance ulps:1000000000 compares parameters at epoch rows 0, 1, 2, 3; a "
-                                 "4-epoch run ends between them: check a length among those rows (e.g. --profile "
-                                 "smoke)")
+    assert exc.value.message == ("--tolerance ulps:1000000000 compares parameters after epochs 0, 1, 2, 3 (0: the "
+                                 "initial state); a 4-epoch run ends between them: check one of those lengths (e.g. "
+                                 "--profile smoke)")
 
 
 def test_the_key_never_reaches_a_run_or_a_baseline(base_run, tmp_path, monkeypatch):
@@ -778,7 +778,8 @@ def test_a_case_says_every_field_under_its_documented_name(baseline, drifted):
     d = case.to_dict()
     assert {k: v for k, v in d.items() if k not in ("first_difference", "environment_diff")} == {
         "name": "float32_t1_native_nondet", "dtype": "float32", "baseline": baseline.path,
-        "candidate": drifted.source, "epochs": EPOCHS, "baseline_epochs": EPOCHS, "tolerance": "ulps:16",
+        "candidate": drifted.source, "candidate_kept": True,
+        "epochs": EPOCHS, "baseline_epochs": EPOCHS, "tolerance": "ulps:16",
         "verdict": "drift", "passed": False, "accepted_by": None, "seconds": 2.5,
         "measured": {"value": float(ulps), "row": row, "layer": layer, "rows": [0, 1, 2, 3]}}
     first = d["first_difference"]
@@ -861,14 +862,14 @@ def test_tolerance_messages_and_the_bounds_they_state():
 
 def test_each_measure_describes_itself_in_its_policys_words():
     m = check.Measure(value=17.0, row=3, layer="bn2", rows=(0, 1, 2, 3))
-    assert m.describe(check.Policy.ULPS) == "max 17 ulps (bn2 at epoch row 3)"
-    assert m.describe(check.Policy.REL) == "max relative error 17 (bn2 at epoch row 3)"
-    assert m.describe(check.Policy.BITS) == "fewest correct bits 17.0 (bn2 at epoch row 3)"
+    assert m.describe(check.Policy.ULPS) == "max 17 ulps (bn2, after epoch 3)"
+    assert m.describe(check.Policy.REL) == "max relative error 17 (bn2, after epoch 3)"
+    assert m.describe(check.Policy.BITS) == "fewest correct bits 17.0 (bn2, after epoch 3)"
     assert dataclasses.replace(m, value=2.5e-7).describe(check.Policy.REL) == (
-        "max relative error 2.5e-07 (bn2 at epoch row 3)")
+        "max relative error 2.5e-07 (bn2, after epoch 3)")
     # a count is shown rounded down: 10.97 fails bits:11, and must not read "11.0"
     assert dataclasses.replace(m, value=10.97).describe(check.Policy.BITS) == (
-        "fewest correct bits 10.9 (bn2 at epoch row 3)")
+        "fewest correct bits 10.9 (bn2, after epoch 3)")
     shown = [bits.correct_bits_text(v) for v in (0.0, 10.97, 11.0, 23.99, 24.0)]
     assert shown == ["0.0", "10.9", "11.0", "23.9", "24.0"]
 
@@ -951,7 +952,7 @@ def test_worst_of_nothing_is_refused_in_words():
                                           max_rel=np.zeros((0, 1)), max_ulps=np.zeros((0, 1)))
     with pytest.raises(MismatchError) as exc:
         check._worst(np.zeros((0, 1)), empty)
-    assert exc.value.message == "the baseline and the run share no epoch row with parameter values"
+    assert exc.value.message == "the baseline and the run share no epoch with parameter values"
     no_layers = dataclasses.replace(empty, rows=(0,), layers=(), max_abs=np.zeros((1, 0)))
     with pytest.raises(MismatchError):
         check._worst(np.zeros((1, 0)), no_layers)

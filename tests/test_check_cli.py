@@ -87,7 +87,7 @@ def test_a_drift_fails_exact_naming_the_first_divergence(cli, smoke_baseline, dr
     assert code == 1, err
     first, last = out.strip().splitlines()
     assert first.startswith("FAIL float32_t1_native_nondet: drift beyond exact")
-    assert "first divergence: initial state (epoch 0, step 0, phase init), layer linear1, tensor linear1.weight" \
+    assert "first divergence: the initial state (phase init), layer linear1, tensor linear1.weight" \
         in first
     assert "max 1 ulps" in first and "config.perturb.tensor: None -> linear1.weight" in first
     assert last == "bnaudit check: FAIL, 1 of 1 case beyond policy exact"
@@ -149,7 +149,7 @@ def test_junit_has_one_case_per_dtype_and_the_failures(cli, smoke_baseline, drif
     assert set(cases) == {"float32_t1_native_nondet", "float64_t1_native_nondet"}
     failure = cases["float32_t1_native_nondet"].find("failure")
     assert failure is not None and failure.get("message") == out.splitlines()[0]
-    assert "first divergence: initial state (epoch 0, step 0, phase init)" in (failure.text or "")
+    assert "first divergence: the initial state (phase init)" in (failure.text or "")
     assert cases["float64_t1_native_nondet"].find("failure") is None
     assert [p.name for p in junit.parent.iterdir()] == ["junit.xml"]  # written atomically
 
@@ -234,7 +234,7 @@ def test_under_github_actions_a_drift_is_also_an_error_annotation(cli, smoke_bas
     (line,) = [x for x in err.splitlines() if x.startswith("::")]
     assert line.startswith("::error title=bnaudit check%3A float32_t1_native_nondet::"
                            "FAIL float32_t1_native_nondet: drift beyond exact")
-    assert "first divergence: initial state (epoch 0, step 0, phase init), layer linear1" in line
+    assert "first divergence: the initial state (phase init), layer linear1" in line
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite is not None and suite.get("hostname") == platform.node() != ""
     # the baseline file is a fingerprint of the baseline's own run: it passes, with no annotation
@@ -410,7 +410,7 @@ def test_bits_policy_through_the_cli(cli, smoke_baseline, drifted, tmp_path):
     raw["content_sha256"] = record.content_sha256(raw)  # sealed as a run that measured this would be
     fp.write_text(json.dumps(raw))
     code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(fp), "--tolerance", "bits:16")
-    assert code == 0 and "fewest correct bits 16.0 (bn3 activations at epoch row 3)" in out
+    assert code == 0 and "fewest correct bits 16.0 (bn3 activations, after epoch 3)" in out
     code, out, _ = cli("check", "--baseline", str(smoke_baseline), "--record", str(fp), "--tolerance", "bits:17")
     assert code == 1 and "fewer than 17 correct bits" in out
 
@@ -606,7 +606,7 @@ def test_nan_parameters_with_a_stale_honest_block_never_pass(cli, smoke_baseline
     verdicts = {t: _check(cli, smoke_baseline, forged, t) for t in ("exact", f"ulps:{check.MAX_ULPS}", "rel:1",
                                                                     "bits:1")}
     assert [verdicts[t][0] for t in verdicts] == [1, 1, 1, 3], verdicts
-    assert "non-finite parameters where the baseline's are finite (linear1 at epoch row 1)" in verdicts["rel:1"][1]
+    assert "non-finite parameters where the baseline's are finite (linear1, after epoch 1)" in verdicts["rel:1"][1]
     assert "carries a divergence block that its own arrays do not give" in verdicts["bits:1"][2]
     # The same run as a bare fingerprint (no probe activations to recompute from), its block as stale.
     rec = record.load_record(forged)

@@ -156,21 +156,21 @@ def test_run_summary_renders_the_decoded_summary(monkeypatch):
     text = console.export_text()
     assert "dtype float32, threads 2, isa avx2, deterministic" in text
     assert "linear1.weight[0, 1] moved -1 ulp" in text
-    assert "ln(divergence) grows 2.3 ln/epoch over epoch rows 0..3 (least-squares; end to end 2.3" in text
-    assert "saturates at the end of epoch 2" in text
+    assert "ln(divergence) grows 2.3 ln/epoch over epochs 1-3 (least-squares; end to end 2.3" in text
+    assert "saturates after epoch 3" in text
     assert "no sensitivity measured for this experiment" in text
     console = Console(record=True, width=400)
     monkeypatch.setattr(run_summary, "console", console)
     run_summary.render(RunSummary.from_json(raw), exact, np.array([0.5, -2.0]))  # small: up to 2e-3
     text = console.export_text()
     # exact: e^3 over rows 0..3; this floor: e^(ln 1000) = e^6.91; rounding adds e^3.91 = x49.8.
-    assert "grows a difference 1 ln/epoch over epoch rows 0..3" in text
+    assert "grows a difference 1 ln/epoch over epochs 1-3" in text
     assert "a factor e^3 (x20.1); this one grew e^6.91 (x1e+03): float32 rounding adds e^3.91 (x49.8)" in text
     console = Console(record=True, width=400)
     monkeypatch.setattr(run_summary, "console", console)
     run_summary.render(RunSummary.from_json(raw), exact, np.array([0.001]))  # small: up to 1e-6, rows 0..2
     text = console.export_text()
-    assert "over epoch rows 0..2" in text and "this one grew e^4.61 (x100)" in text
+    assert "over epochs 1-2" in text and "this one grew e^4.61 (x100)" in text
     assert "no stored mpmath reference for this spec and length" in text
     assert "operator audit" not in text
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from bnaudit import bits, compare, record
 from bnaudit.blocks import DivergenceBlock
 from bnaudit.errors import InputError, MismatchError
-from bnaudit.layout import TensorKey, keyframe_schedule
+from bnaudit.layout import TensorKey, after, keyframe_schedule
 from bnaudit.report import compare_view
 
 EPOCHS = 3
@@ -187,14 +187,17 @@ def test_a_different_spec_is_refused_naming_what_differs(runs):
     assert c.divergence is not None and set(c.divergence.layers) <= {f"linear{i}" for i in range(1, 7)}
 
 
-def test_different_storage_dtype_and_epochs_are_refused_then_compared_without_values(runs):
+def test_different_storage_dtype_is_refused_then_compared_without_values_over_the_common_epochs(runs):
     a, b = load(runs, "t1"), load(runs, "bf16")
-    with pytest.raises(MismatchError, match=r"storage dtype \(float32 vs bfloat16\).*epoch counts \(3 vs 2\)"):
+    with pytest.raises(MismatchError, match=r"storage dtype \(float32 vs bfloat16\) \(--allow-different-spec"):
         compare.ensure_comparable(a, b)
     c = compare.compare_pair(a, b, allow_different_spec=True)
     assert not c.identical and c.divergence is None and c.value_rows == 0
-    assert c.rows_compared == 3 and c.storage == "float32/bfloat16"
+    assert c.rows_compared == 3 and c.storage == "float32/bfloat16" and c.lengths == (3, 2)
     assert c.first is not None and c.first.row == 0
+    with pytest.raises(MismatchError, match=r"^refusing runs of different lengths \(2 and 3 epochs\) with "
+                                            r"--same-length; without it they are compared over their first 2 epochs$"):
+        compare.compare_pair(a, b, allow_different_spec=True, same_length=True)
 
 
 def test_inconsistent_digests_are_refused_as_an_edited_input(runs):
@@ -449,8 +452,7 @@ def test_spec_and_experiment_differences_say_each_field(tmp_path):
 def test_what_compare_refuses_is_named_in_one_message(runs):
     t1, bf16, nobn = load(runs, "t1"), load(runs, "bf16"), load(runs, "nobn")
     assert compare.mismatches(t1, load(runs, "same")) == []
-    assert compare.mismatches(t1, bf16) == ["different storage dtype (float32 vs bfloat16)",
-                                            "different epoch counts (3 vs 2)"]
+    assert compare.mismatches(t1, bf16) == ["different storage dtype (float32 vs bfloat16)"]
     found = compare.mismatches(t1, nobn)
     assert len(found) == 2 and found[0].startswith(f"different spec ({t1.spec.short_hash} vs {nobn.spec.short_hash}: "
                                                    "model.batchnorm: True vs False)")
@@ -458,8 +460,7 @@ def test_what_compare_refuses_is_named_in_one_message(runs):
     with pytest.raises(MismatchError) as exc:
         compare.ensure_comparable(t1, bf16)
     assert exc.value.message == (f"refusing to compare {t1.source} with {bf16.source}: different storage dtype "
-                                 "(float32 vs bfloat16); different epoch counts (3 vs 2) (--allow-different-spec "
-                                 "compares what still can be)")
+                                 "(float32 vs bfloat16) (--allow-different-spec compares what still can be)")
     assert compare.ensure_comparable(t1, bf16, allow_different_spec=True) is None
     assert compare.ensure_comparable(t1, load(runs, "same")) is None
 
@@ -540,18 +541,18 @@ def test_where_tells_each_kind_of_place_in_one_line():
     assert D(epoch=0, step=None, phase="eval", layer="bn2", tensor="eval.bn2", granularity="epoch-tensor",
              row=0).where == "eval pass over the initial parameters, layer bn2, tensor eval.bn2"
     assert D(epoch=2, step=None, phase="eval", layer="bn2", tensor=None, granularity="epoch-group",
-             row=3).where == "eval pass at the end of epoch 2, layer bn2 (eval group)"
+             row=3).where == "eval pass after epoch 3, layer bn2 (eval group)"
     assert D(epoch=0, step=0, phase="init", layer="linear1", tensor="linear1.weight", granularity="epoch-group",
-             row=0).where == "initial state (epoch 0, step 0, phase init), layer linear1, tensor linear1.weight"
+             row=0).where == "the initial state (phase init), layer linear1, tensor linear1.weight"
     assert D(epoch=1, step=None, phase="update", layer="linear3", tensor=None, granularity="epoch-group",
-             row=2).where == "end of epoch 1 (phase update), layer linear3 (update group)"
+             row=2).where == "after epoch 2 (phase update), layer linear3 (update group)"
     assert D(epoch=0, step=4, phase="backward", layer="bn1", tensor="bn1.weight.grad", granularity="step",
-             row=None).where == "epoch 0, step 4, phase backward, layer bn1, tensor bn1.weight.grad"
+             row=None).where == "epoch 1, step 5, phase backward, layer bn1, tensor bn1.weight.grad"
     # a step inside epoch 1 is not the initial state, even though its row field is unset
     assert D(epoch=1, step=0, phase="forward", layer="linear1", tensor=None, granularity="step",
-             row=None).where == "epoch 1, step 0, phase forward, layer linear1 (forward group)"
+             row=None).where == "epoch 2, step 1, phase forward, layer linear1 (forward group)"
     assert D(epoch=0, step=None, phase="eval", layer="loss", tensor=None, granularity="epoch-group",
-             row=1).where == "eval pass at the end of epoch 0, layer loss (eval group)"
+             row=1).where == "eval pass after epoch 1, layer loss (eval group)"
 
 
 # --------------------------------------------------------------------------- a pair, every field
@@ -961,7 +962,7 @@ def test_inputs_without_common_step_tensors_compare_no_steps(runs):
 # --------------------------------------------------------------------------- digests that contradict each other
 
 def _corrupt(a, b, row: int, what: str) -> str:
-    return f"{a.source} / {b.source}: epoch row {row} has {what} (an edited or corrupt input)"
+    return f"{a.source} / {b.source}, {after(row)}: {what} (an edited or corrupt input)"
 
 
 @pytest.mark.parametrize("kind", ["record", "fingerprint"])
@@ -977,7 +978,7 @@ def test_row_digests_that_contradict_the_column_digests_are_refused_at_the_first
     gran = "epoch-tensor" if kind == "record" else "epoch-group"
     with pytest.raises(InputError) as err:
         compare.split(a, b)
-    assert err.value.message == _corrupt(a, b, 1, f"equal row digests but different {gran} digests")
+    assert err.value.message == _corrupt(a, b, 1, f"equal whole-state digests but different {gran} digests")
 
 
 @pytest.mark.parametrize("kind", ["record", "fingerprint"])
@@ -1630,3 +1631,25 @@ def test_no_reference_opinion_when_only_one_run_carries_a_block(runs):
     without = dataclasses.replace(load(runs, "t2", "fingerprint"), divergence=None)
     assert compare.closer_to_reference(with_block, without) is None
     assert compare.closer_to_reference(without, with_block) is None
+
+
+# --------------------------------------------------------------------------- lengths, one way
+
+def test_runs_of_different_lengths_are_compared_over_their_common_epochs(make_run, runs):
+    """A 2-epoch run is the first 2 epochs of the 3-epoch run of its configuration: one class, said in one line."""
+    t1, two = load(runs, "t1"), record.load(make_run(2, threads=1))
+    c = compare.compare_pair(t1, two)
+    assert c.identical and c.lengths == (3, 2) and c.rows_compared == 3
+    assert compare.prefix_text(c.lengths) == ("runs of 2 and 3 epochs: compared over the first 2 "
+                                              "(--same-length refuses)")
+    assert compare.prefix_text((3, 3)) is None
+    assert compare.compare_pair(t1, load(runs, "t2")).lengths == (3, 3)
+    many = compare.compare_many([t1, two, load(runs, "t2")])
+    assert [len(k.members) for k in many.classes] == [2, 1] and many.lengths == (3, 2, 3)
+    # The pair of classes is compared over 2 epochs too: the split is the same as over 3.
+    full = compare.compare_pair(t1, load(runs, "t2"))
+    assert many.pairs[0].comparison.first == full.first and many.pairs[0].comparison.rows_compared == 3
+    with pytest.raises(MismatchError, match="different lengths"):
+        compare.compare_many([t1, two], same_length=True)
+    # A different length is a different prefix, never a different verdict on the epochs both ran.
+    assert compare.compare_pair(two, load(runs, "t2")).first == full.first

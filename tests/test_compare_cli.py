@@ -38,7 +38,7 @@ def test_threads_1_vs_2_exit_1_and_name_the_first_step(cli, runs):
     code, out, _ = cli("compare", str(runs["t1"]), str(runs["t2"]))
     assert code == ExitCode.DIFFERENT == 1
     first = next(line for line in out.splitlines() if line.startswith("training split"))
-    assert "epoch 0, step 0, phase forward" in first
+    assert "epoch 1, step 1, phase forward" in first
     # The named tensor is the first one whose step digest differs (an oracle on the raw digests).
     import numpy as np
 

@@ -158,7 +158,7 @@ def test_two_cpus_part_at_step_0s_first_matmul_and_the_bundle_reproduces_it_on_b
                          "--bundle", str(bundle))
     assert code == ExitCode.DIFFERENT, err
     text = " ".join(out.split())
-    assert (f"training split: epoch 0, step 0, phase forward, layer linear1, tensor linear1.out; {differing} of "
+    assert (f"training split: epoch 1, step 1, phase forward, layer linear1, tensor linear1.out; {differing} of "
             f"{va.size} elements differ") in text
     assert "also differs: eval pass over the initial parameters" in text
     doc = json.loads((bundle / "bundle.json").read_text())
@@ -186,3 +186,11 @@ def test_emulated_matrix_summary_records_the_machines(emulated):
     # The same capped settings compute the first matmul differently on the two CPUIDs.
     assert pair["identical"] is False and pair["first"]["tensor"]
     assert "first part at" in " ".join(summary["findings"])
+
+
+def test_an_inherited_openblas_coretype_does_not_reach_the_models_feature_probe(monkeypatch):
+    """OPENBLAS_CORETYPE=Haswell (set on some machines) made numpy's OpenBLAS run AVX2 kernels under Nehalem:
+    an illegal instruction, reported as "is qemu-x86_64 working?".  The probe gets a run's environment."""
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    features = emulate.model_features.__wrapped__("Nehalem")
+    assert features["SSE42"] and not features["AVX2"]

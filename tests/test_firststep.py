@@ -245,8 +245,8 @@ def test_the_bundle_of_float32_vs_bf16_mixed_reproduces_both_runs_on_this_machin
 
 @pytest.mark.parametrize("other, message", [
     ("same", "--bundle needs runs whose training parts; these are identical"),
-    ("perturb", "--bundle reproduces one forward operation of the first step (epoch 0, step 0); these runs first "
-                "part at initial state"),
+    ("perturb", "--bundle reproduces one forward operation of the first step (epoch 1, step 1); these runs first "
+                "part at the initial state (phase init)"),
 ])
 def test_a_split_that_is_not_one_forward_operation_of_the_first_step_is_refused(t1, make_run, cli, tmp_path, other,
                                                                                 message):
@@ -276,7 +276,7 @@ def test_bundle_needs_two_inputs_and_the_values(t1, tmp_path, cli):
     assert bundle.plan(a, a, dataclasses.replace(c, first=loss))["inputs"] == {"input": "linear6.out",
                                                                                "target": "target"}
     grad = dataclasses.replace(split, phase="backward", tensor="linear1.weight.grad")
-    with pytest.raises(UsageError, match="these runs first part at epoch 0, step 0, phase backward"):
+    with pytest.raises(UsageError, match="these runs first part at epoch 1, step 1, phase backward"):
         bundle.plan(a, a, dataclasses.replace(c, first=grad))
 
 

@@ -181,7 +181,7 @@ def test_values_forged_with_their_state_digests_never_compare_identical(genuine,
                  ["check", "--baseline", str(baseline), "--record", str(forged), "--tolerance", "ulps:100"]):
         code, out, err = cli(*argv)
         assert code == ExitCode.BAD_INPUT and "identical" not in out and "PASS" not in out, (argv, code, out)
-        one_line(err, r"epoch row 4 has different state digests but equal parameter and running-statistics digests")
+        one_line(err, r", after epoch 4: different state digests but equal parameter and running-statistics digests")
 
 
 @pytest.mark.parametrize("path", ["/dev/zero", "fifo", "folder"])

@@ -51,7 +51,9 @@ def test_real_run_gets_its_own_controls_and_none_inherited(tmp_path, monkeypatch
     assert summary["out"] == str(out) and summary["epochs"] == 1 and summary["spec_hash"] == SMALL.hash
     assert summary["config"] == ONE_EPOCH.to_dict()
     assert summary["digest"] == json.loads((out / "fingerprint.json").read_text())["digest"]
-    assert [(e["event"], e["epoch"], e["epochs"]) for e in events] == [("progress", 1, 1)]
+    # After the last epoch the run names what it does (the reference, the record), at the full count.
+    assert [(e["event"], e["epoch"], e["epochs"], e.get("stage")) for e in events] == [
+        ("progress", 1, 1, None), ("progress", 1, 1, "vs reference"), ("progress", 1, 1, "writing record")]
 
 
 def test_numerics_variables_it_does_not_set_reach_the_run_recorded_and_compare_names_them(tmp_path, monkeypatch):

@@ -182,16 +182,16 @@ def _seed_summary() -> MatrixSummary:
 # Written by the single-module matrix.py (before the package split) for the summary above.
 SEED_FINDINGS = (
     "[bn] threads changes the bits in 3 of 4 pairs (float32: 2/2, float64: 1/2); first change: epoch 0, step 0, "
-    "phase forward, layer linear1, tensor linear1.out; largest divergence 0.000119 (2424307 ulps) in linear1 at "
-    "epoch row 3",
+    "phase forward, layer linear1, tensor linear1.out; largest divergence 0.000119 (2424307 ulps) in linear1, "
+    "after epoch 3",
     "[bn] mkl cbwr (inherit, none, AVX2,STRICT) does not change the bits (2 pairs compared, all identical)",
-    "[no-bn] dtype changes the bits in 2 of 2 pairs; largest divergence 0.5 in bn1 at epoch row 1",
+    "[no-bn] dtype changes the bits in 2 of 2 pairs; largest divergence 0.5 in bn1, after epoch 1",
     "[bn] --isa default and --isa avx2 never agree bit for bit (2 combinations of the other controls tried)",
     "[bn] --isa avx2 and --isa avx512 agree bit for bit in 3 of 3 combinations: threads=1, deterministic=on; "
     "the grid's settings; onednn_isa=inherit, cpu_model=native",
     "[bn] seed-i7 and seed-i5 (float32, 1 thread(s), isa native) first part at epoch 0, step 0, phase forward, "
-    "layer linear1, tensor linear1.out; the gap grows by ln 1.95 per epoch (x7.03 per epoch), saturates at epoch "
-    "7, largest parameter difference 2.94 at epoch 8; closer to the mpmath reference: seed-i7 in 1 layers, "
+    "layer linear1, tensor linear1.out; the gap grows by ln 1.95 per epoch (x7.03 per epoch), saturates after "
+    "epoch 7, largest parameter difference 2.94 after epoch 8; closer to the mpmath reference: seed-i7 in 1 layers, "
     "seed-i5 in 1, tied in 1",
     "[no-bn] seed-i7 and seed-i5 (float32, 1 thread(s), isa native) first part at end of epoch 1 (phase eval), "
     "layer bn1 (eval group); the gap grows by ln 0.573 per epoch (x1.77 per epoch), does not saturate within the "
@@ -199,21 +199,21 @@ SEED_FINDINGS = (
     "[no-bn] seed-i7 and seed-i5 agree bit for bit (float64, 1 thread(s), isa native)",
     "[bn] seed-i7 and seed-i5 (float64, 1 thread(s), isa native) first part at epoch 0, step 0, phase forward, "
     "layer linear1, tensor linear1.out; the gap grows by ln 80 per epoch, does not saturate within the run, "
-    "largest parameter difference inf at epoch 2; closeness to the mpmath reference: not available (no reference "
+    "largest parameter difference inf after epoch 2; closeness to the mpmath reference: not available (no reference "
     "divergence in the records)",
     "seed machines, float32: with BN the i7 (Haswell) and the i5 (IvyBridge) part at epoch 0, step 0, phase "
     "forward, layer linear1, tensor linear1.out, and the gap grows by ln 1.95 per epoch (x7.03 per epoch), "
-    "saturates at epoch 7, largest parameter difference 2.94 at epoch 8; without BN they part at end of epoch 1 "
+    "saturates after epoch 7, largest parameter difference 2.94 after epoch 8; without BN they part at end of epoch 1 "
     "(phase eval), layer bn1 (eval group), and the gap grows by ln 0.573 per epoch (x1.77 per epoch), does not "
     "saturate within the run; so without BN they part elsewhere, but the gap grows 3.4 times faster (in ln units "
     "per epoch) with BN; final train MSE with BN 1.075 (i7) vs 1.172 (i5), without BN 0.886 vs 0.903",
     "seed machines, float32, with BN: closer to the mpmath reference: seed-i7 in 1 layers, seed-i5 in 1, tied in 1",
     "seed machines, float32, without BN: no mpmath reference divergence in the records; distance from the float64 "
-    "run on the same CPU (i7 vs i5) by epoch row: 1: 1e-07 vs 2e-07; 2: 3e-06 vs 1e-06: the i7 is closer at 1 of "
-    "2 rows, the i5 at 1",
+    "run on the same CPU (i7 vs i5) after epoch 1: 1e-07 vs 2e-07; 2: 3e-06 vs 1e-06: the i7 is closer after 1 "
+    "of 2 of those epochs, the i5 after 1",
     "seed machines, float64: with BN the i7 (Haswell) and the i5 (IvyBridge) part at epoch 0, step 0, phase "
     "forward, layer linear1, tensor linear1.out, and the gap grows by ln 80 per epoch, does not saturate within "
-    "the run, largest parameter difference inf at epoch 2; without BN they are bit-identical; so BN decides "
+    "the run, largest parameter difference inf after epoch 2; without BN they are bit-identical; so BN decides "
     "whether they part at all; final train MSE with BN 0.5 (i7) vs nan (i5), without BN 0.5 vs 0.5",
 )
 

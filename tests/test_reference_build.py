@@ -136,7 +136,7 @@ def test_a_failing_check_process_is_one_reference_error(tmp_path, spec_and_input
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_disagreeing_precisions_stop_either_way(tmp_path, spec_and_inputs, jobs):
     spec, fz = spec_and_inputs
-    with pytest.raises(ReferenceFailure, match="epoch row 0"):
+    with pytest.raises(ReferenceFailure, match=r"failed \(the initial state\)"):
         build.build(spec, fz, tmp_path / "low", precision=64, check_precision=96, epochs=1, jobs=jobs)
 
 
@@ -162,7 +162,7 @@ def test_disagreeing_precisions_fail_with_reference_exit_code(tmp_path, spec_and
     with pytest.raises(ReferenceFailure) as info:
         build.build(spec, fz, tmp_path / "low", precision=64, check_precision=96, epochs=1)
     message = info.value.message
-    assert "epoch row 0" in message and "--precision" in message
+    assert "failed (the initial state)" in message and "--precision" in message
     assert info.value.exit_code == ExitCode.REFERENCE == 8
     assert not (tmp_path / "low" / "manifest.json").exists()
 
@@ -178,7 +178,8 @@ def test_cli_build_failure_exits_8(tmp_path, capsys):
                  "--check-precision", "96", "--out", str(tmp_path / "low")])
     assert code == ExitCode.REFERENCE
     err = capsys.readouterr().err
-    assert err.startswith("bnaudit: error: reference precision check failed at epoch row 0") and "--precision" in err
+    assert err.startswith("bnaudit: error: reference precision check failed (the initial state)") and \
+        "--precision" in err
 
 
 @pytest.mark.parametrize("args", [["--precision", "128", "--check-precision", "128"], ["--precision", "32"],
@@ -223,7 +224,7 @@ def test_cli_interrupt_is_one_line_exit_130_and_the_rerun_resumes(tmp_path, caps
     monkeypatch.setattr(engine.Network, "train_epoch", interrupted)
     assert main(args) == ExitCode.INTERRUPTED == 130
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("bnaudit: error: interrupted with 2 of 3 stored rows done; "
+    assert err.count("\n") == 1 and err.startswith("bnaudit: error: interrupted with 2 of 3 stored states done; "
                                                     "rerun the same command to resume")
     # Outside the build loop, typer would swallow the interrupt into a silent 130: still one line.
     assert main(["reference", "verify", "--spec", spec_file, "--reference", str(ref.path)]) == 130
@@ -351,8 +352,8 @@ def test_a_truncated_last_row_falls_back_one_row(tmp_path, built, checkpoint, sp
     ref, _ = built
     computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs,
                                           lambda work: _truncate(work / "rows" / "000001.npz"), jobs=jobs)
-    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: row 1 was unreadable (not an .npz: "
-                    "truncated or corrupt); resumed from row 0")
+    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: the stored state after epoch 1 was unreadable "
+                    "(not an .npz: truncated or corrupt); resumed from the initial state")
     assert computed == [1, 2]
     assert _file_hashes(out) == _file_hashes(ref.path), "resumed build differs from an uninterrupted one"
 
@@ -362,8 +363,8 @@ def test_an_altered_last_row_is_refused_and_recomputed(tmp_path, built, checkpoi
     ref, _ = built
     computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs,
                                           lambda work: _alter_value(work / "rows" / "000001.npz"))
-    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: row 1 was changed after it was written "
-                    "(its sha256 is not the one recorded); resumed from row 0")
+    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: the stored state after epoch 1 was changed after "
+                    "it was written (its sha256 is not the one recorded); resumed from the initial state")
     assert computed == [1, 2]
     assert _file_hashes(out) == _file_hashes(ref.path)
 
@@ -375,7 +376,7 @@ def test_garbage_in_state_json_falls_back_to_the_previous_state(tmp_path, built,
     computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs,
                                           lambda work: (work / "state.json").write_bytes(garbage))
     assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: state.json was unreadable (not JSON: "
-                    "truncated or corrupt); resumed from row 0")
+                    "truncated or corrupt); resumed from the initial state")
     assert computed == [1, 2]
     assert _file_hashes(out) == _file_hashes(ref.path)
 
@@ -392,7 +393,7 @@ def test_an_edited_exact_state_is_refused(tmp_path, built, checkpoint, spec_and_
 
     computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs, edit)
     assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: state.json was changed after it was written "
-                    "(its seal does not match its content); resumed from row 0")
+                    "(its seal does not match its content); resumed from the initial state")
     assert computed == [1, 2] and _file_hashes(out) == _file_hashes(ref.path)
 
 
@@ -406,8 +407,8 @@ def test_a_damaged_earlier_row_starts_the_build_over(tmp_path, built, checkpoint
            "alter": "was changed after it was written (its sha256 is not the one recorded)",
            "delete": "was missing"}[damage]
     computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs, act)
-    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: row 0 {was}; the build starts over from "
-                    "row 0 (only the last row can be recomputed from the checkpoint)")
+    assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: the initial state {was}; the build starts over "
+                    "from the initial state (only the last stored state can be recomputed from the checkpoint)")
     assert computed == [0, 1, 2]
     assert _file_hashes(out) == _file_hashes(ref.path)
 
@@ -422,7 +423,7 @@ def test_both_states_unreadable_start_the_build_over(tmp_path, built, checkpoint
     computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs, both)
     assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: state.json was changed after it was written "
                     "(its seal does not match its content); state.prev.json was missing; the build starts over "
-                    "from row 0")
+                    "from the initial state")
     assert computed == [0, 1, 2] and _file_hashes(out) == _file_hashes(ref.path)
 
 
@@ -431,7 +432,7 @@ def test_an_unreadable_job_starts_the_build_over(tmp_path, built, checkpoint, sp
     computed, note, out = _resume_damaged(tmp_path, checkpoint, spec_and_inputs,
                                           lambda work: (work / "job.json").write_text("{"))
     assert note == (f"build checkpoint in {tmp_path / '.r.partial'}: job.json was unreadable; the build starts "
-                    "over from row 0")
+                    "over from the initial state")
     assert computed == [0, 1, 2] and _file_hashes(out) == _file_hashes(ref.path)
 
 
@@ -443,8 +444,9 @@ def test_cli_damaged_checkpoint_is_one_note_line(tmp_path, capsys, built, checkp
     code = main(["reference", "build", "--spec", _spec_file(tmp_path), "--epochs", "2", "--precision", str(PREC),
                  "--check-precision", str(CHECK), "--out", str(out), "--jobs", "1"])
     assert code == 0
-    assert capsys.readouterr().err == (f"bnaudit: note: build checkpoint in {tmp_path / '.cli.partial'}: row 1 was "
-                                       "unreadable (not an .npz: truncated or corrupt); resumed from row 0\n")
+    assert capsys.readouterr().err == (f"bnaudit: note: build checkpoint in {tmp_path / '.cli.partial'}: the stored "
+                                       "state after epoch 1 was unreadable (not an .npz: truncated or corrupt); "
+                                       "resumed from the initial state\n")
     assert _file_hashes(out) == _file_hashes(ref.path)
 
 
@@ -502,17 +504,20 @@ def test_cli_verify_all_and_random_lines(tmp_path, capsys, built6):
     spec_file, folder = _spec_file(tmp_path), str(built6.path)
     assert main(["reference", "verify", "--spec", spec_file, "--reference", folder, "--epochs", "all"]) == 0
     line = capsys.readouterr().out
-    assert re.fullmatch(rf"reference {re.escape(folder)} verified: manifest sha256 OK, all 7 stored rows \(0\.\.6\) "
-                        rf"recomputed from epoch 0 at {PREC} bits match bit for bit \(\d+\.\d s\); 6 epochs stored, "
+    assert re.fullmatch(rf"reference {re.escape(folder)} verified: manifest sha256 OK, all 7 stored states \(the "
+                        rf"initial state to after epoch 6\) recomputed from the initial state at {PREC} bits match "
+                        r"bit for bit \(\d+\.\d s\); 6 epochs stored, "
                         r"precisions agree on >= \d+\.\d digits\n", line), line
     assert main(["reference", "verify", "--spec", spec_file, "--reference", folder, "--seed", "11",
                  "--random-rows", "2"]) == 0
     drawn = build.verify(built6, frozen.load(_small_spec()), epochs=2, random_rows=2, seed=11).drawn
     line = capsys.readouterr().out
-    assert f"rows 0..2 and {drawn[0]}, {drawn[1]} (drawn from rows 3..6, --seed 11) recomputed" in line, line
+    assert (f"the initial state and the states after epochs 1-2, and after epochs {drawn[0]}, {drawn[1]} (drawn "
+            "from after epochs 3-6, --seed 11) recomputed") in line, line
     assert main(["reference", "verify", "--spec", spec_file, "--reference", folder, "--epochs", "1",
                  "--random-rows", "0"]) == 0
-    assert "manifest sha256 OK, rows 0..1 recomputed from epoch 0" in capsys.readouterr().out
+    assert ("manifest sha256 OK, the initial state and the state after epoch 1 recomputed from the initial state"
+            in capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("args", [["--epochs", "some"], ["--epochs", "-1"], ["--random-rows", "-1"],

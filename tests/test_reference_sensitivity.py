@@ -109,7 +109,7 @@ def test_the_cli_prints_the_table_and_the_json_its_schema_describes(cli):
     code, out, err = cli("reference", "sensitivity", "--epochs", "2", "--window", "0..2", "--window", "1..2")
     assert code == 0, err
     assert "linear1.weight[0,0] moved by a relative 2^-200, both copies at 512 bits, 2 epochs" in out
-    assert "growth over rows 0..2:" in out and "growth over rows 1..2:" in out
+    assert "growth over epochs 1-2:" in out and "growth over epoch 2:" in out
     code, out, err = cli("reference", "sensitivity", "--epochs", "2", "--json")
     assert code == 0, err
     doc = json.loads(out)

@@ -520,7 +520,7 @@ def test_a_drifted_leg_fails_the_gate_naming_its_case(drifted: Scenario):
     assert f"::error title=bnaudit check%3A {drift}::FAIL" in check_step.output  # an annotation on the run
     summary = gate.summary
     assert summary.startswith("## float32 across runner types\n### bnaudit compare: **DIFFERENT**\n")
-    assert "**training split**: initial state (epoch 0, step 0, phase init), layer linear1, tensor linear1.weight" \
+    assert "**training split**: the initial state (phase init), layer linear1, tensor linear1.weight" \
         in summary
     assert "## bnaudit check: FAIL (policy `exact`)" in summary
     assert f"| `{drift}` | ❌ drift |" in summary and "## bnaudit check: PASS (policy `bits:20`)" in summary

@@ -31,6 +31,8 @@ def json_document(schema: str, body: dict[str, Any]) -> str:
                       sort_keys=True, allow_nan=False)
 
 
+SameLengthOption = Annotated[bool, typer.Option(
+    "--same-length", help="Refuse runs of different lengths instead of comparing the epochs they all ran.")]
 SpecOption = Annotated[Path | None, typer.Option("--spec", help="TOML file overriding the embedded default spec.")]
 SeedOption = Annotated[int | None, typer.Option(
     min=0, max=2**63 - 1, help="Draw the frozen inputs of --seed-scope from this seed (default: the spec's "

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bnaudit.cli._options import BASELINE_WRITTEN_SCHEMA, Dtype, Isa, SpecOption, json_document
+from bnaudit.cli._options import BASELINE_WRITTEN_SCHEMA, Dtype, Isa, SameLengthOption, SpecOption, json_document
 
 if TYPE_CHECKING:
     from bnaudit.baseline import Baseline
@@ -57,6 +57,7 @@ def check(
                                        "ensemble's band, naming what differs.")] = False,
     accept_class: Annotated[list[Path] | None, typer.Option(
         "--accept-class", metavar="FILE", help="A known-good fingerprint: identical to it passes; repeatable.")] = None,
+    same_length: SameLengthOption = False,
     junit: Annotated[Path | None, typer.Option(metavar="FILE", help="Write a JUnit XML report here.")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Keep the runs' records in this folder (default: a temporary folder, removed).")] = None,
@@ -66,7 +67,9 @@ def check(
 
     Exit 0 within policy, 1 drift beyond it, 2 bad option, 3 unusable input (edited, or
     with BNAUDIT_SIGNING_KEY set: unsigned or wrongly signed), 4 refused comparison
-    (another experiment or dtype), 8 bits:N without a reference divergence.
+    (another experiment or dtype; a run longer than the baseline, or shorter with --same-length),
+    8 bits:N without a reference divergence.  A run shorter than the baseline is checked against
+    the baseline's first epochs, and each case line says so.
     """
     from bnaudit import envinfo, gate
     from bnaudit.errors import BnauditError, OutputError, UsageError
@@ -78,7 +81,7 @@ def check(
     try:
         result = gate.check(baseline or [], records=run_record or [], options=options, tolerance=tolerance,
                             accept_paths=accept_class or [], out=out, announce=None if as_json else _announce,
-                            allow_different_spec=allow_different_spec)
+                            allow_different_spec=allow_different_spec, same_length=same_length)
     except BnauditError as exc:
         if not isinstance(exc, UsageError | OutputError):  # it could not judge: say so where CI looks
             kind, code = exc.exit_code.name, int(exc.exit_code)

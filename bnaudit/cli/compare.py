@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from bnaudit.cli._options import SameLengthOption
+
 
 def compare(
     inputs: Annotated[list[Path], typer.Argument(
@@ -15,7 +17,8 @@ def compare(
     as_markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown (a pull-request comment).")] = False,
     allow_different_spec: Annotated[bool, typer.Option(
         "--allow-different-spec",
-        help="Compare what still can be across different specs, frozen inputs, dtypes or epoch counts.")] = False,
+        help="Compare what still can be across different specs, frozen inputs or storage dtypes.")] = False,
+    same_length: SameLengthOption = False,
     bundle: Annotated[Path | None, typer.Option(
         "--bundle", metavar="DIR",
         help="Export the operation where the training parts (a forward operation of the first step) as a "
@@ -25,7 +28,10 @@ def compare(
 ) -> int:
     """Compare runs bit for bit: identical, or the first difference, the divergence and the environment diff.
 
-    Exit codes: 0 all identical, 1 they differ, 3 an input is unusable, 4 different experiments (refused).
+    Runs of different lengths are compared over the epochs they all ran (said in one line).
+
+    Exit codes: 0 all identical, 1 they differ, 3 an input is unusable, 4 different experiments (refused),
+    or different lengths with --same-length.
     """
     from bnaudit import compare as core
     from bnaudit import record
@@ -44,9 +50,10 @@ def compare(
     exact = sensitivity.stored(fps[0].spec)
     if len(fps) == 2:
         result: core.PairComparison | core.ManyComparison = core.compare_pair(
-            fps[0], fps[1], allow_different_spec=allow_different_spec, exact=exact)
+            fps[0], fps[1], allow_different_spec=allow_different_spec, exact=exact, same_length=same_length)
     else:
-        result = core.compare_many(fps, allow_different_spec=allow_different_spec, exact=exact)
+        result = core.compare_many(fps, allow_different_spec=allow_different_spec, exact=exact,
+                                   same_length=same_length)
     if bundle is not None:
         from bnaudit import bundle as bundles
 

@@ -35,7 +35,7 @@ def reference_build(
         help="Reference folder (default: reference/mpmath/<hash> for the default spec, else the cache).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing reference.")] = False,
     min_digits: Annotated[float, typer.Option(
-        help="Decimal digits both precisions must agree on at every stored row.")] = MIN_AGREEMENT_DIGITS,
+        help="Decimal digits both precisions must agree on in every stored state.")] = MIN_AGREEMENT_DIGITS,
     jobs: Annotated[int | None, typer.Option(
         "-j", "--jobs", min=1, help="Processes: 2 computes the two precisions side by side (same values); "
              "default 2 where two CPUs are available, else 1.")] = None,
@@ -83,13 +83,13 @@ def reference_verify(
     spec: SpecOption = None,
     epochs: Annotated[str, typer.Option(
         metavar="N|all",
-        help="Every stored row up to epoch N is recomputed and must match bit for bit; 'all': every "
-             "stored row (a replay of the whole trajectory: about 6-7 minutes of one free core for the "
+        help="Every stored state up to after epoch N is recomputed and must match bit for bit; 'all': every "
+             "stored state (a replay of the whole trajectory: about 6-7 minutes of one free core for the "
              "default spec's 1000 epochs).")] = "2",
     random_rows: Annotated[int, typer.Option(
         min=0, metavar="K",
-        help=f"Also recompute K stored rows drawn at random (one from each of K stretches) from the rows "
-             f"after epoch N up to epoch {VERIFY_RANDOM_WITHIN}, a new draw each call; 0: none. Every check "
+        help=f"Also recompute K stored states drawn at random (one from each of K stretches) from those "
+             f"after epochs N+1 to {VERIFY_RANDOM_WITHIN}, a new draw each call; 0: none. Every check "
              f"replays from epoch 0; the bound keeps the default verify at about 15-30 s of one core.",
     )] = VERIFY_RANDOM_ROWS,
     seed: Annotated[int | None, typer.Option(
@@ -98,7 +98,7 @@ def reference_verify(
     folder: Annotated[Path | None, typer.Option(
         "--reference", help="Reference folder (default: where runs look for it).")] = None,
 ) -> int:
-    """Check the reference's manifest, then recompute rows from epoch 0: they must match exactly."""
+    """Check the reference's manifest, then recompute stored states from the initial one: they must match exactly."""
     from bnaudit import frozen
     from bnaudit.reference import build
     from bnaudit.reference import store as ref_store
@@ -111,14 +111,16 @@ def reference_verify(
     done = build.verify(ref, frozen.load(experiment), epochs=prefix, random_rows=random_rows,
                         within=VERIFY_RANDOM_WITHIN, seed=seed)
     if len(done.rows) == len(ref.rows):
-        which = f"all {len(done.rows)} stored rows ({done.rows[0]}..{done.rows[-1]})"
+        which = f"all {len(done.rows)} stored states (the initial state to after epoch {done.rows[-1]})"
     else:
-        which = f"rows {done.rows[0]}..{done.epochs}" if done.epochs > 0 else "row 0"
+        which = (f"the initial state and the states after epochs 1-{done.epochs}" if done.epochs > 1
+                 else "the initial state and the state after epoch 1" if done.epochs == 1 else "the initial state")
         if done.pool is not None:
-            which += (f" and {', '.join(map(str, done.drawn))} (drawn from rows {done.pool[0]}..{done.pool[1]}, "
-                      f"--seed {done.seed})")
+            which += (f", and after epochs {', '.join(map(str, done.drawn))} (drawn from after epochs "
+                      f"{done.pool[0]}-{done.pool[1]}, --seed {done.seed})")
     typer.echo(f"reference {escape.printable(ref.path)} verified: manifest sha256 OK, {which} recomputed from "
-               f"epoch 0 at {ref.precision} bits match bit for bit ({done.seconds:.1f} s); {ref.epochs} epochs stored, "
+               f"the initial state at {ref.precision} bits match bit for bit ({done.seconds:.1f} s); {ref.epochs} "
+               "epochs stored, "
                f"precisions agree on >= {ref.agreement.min():.1f} digits")
     return 0
 
@@ -170,8 +172,8 @@ def reference_sensitivity(
     precision: Annotated[int | None, typer.Option(
         metavar="BITS", help="Bits of the engine (default N + 312; at least N + 100).")] = None,
     window: Annotated[list[str] | None, typer.Option(
-        metavar="A..B", help="Epoch rows to measure the growth over; repeatable (default 0..7, and 0..epochs "
-                             "when longer).")] = None,
+        metavar="A..B", help="Measure the growth from after epoch A (0: the initial state) to after epoch B; "
+                             "repeatable (default 0..7, and 0..epochs when longer).")] = None,
     save: Annotated[bool, typer.Option(
         "--save", help="Keep the measurement where compare and --perturb runs look for it (beside the shipped "
                        "reference for the default spec, in the cache for a custom one).")] = False,

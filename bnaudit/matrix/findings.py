@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from bnaudit.layout import after, at
 from bnaudit.matrix.results import ControlVerdict, IsaAgreement, MachinePair, MatrixSummary, shown
 
 
@@ -17,10 +18,10 @@ def _growth_text(m: MachinePair) -> str:
     if m.growth_rate is not None:
         parts.append(f"grows by ln {m.growth_rate:.3g} per epoch (x{math.exp(m.growth_rate):.3g} per epoch)"
                      if m.growth_rate < 50 else f"grows by ln {m.growth_rate:.3g} per epoch")
-    parts.append(f"saturates at epoch {m.saturation_epoch}" if m.saturation_epoch is not None
+    parts.append(f"saturates {after(m.saturation_epoch)}" if m.saturation_epoch is not None
                  else "does not saturate within the run")
     if m.series:
-        parts.append(f"largest parameter difference {_sci(m.series[-1][1])} at epoch {m.series[-1][0]}")
+        parts.append(f"largest parameter difference {_sci(m.series[-1][1])} {after(m.series[-1][0])}")
     return ", ".join(parts)
 
 
@@ -44,8 +45,7 @@ def verdict_sentence(v: ControlVerdict) -> str:
         text += f"; first change: {v.first.where}"
     if v.largest is not None:
         ulps = f" ({v.largest.max_ulps} ulps)" if v.largest.max_ulps is not None else ""
-        text += f"; largest divergence {_sci(v.largest.max_abs)}{ulps} in {v.largest.layer} at epoch row " \
-                f"{v.largest.row}"
+        text += f"; largest divergence {_sci(v.largest.max_abs)}{ulps} in {v.largest.layer}, {after(v.largest.row)}"
     return text
 
 
@@ -63,7 +63,7 @@ def machine_sentence(m: MachinePair) -> str:
     if m.identical:
         return f"{m.cpu_a} and {m.cpu_b} agree bit for bit ({what})"
     assert m.first is not None
-    return (f"{m.cpu_a} and {m.cpu_b} ({what}) first part at {m.first.where}; the gap {_growth_text(m)}; "
+    return (f"{m.cpu_a} and {m.cpu_b} ({what}) first part {at(m.first.where)}; the gap {_growth_text(m)}; "
             f"{_closer_text(m)}")
 
 
@@ -88,7 +88,7 @@ def _seed_state(m: MachinePair) -> str:
     if m.identical:
         return "are bit-identical"
     assert m.first is not None
-    return f"part at {m.first.where}, and the gap {_growth_text(m)}"
+    return f"part {at(m.first.where)}, and the gap {_growth_text(m)}"
 
 
 def _seed_comparison(dtype: str, bn: MachinePair, plain: MachinePair) -> str:
@@ -119,8 +119,8 @@ def _seed_exactness(dtype: str, name: str, m: MachinePair) -> str | None:
     wins = sum(x < y for _, x, y in at), sum(y < x for _, x, y in at)
     rows = "; ".join(f"{r}: {x:.3g} vs {y:.3g}" for r, x, y in at)
     return (f"seed machines, {dtype}, {name}: no mpmath reference divergence in the records; "
-            f"distance from the float64 run on the same CPU (i7 vs i5) by epoch row: {rows}: "
-            f"the i7 is closer at {wins[0]} of {len(at)} rows, the i5 at {wins[1]}")
+            f"distance from the float64 run on the same CPU (i7 vs i5) after epoch {rows}: "
+            f"the i7 is closer after {wins[0]} of {len(at)} of those epochs, the i5 after {wins[1]}")
 
 
 def seed_findings(summary: MatrixSummary) -> list[str]:

@@ -69,7 +69,7 @@ import numpy as np
 from bnaudit import fileio
 from bnaudit.errors import InputError, Interrupted, OutputError, ReferenceFailure, UsageError
 from bnaudit.frozen import FrozenInputs
-from bnaudit.layout import probe_indices
+from bnaudit.layout import after, probe_indices
 from bnaudit.reference import engine, store
 from bnaudit.reference.store import (
     DEFAULT_CHECK_PRECISION,
@@ -276,7 +276,7 @@ def trajectory(spec: ExperimentSpec, frozen: FrozenInputs, *, precision: int, ch
             if digits < min_digits:
                 suggested = suggest_precision(precision, digits, min_digits)
                 raise ReferenceFailure(
-                    f"reference precision check failed at epoch row {row}: {precision} and {check_precision} bits "
+                    f"reference precision check failed ({after(row)}): {precision} and {check_precision} bits "
                     f"agree on only {digits:.1f} decimal digits (< {min_digits:g}, worst in {worst}); "
                     f"try --precision {suggested} --check-precision {suggested + 128}")
             pairs = [engine.double_double(v) for v in a]
@@ -313,6 +313,11 @@ class _Resume:
     done: dict[int, RowResult]
     row_seconds: dict[int, float]
     """Build time (wall seconds) it took to reach each finished row."""
+
+
+def _stored(row: int) -> str:
+    """A stored state of the build in words: "the initial state", "the stored state after epoch 3"."""
+    return after(row) if row == 0 else f"the stored state {after(row)}"
 
 
 class _Unreadable(Exception):
@@ -446,9 +451,10 @@ def _load_done(work: Path, job: dict[str, Any], columns: store.Columns) -> tuple
     try:
         same_job = fileio.read_json(work / "job.json", "build job") == job
     except InputError:
-        return None, f"{where}: job.json was unreadable; the build starts over from row 0"
+        return None, f"{where}: job.json was unreadable; the build starts over from the initial state"
     if not same_job:
-        return None, f"{where} was for other options or another bnaudit version; the build starts over from row 0"
+        return None, (f"{where} was for other options or another bnaudit version; the build starts over from the "
+                      "initial state")
     problems: list[str] = []
     for name in STATE_FILES:
         try:
@@ -459,15 +465,15 @@ def _load_done(work: Path, job: dict[str, Any], columns: store.Columns) -> tuple
         try:
             done, seconds = _read_rows(work, state["rows"], columns)
         except _Unreadable as exc:
-            problem = f"row {exc.row} {exc.was}"
+            problem = f"{_stored(exc.row)} {exc.was}"
             if exc.row != state["epoch"]:
-                return None, (f"{where}: {problem}; the build starts over from row 0 (only the last row "
-                              "can be recomputed from the checkpoint)")
-            problems += [problem] if problem not in problems else []  # both states end at the same row
+                return None, (f"{where}: {problem}; the build starts over from the initial state (only the last stored "
+                              "state can be recomputed from the checkpoint)")
+            problems += [problem] if problem not in problems else []  # both checkpoints end at the same stored state
             continue
-        note = f"{where}: {'; '.join(problems)}; resumed from row {state['epoch']}" if problems else None
+        note = f"{where}: {'; '.join(problems)}; resumed from {_stored(int(state['epoch']))}" if problems else None
         return _Resume(state, text, done, seconds), note
-    return None, f"{where}: {'; '.join(problems)}; the build starts over from row 0"
+    return None, f"{where}: {'; '.join(problems)}; the build starts over from the initial state"
 
 
 def _open_work(out: Path, work: Path, job: dict[str, Any], columns: store.Columns, rows: list[int],
@@ -527,7 +533,7 @@ def _compute_rows(spec: ExperimentSpec, frozen: FrozenInputs, work: Path, resume
                 progress(result.row, options["epochs"], {"row": result.row, "agreement": result.agreement,
                                                          "worst": result.worst, "seconds": st["seconds"]})
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted with {len(done)} of {n_rows} stored rows done; rerun the same "
+        raise Interrupted(f"interrupted with {len(done)} of {n_rows} stored states done; rerun the same "
                           f"command to resume from the checkpoint in {work}") from None
 
 

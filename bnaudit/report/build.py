@@ -194,10 +194,13 @@ def _class_names(n: int) -> list[str]:
     return out
 
 
-def _classes(entries: Sequence[tuple[str, record.Record, controls.Controls]]) -> list[ClassInfo]:
-    """Runs grouped by overall digest, named A, B, ... in order of first appearance."""
+def _classes(entries: Sequence[tuple[str, record.Record, controls.Controls]], *,
+             same_length: bool = False) -> list[ClassInfo]:
+    """Runs grouped by overall digest over the epochs they all ran (``compare.common_length``), named A, B, ...
+    in order of first appearance."""
     by_digest: dict[str, list[int]] = {}
-    views = record.comparable([rec.fingerprint for _, rec, _ in entries])
+    cut, _ = compare.common_length([rec.fingerprint for _, rec, _ in entries], same_length=same_length)
+    views = record.comparable(cut)
     for i, view in enumerate(views):
         by_digest.setdefault(view.digest, []).append(i)
     names = _class_names(len(by_digest))
@@ -294,7 +297,7 @@ def compare_runs(a: RunEntry, b: RunEntry, kind: str, exact: Sensitivity | None 
         max_abs, max_ulps = np.asarray(div.max_abs, dtype=np.float64), np.asarray(div.max_ulps, dtype=np.float64)
     else:  # identical: nothing apart anywhere
         layers = _layers(a.record.layout)
-        rows = np.arange(a.epochs + 1)
+        rows = np.arange(min(a.epochs, b.epochs) + 1)
         max_abs = max_ulps = np.zeros((len(rows), len(layers)))
     where, detail = _describe_first(pc.first)
     return PairView(a=a.label, b=b.label, kind=kind, identical=bool(pc.identical), first_text=where,
@@ -311,7 +314,7 @@ def _departures(run: RunEntry) -> int:
 
 
 def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry, str]], list[RunEntry], list[str]]:
-    """Which runs to compare: per (dtype, epochs) group, each class's first run against the baseline (the
+    """Which runs to compare: per dtype, each class's first run against the baseline (the
     run closest to the default controls), and each --perturb run against its unperturbed twin (the 1-ulp
     sensitivity baseline).
 
@@ -320,9 +323,9 @@ def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry,
     pairs: list[tuple[RunEntry, RunEntry, str]] = []
     orphans: list[RunEntry] = []
     notes: list[str] = []
-    groups: dict[tuple[str, int], list[RunEntry]] = {}
-    for r in runs:  # one group per dtype (bf16-mixed stores float32 but computes otherwise) and length
-        groups.setdefault((r.controls.dtype, r.epochs), []).append(r)
+    groups: dict[str, list[RunEntry]] = {}
+    for r in runs:  # one group per dtype (bf16-mixed stores float32 but computes otherwise); lengths are cut
+        groups.setdefault(r.controls.dtype, []).append(r)
     for members in groups.values():
         plain = [r for r in members if not r.perturb]
         if plain:
@@ -342,7 +345,7 @@ def pick_pairs(runs: Sequence[RunEntry]) -> tuple[list[tuple[RunEntry, RunEntry,
                 else:
                     pairs.append((twin, r, "perturb"))
     if len(groups) > 1:
-        notes.append("runs are paired within their dtype and length only; across dtypes, the divergence from "
+        notes.append("runs are paired within their dtype only; across dtypes, the divergence from "
                      "the mpmath reference is the common yardstick")
     return pairs, orphans, notes
 
@@ -359,7 +362,8 @@ def reference_view(block: DivergenceBlock, source: str) -> tuple[ReferenceView |
     precision = block.precision_bits
     bits_w = np.clip(np.nan_to_num(tables["weights"], nan=0.0), 0, precision)
     return ReferenceView(rows=np.asarray(block.rows, dtype=np.int64), layers=layers, correct_bits=bits_w,
-                         activation_bits=np.clip(tables["activations"], 0, precision), precision=precision), None
+                         activation_bits=np.clip(tables["activations"], 0, precision), precision=precision,
+                         fewest=block.fewest()), None
 
 
 def audit_view(block: AuditBlock, source: str) -> tuple[AuditView | None, str | None]:
@@ -444,13 +448,17 @@ def _missing_notes(runs: Sequence[RunEntry], blocks: _Blocks, orphans: Sequence[
     return notes
 
 
-def build_report(paths: Sequence[Path]) -> Report:
-    """Load the inputs and compute everything the report shows."""
+def build_report(paths: Sequence[Path], *, same_length: bool = False) -> Report:
+    """Load the inputs and compute everything the report shows.
+
+    Runs of different lengths are classed and compared over the epochs they all ran
+    (``compare.common_length``; ``Report.lengths`` says so), or refused with ``same_length``.
+    """
     loaded, summary = load_runs(paths)
     spec = loaded[0][2].spec
     inputs = frozen.load(spec)
     entries = [(label, rec, rec.fingerprint.controls) for label, _, rec in loaded]
-    classes = _classes(entries)
+    classes = _classes(entries, same_length=same_length)
     class_of = {m: c.name for c in classes for m in c.members}
     runs = tuple(RunEntry(label=label, path=path, record=rec, controls=entry[2],
                           perturb=rec.fingerprint.perturbation, class_name=class_of[label])
@@ -467,4 +475,5 @@ def build_report(paths: Sequence[Path]) -> Report:
                   floors=blocks.floors, findings=matrix_findings(summary), notes=tuple(notes),
                   x=inputs.x.copy(), targets=inputs.targets.copy(), n_train=spec.data.train,
                   exact_rows=None if exact is None else np.asarray(exact.rows, dtype=np.int64),
-                  exact_log=None if exact is None else np.asarray(exact.log_overall, dtype=np.float64))
+                  exact_log=None if exact is None else np.asarray(exact.log_overall, dtype=np.float64),
+                  lengths=tuple(r.epochs for r in runs))

@@ -5,7 +5,7 @@ objects.  JSON is explicit, field by field, with a schema version, and reads bac
 same objects (``from_json``); non-finite floats travel as the strings "inf", "-inf", "nan".
 
 The divergence table is compact and on a log scale: one row per layer, one column per
-selected epoch row (at most ``MAX_COLUMNS``, roughly log-spaced, always the last), each
+selected epoch (at most ``MAX_COLUMNS``, roughly log-spaced, always the last; 0 is the initial state), each
 cell log10 of the largest |a - b| of the layer's parameters; "=" marks bit-identical
 values.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,8 +34,10 @@ from bnaudit.compare import (
     ManyComparison,
     PairComparison,
     StepTensorDelta,
+    prefix_text,
 )
 from bnaudit.errors import InputError
+from bnaudit.layout import after, during, epochs_text
 from bnaudit.report import console as console_policy
 from bnaudit.report import escape
 
@@ -125,7 +127,7 @@ def split_lines(c: PairComparison) -> list[str]:
         n = len(c.first_step)
         shown = "; ".join(_delta_text(d) for d in c.first_step[:FIRST_STEP_SHOWN])
         more = f"; and {n - FIRST_STEP_SHOWN} more" if n > FIRST_STEP_SHOWN else ""
-        lines.append(f"first step (epoch 0, step 0): {n} traced tensor{'' if n == 1 else 's'} differ: {shown}{more}")
+        lines.append(f"first step ({during(0, 0)}): {n} traced tensor{'' if n == 1 else 's'} differ: {shown}{more}")
     if c.eval_first is not None:
         lines.append(f"also differs: {first_text(c.eval_first)}; the eval pass never feeds back into training")
     if probe:
@@ -146,16 +148,24 @@ def _delta_text(d: StepTensorDelta) -> str:
             f"(max |a - b| {d.max_abs:.2g} at scale {d.scale:.3g})")
 
 
+def nonfinite_when(nf: Mapping[str, Any]) -> str:
+    """When a run first went non-finite (its record's 0-based epoch and step), in the layout's words."""
+    epoch, step = nf.get("epoch"), nf.get("step")
+    if not isinstance(epoch, int):
+        return "at an unrecorded epoch"
+    return after(epoch + 1) if not isinstance(step, int) else during(epoch, step)
+
+
 def first_short(d: Difference | None) -> str:
     """The first difference in a few words (for a table cell)."""
     if d is None:
         return "identical"
     if d.row == 0:
-        when = "init"
+        when = "initial state"
     elif d.step is None:
-        when = f"end of epoch {d.epoch}"
+        when = after(d.row if d.row is not None else d.epoch + 1)
     else:
-        when = f"epoch {d.epoch} step {d.step} {d.phase}"
+        when = f"{during(d.epoch, d.step)} {d.phase}"
     what = d.tensor or f"{d.layer} ({d.phase} group)"
     ulps = "" if d.max_ulps is None else f", {d.max_ulps} ulp{'' if d.max_ulps == 1 else 's'}"
     return f"{when}: {what}{ulps}"
@@ -166,8 +176,8 @@ def _rate(x: float | None) -> str:
 
 
 def window_text(w: Window) -> str:
-    """A growth window in words: its least-squares slope and rows, its endpoint rate, its sub-windows' range."""
-    text = f"{_rate(w.slope)} ln/epoch over epoch rows {w.start}..{w.end} (least-squares; end to end {_rate(w.rate)}"
+    """A growth window in words: its least-squares slope and epochs, its endpoint rate, its sub-windows' range."""
+    text = f"{_rate(w.slope)} ln/epoch over {epochs_text(w.start, w.end)} (least-squares; end to end {_rate(w.rate)}"
     if w.low is not None and w.high is not None:
         text += f", sub-windows of {max(1, (w.end - w.start + 1) // 2)}+ epochs {w.low:.3g} to {w.high:.3g}"
     return text + ")"
@@ -182,7 +192,7 @@ def exact_text(b: Beside, storage: str) -> str:
     moved = f"{b.tensor}[{','.join(str(i) for i in b.index)}] moved by 2^-{b.scale}"
     seen, exact, added = b.seen.amplification, b.exact.amplification, b.added
     if seen is None or exact is None or added is None:
-        return f"exact arithmetic ({moved}): not comparable over epoch rows {b.seen.start}..{b.seen.end}"
+        return f"exact arithmetic ({moved}): not comparable over {epochs_text(b.seen.start, b.seen.end)}"
     rounding = (f"{storage} rounding adds {_factor(added)}" if added >= 0
                 else f"it grew {_factor(-added)} less than exact arithmetic does")
     return (f"exact arithmetic (mpmath, {moved}) grows a difference {window_text(b.exact)}, "
@@ -196,7 +206,7 @@ def growth_text(c: PairComparison) -> str:
         rate = f"growth rate {c.growth_rate:.3g} ln/epoch"
     else:
         rate = "growth rate: -"
-    sat = (f"saturates at epoch row {c.saturation_epoch}" if c.saturation_epoch is not None
+    sat = (f"saturates {after(c.saturation_epoch)}" if c.saturation_epoch is not None
            else "no saturation within the compared epochs")
     return f"{rate}; {sat}"
 
@@ -216,12 +226,15 @@ def exact_line(c: PairComparison) -> str | None:
 
 def compared_text(c: PairComparison) -> str:
     what = "per-tensor digests" if c.granularity == "epoch-tensor" else "per-(phase, layer) group digests"
-    return (f"{c.rows_compared} epoch rows ({what}), {c.steps_compared} traced steps (per-tensor digests), "
-            f"parameter values at {c.value_rows} rows; storage {c.storage}")
+    epochs = c.rows_compared - 1
+    return (f"the initial state and {epochs} epoch{'' if epochs == 1 else 's'} ({what}); {c.steps_compared} traced "
+            f"steps (per-tensor digests); parameter values in {c.value_rows} of those {c.rows_compared} states; "
+            f"storage {c.storage}")
 
 
 def divergence_table(div: LayerDivergence) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the log10 max |a - b| table (layers x selected epoch rows), plus an "all" row."""
+    """Headers and rows of the log10 max |a - b| table (layers x selected epochs, 0 the initial state), plus an
+    "all" row."""
     cols = selected_rows(div.rows)
     headers = ["layer"] + [str(div.rows[i]) for i in cols]
     body = [[layer] + [log_cell(float(div.max_abs[i, j])) for i in cols] for j, layer in enumerate(div.layers)]
@@ -252,6 +265,8 @@ def _render_pair(c: PairComparison, console: Console) -> None:
     console.print(escape.terminal(f"  a  {c.a}  ({c.labels[0]})"))
     console.print(escape.terminal(f"  b  {c.b}  ({c.labels[1]})"))
     console.print(escape.terminal(f"  compared: {compared_text(c)}"))
+    if prefix_text(c.lengths):
+        console.print(escape.terminal(f"  lengths: {prefix_text(c.lengths)}"))
     for d in c.spec_differences:
         console.print(escape.terminal(f"  spec differs (allowed): {d}"))
     for line in split_lines(c):
@@ -260,8 +275,8 @@ def _render_pair(c: PairComparison, console: Console) -> None:
     _render_env(c, console)
     if c.divergence is not None and c.divergence.rows:
         headers, body = divergence_table(c.divergence)
-        console.print("[bold]divergence[/bold]: log10 max |a - b| of parameters per layer, by epoch row "
-                      "(= identical)", highlight=False)
+        console.print("[bold]divergence[/bold]: log10 max |a - b| of parameters per layer, after each epoch "
+                      "shown (0: the initial state; = identical)", highlight=False)
         table = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 1, 0, 1))
         for i, h in enumerate(headers):
             table.add_column(escape.terminal(h), justify="left" if i == 0 else "right", no_wrap=True)
@@ -279,7 +294,7 @@ def _render_pair(c: PairComparison, console: Console) -> None:
         console.print(escape.terminal(f"  final train MSE: a {loss_a:.6g}, b {loss_b:.6g}"))
     for side, nf in zip("ab", c.nonfinite, strict=True):
         if nf:
-            console.print(escape.terminal(f"  {side} went non-finite: epoch {nf.get('epoch')} step {nf.get('step')} "
+            console.print(escape.terminal(f"  {side} went non-finite: {nonfinite_when(nf)}, "
                                           f"{nf.get('phase')} {nf.get('tensor')}"))
     if c.closer_to_reference:
         text = ", ".join(f"{layer} {who}" for layer, who in c.closer_to_reference.items())
@@ -309,6 +324,8 @@ def _render_many(m: ManyComparison, console: Console) -> None:
     style = "bold green" if m.identical else "bold red"
     console.print(f"[bold]bnaudit compare[/bold]: {len(m.sources)} inputs, [{style}]{len(m.classes)} "
                   f"class{'es' if len(m.classes) != 1 else ''} of bit-identical runs[/{style}]", highlight=False)
+    if prefix_text(m.lengths):
+        console.print(escape.terminal(f"  lengths: {prefix_text(m.lengths)}"))
     for k, cls in enumerate(m.classes, 1):
         members = f"{len(cls.members)} member{'s' if len(cls.members) != 1 else ''}"
         console.print(Text.assemble((f"class {k}", "bold"), escape.terminal(f" ({members}, digest {cls.digest[:16]})")))
@@ -362,6 +379,8 @@ def markdown(result: Result) -> str:
                   f"- a: {escape.markdown_code(c.a)} ({escape.markdown(c.labels[0])})",
                   f"- b: {escape.markdown_code(c.b)} ({escape.markdown(c.labels[1])})",
                   f"- compared: {escape.markdown(compared_text(c))}"]
+        if prefix_text(c.lengths):
+            lines.append(f"- lengths: {escape.markdown(prefix_text(c.lengths))}")
         lines += [f"- spec differs (allowed): {escape.markdown(d)}" for d in c.spec_differences]
         for line in split_lines(c):
             head, _, rest = line.partition(": ")
@@ -376,7 +395,8 @@ def markdown(result: Result) -> str:
             lines.append("")
         if c.divergence is not None and c.divergence.rows:
             headers, body = divergence_table(c.divergence)
-            lines += ["**Divergence**: log10 max \\|a − b\\| of parameters per layer, by epoch row (= identical)", ""]
+            lines += ["**Divergence**: log10 max \\|a − b\\| of parameters per layer, after each epoch shown "
+                      "(0: the initial state; = identical)", ""]
             lines += _md_table(headers, body)
             lines += ["", escape.markdown(growth_text(c)) + "."]
             exact = exact_line(c)
@@ -391,6 +411,8 @@ def markdown(result: Result) -> str:
         m = result
         lines += [f"### bnaudit compare: {len(m.sources)} inputs, {len(m.classes)} class"
                   f"{'es' if len(m.classes) != 1 else ''} of bit-identical runs", ""]
+        if prefix_text(m.lengths):
+            lines += [f"Lengths: {escape.markdown(prefix_text(m.lengths))}.", ""]
         rows = []
         for k, cls in enumerate(m.classes, 1):
             shared = "; ".join(f"{key}={value_text(v)}" for key, v in cls.common[:6]) if len(m.classes) > 1 else ""
@@ -452,6 +474,7 @@ def pair_dict(c: PairComparison) -> dict[str, Any]:
         "growth_window": None if c.growth_window is None else c.growth_window.to_dict(),
         "exact": None if c.exact is None else c.exact.to_dict(), "exact_known": c.exact_known,
         "probe_first": _difference_dict(c.probe_first), "probe_compared": c.probe_compared,
+        "lengths": list(c.lengths),
     }
 
 
@@ -462,6 +485,7 @@ def many_dict(m: ManyComparison) -> dict[str, Any]:
         "classes": [{"digest": cls.digest, "members": list(cls.members), "labels": list(cls.labels),
                      "indices": list(cls.indices), "common": [[k, v] for k, v in cls.common]} for cls in m.classes],
         "pairs": [{"i": p.i, "j": p.j, "comparison": pair_dict(p.comparison)} for p in m.pairs],
+        "lengths": list(m.lengths),
     }
 
 
@@ -507,6 +531,14 @@ def _delta_from(raw: Any) -> StepTensorDelta:
     return StepTensorDelta(**{**raw, "max_abs": _unfloat(raw["max_abs"]), "scale": _unfloat(raw["scale"])})
 
 
+def _lengths_from(raw: Any, n: int) -> Any:
+    """Each input's epochs (absent in an older bnaudit's output: zeros for a pair, none for many)."""
+    if not isinstance(raw, list) or len(raw) != n or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                              and x >= 0 for x in raw):
+        raise InputError("comparison JSON: malformed lengths")
+    return tuple(raw)
+
+
 def pair_from_dict(raw: Any) -> PairComparison:
     """Inverse of ``pair_dict``."""
     try:
@@ -528,7 +560,8 @@ def pair_from_dict(raw: Any) -> PairComparison:
             else window_from_dict(raw["growth_window"], "comparison JSON: growth window"),
             exact=None if raw.get("exact") is None else beside_from_dict(raw["exact"], "comparison JSON: exact"),
             exact_known=bool(raw.get("exact_known")),
-            probe_first=_difference_from(raw.get("probe_first")), probe_compared=bool(raw.get("probe_compared")))
+            probe_first=_difference_from(raw.get("probe_first")), probe_compared=bool(raw.get("probe_compared")),
+            lengths=_lengths_from(raw.get("lengths", [0, 0]), 2))
     except (KeyError, TypeError, ValueError, IndexError):
         raise InputError("comparison JSON: malformed pair comparison") from None
 
@@ -550,7 +583,8 @@ def from_json(text: str) -> Result:
                                          common=tuple((str(k), v) for k, v in c["common"])) for c in m["classes"])
         pairs = tuple(ClassPair(i=int(p["i"]), j=int(p["j"]), comparison=pair_from_dict(p["comparison"]))
                       for p in m["pairs"])
-        return ManyComparison(sources=tuple(m["sources"]), classes=classes, pairs=pairs)
+        return ManyComparison(sources=tuple(m["sources"]), classes=classes, pairs=pairs,
+                              lengths=_lengths_from(m.get("lengths", []), len(m["sources"]) if "lengths" in m else 0))
     except (KeyError, TypeError, ValueError):
         raise InputError("comparison JSON: malformed comparison of many inputs") from None
 

@@ -1,4 +1,8 @@
-"""The report's figures: matplotlib with the Agg backend, written as PNG files.
+"""The report's figures: matplotlib with the Agg backend, each written as SVG and as PNG.
+
+The SVG is the figure for publication (vector, text drawn as outlines); the PNG, at
+``PNG_SCALE`` pixels per layout pixel, is what index.html and report.md show.  Both are
+byte-for-byte the same for the same inputs (no dates, fixed SVG ids).
 
 Each figure comes with its title and a caption that says what to look at; the HTML and
 Markdown views show them in the order ``render_all`` returns them.  Runs of one
@@ -11,6 +15,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -29,7 +34,17 @@ from bnaudit.report import escape
 from bnaudit.report.model import FigureInfo, FloorView, PairView, Report, RunEntry, promote_text
 from bnaudit.report.tables import CLASS_COLOURS, class_colour, text_colour
 
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
 DPI = 100
+"""Layout pixels per inch: a figure of W inches is shown W * DPI CSS pixels wide."""
+PNG_SCALE = 2
+"""PNG pixels per layout pixel (2x: sharp on high-density screens and in print, same page layout)."""
+SAVE_RC: dict[RcKeyType, Any] = {"svg.hashsalt": "bnaudit", "svg.fonttype": "path", "svg.image_inline": True,
+                                  "svg.id": None}
+"""SVG settings fixed whatever the user's matplotlibrc says: the same inputs give the same bytes (ids
+hashed with a fixed salt), text drawn as outlines (no font needed to view it), rasters (colour bars) inside."""
 MAX_PANELS = 12
 
 
@@ -74,13 +89,20 @@ def _save(fig: Figure, folder: Path, name: str, section: str, title: str, captio
     # Titles and legends quote run labels and names from the records: drawn as they are.
     for text in {id(t): t for t in _texts(fig)}.values():
         text.set_text(escape.figure_text(text.get_text()))
-    path = folder / f"{name}.png"
-    fig.savefig(path, dpi=DPI, metadata={"Software": "bnaudit"})
+    # Agg truncates W * dpi to whole pixels, and W * dpi in floating point can fall just below a whole
+    # number: a quarter layout pixel over it makes the PNG exactly PNG_SCALE times the layout size.
+    width, height = (int(v * DPI) for v in fig.get_size_inches())
+    fig.set_size_inches((width + 0.25) / DPI, (height + 0.25) / DPI)
+    png, svg = folder / f"{name}.png", folder / f"{name}.svg"
+    with plt.rc_context(SAVE_RC):
+        # No date in either file (matplotlib's PNG carries none unless asked); the SVG's would be today's.
+        fig.savefig(png, dpi=DPI * PNG_SCALE, metadata={"Software": "bnaudit"})
+        fig.savefig(svg, metadata={"Creator": "bnaudit", "Date": None})
     plt.close(fig)
-    with path.open("rb") as fh:  # the PNG's own IHDR: the size the browser will lay out
-        width, height = struct.unpack(">II", fh.read(24)[16:24])
-    return FigureInfo(path=f"{folder.name}/{name}.png", section=section, title=title, caption=caption,
-                      width=width, height=height)
+    with png.open("rb") as fh:  # the PNG's own IHDR: what the browser decodes, shown at 1/PNG_SCALE
+        width, height = (v // PNG_SCALE for v in struct.unpack(">II", fh.read(24)[16:24]))
+    return FigureInfo(path=f"{folder.name}/{name}.png", svg=f"{folder.name}/{name}.svg", section=section,
+                      title=title, caption=caption, width=width, height=height)
 
 
 def _milestones(ax: plt.Axes, report: Report, epochs: int) -> None:
@@ -311,7 +333,7 @@ def _pair_heatmap(report: Report, folder: Path) -> list[FigureInfo]:
         fig, folder, "heatmap_pairs", "heatmap", "Where runs part: divergence between runs, layer by epoch",
         "Colour: log10 of the largest absolute difference between the two runs' parameters in each layer at "
         "the end of each epoch (pale green: bit-identical). The cross marks the first difference found by "
-        "bnaudit compare (its epoch row and layer). Look at how fast a difference that starts in one layer "
+        "bnaudit compare (its epoch and layer). Look at how fast a difference that starts in one layer "
         "spreads to all layers, and at which epoch the colour stops rising (saturation)." + EPOCH_AXIS_NOTE
         + more)]
 
@@ -552,6 +574,7 @@ def _operator_audit(report: Report, folder: Path) -> list[FigureInfo]:
     if not report.audits:
         return []
     items = list(report.audits.items())[:4]
+    has_bn = bool(report.runs[0].record.layout.bn_layers)  # a spec without BN: no BN words, no flag counts
     fig, axes = _new(min(13, 2 + 5 * len(items)), 5.4, 1, len(items), top=0.95, bottom=1.2, wspace=0.08,
                      sharey=True)
     for ax, (label, audit) in zip(axes[0], items):
@@ -572,17 +595,23 @@ def _operator_audit(report: Report, folder: Path) -> list[FigureInfo]:
             ax.set_ylabel("largest local error (ulps at the operator's scale)")
         amp = f", max BN amplification {audit.max_amplification:.3g}" if np.isfinite(audit.max_amplification) \
             else ""
-        ax.set_title(f"{label}\n{audit.flags} BN unit(s) flagged{amp}", fontsize=9)
+        flagged = f"{audit.flags} BN unit{'' if audit.flags == 1 else 's'} flagged{amp}"
+        ax.set_title(f"{label}\n{flagged}" if has_bn else label, fontsize=9)
         ax.grid(alpha=0.3, which="major")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncols=len(labels), frameon=False)
     more = f" {len(report.audits) - len(items)} more audited runs are not drawn." \
         if len(report.audits) > len(items) else ""
+    head = ("At the audited epochs each operator is recomputed in mpmath from the run's own inputs to it: the "
+            "largest error of the run's result, in ulps of its dtype at the operator's scale (zero errors are "
+            "not drawn on the log axis). ")
+    if not has_bn:
+        return [_save(fig, folder, "operator_audit", "bn", "Operator audit: local rounding error of the Linear layers",
+                      head + "Linear outputs should stay at a few ulps. The dashed line is 0.5 ulp, a correctly "
+                      "rounded result." + more)]
     return [_save(
         fig, folder, "operator_audit", "bn", "Operator audit: local rounding error of BN vs Linear",
-        "At the audited epochs each operator is recomputed in mpmath from the run's own inputs to it: the "
-        "largest error of the run's result, in ulps of its dtype at the operator's scale (zero errors are "
-        "not drawn on the log axis). Linear outputs should stay at a few ulps; BN's batch statistics and "
+        head + "Linear outputs should stay at a few ulps; BN's batch statistics and "
         "1/sqrt(var + eps) stay small too, and the title counts the BN units flagged for a variance near eps "
         "or a large |mean|/std, with the largest amplification max|x|/sqrt(var + eps) of input rounding. "
         "The dashed line is 0.5 ulp, a correctly rounded result. Look for BN lines far above the Linear line."

@@ -1,14 +1,16 @@
 """index.html: the report as one page that opens from disk (no scripts, no network).
 
-Figures are the PNG files beside it (``figures/``), referenced by relative paths, so
-the folder can be zipped, attached or served as it is; every other byte (style, tables,
-captions) is inline.
+Figures are the PNG files beside it (``figures/``), referenced by relative paths, each
+caption linking the figure's SVG, so the folder can be zipped, attached or served as it
+is; every other byte (style, tables, captions) is inline.  A single-file report is the
+same page with each figure inlined as a ``data:`` URI instead, and nothing linked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from bnaudit._version import __version__
 from bnaudit.report import escape, story
 from bnaudit.report.model import SECTIONS, FigureInfo, Report
 from bnaudit.report.tables import (
@@ -54,15 +56,30 @@ def _table(table: Table, *, swatches: dict[str, str] | None = None) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _figure(f: FigureInfo) -> str:
-    return (f'<figure><img src="{escape.html(f.path)}" alt="{escape.html(f.title)}" width="{f.width}" '
+SINGLE_FILE = "single-file report"
+"""Ends the generator meta tag of a single-file report: what marks a file ``report --force`` may replace."""
+
+
+def generator(single_file: bool) -> str:
+    """The page's generator meta tag (the third line of the page)."""
+    kind = f"; {SINGLE_FILE}" if single_file else ""
+    return f'<meta name="generator" content="bnaudit {escape.html(__version__)}{kind}">'
+
+
+def _figure(f: FigureInfo, src: str | None) -> str:
+    """A figure: its PNG at its CSS size (``src``: a data: URI shown instead) and, in a folder, its SVG's link."""
+    vector = "" if src is not None else f' <a href="{escape.html(f.svg)}">Vector version (SVG).</a>'
+    return (f'<figure><img src="{escape.html(src or f.path)}" alt="{escape.html(f.title)}" width="{f.width}" '
             f'height="{f.height}" loading="eager"><figcaption><b>{escape.html(f.title)}</b>'
-            f"{escape.html(f.caption)}</figcaption></figure>")
+            f"{escape.html(f.caption)}{vector}</figcaption></figure>")
 
 
-def render(report: Report, figs: Sequence[FigureInfo]) -> str:
-    """The whole report as one HTML page; figures are linked relative to the report folder."""
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+def render(report: Report, figs: Sequence[FigureInfo], *, inline: Mapping[str, str] | None = None) -> str:
+    """The whole report as one HTML page; figures are linked relative to the report folder.
+
+    ``inline``: each figure's path -> the data: URI shown in its place, for a single-file report.
+    """
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', generator(inline is not None),
              f"<title>bnaudit report: {escape.html(report.spec.name)}</title>",
              f"<style>{STYLE}</style></head><body>", "<h1>bnaudit report</h1>", '<dl class="facts">']
     parts += [f"<dt>{escape.html(k)}</dt><dd>{escape.html(v)}</dd>" for k, v in header_facts(report)]
@@ -89,6 +106,6 @@ def render(report: Report, figs: Sequence[FigureInfo]) -> str:
                 parts += [f"<li>{escape.html(f)}</li>" for f in report.findings] + ["</ul>"]
         if not section and key != "matrix":
             parts.append("<p>Nothing to draw for these inputs (see Notes).</p>")
-        parts += [_figure(f) for f in section]
+        parts += [_figure(f, None if inline is None else inline[f.path]) for f in section]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

@@ -27,7 +27,9 @@ def _details(case: CaseResult) -> str:
         f"verdict: {case.verdict.value}",
         f"policy: {case.tolerance}",
         f"baseline: {escape.printable(case.baseline)} ({case.baseline_epochs} epochs)",
-        f"run: {escape.printable(case.candidate)} ({case.epochs} epochs compared)",
+        (f"run: {escape.printable(case.candidate)} ({case.epochs} epochs compared)" if case.kept else
+         f"run: {escape.printable(case.name)}, made in a temporary folder that is gone after the check "
+         f"({case.epochs} epochs compared; bnaudit check --out DIR keeps the records)"),
         f"measured: {ci_summary.measured_text(case)}",
         f"first divergence: {ci_summary.first_text(case)}",
     ]

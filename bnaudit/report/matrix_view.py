@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from bnaudit.layout import after
 from bnaudit.matrix.execute import MatrixEvent
 from bnaudit.matrix.plan import CONTROL_FIELDS, Plan
 from bnaudit.matrix.results import MatrixSummary, shown
@@ -90,7 +91,7 @@ def verdict_rows(summary: MatrixSummary) -> list[list[str]]:
         largest = "-"
         if v.largest is not None:
             ulps = f" ({v.largest.max_ulps} ulp)" if v.largest.max_ulps is not None else ""
-            largest = f"{_sci(v.largest.max_abs)}{ulps} in {v.largest.layer} at row {v.largest.row}"
+            largest = f"{_sci(v.largest.max_abs)}{ulps} in {v.largest.layer}, {after(v.largest.row)}"
         first = "-" if v.first is None else f"{v.first.layer} / {v.first.tensor or '(group)'} ({v.first.where})"
         pairs = f"{v.differing}/{v.pairs}"
         if len(v.by_dtype) > 1:
@@ -103,7 +104,7 @@ def verdict_rows(summary: MatrixSummary) -> list[list[str]]:
 def class_rows(summary: MatrixSummary) -> list[list[str]]:
     rows = []
     for c in summary.classes:
-        ref = "-" if not c.reference else f"row {c.reference_row}: " + ", ".join(
+        ref = "-" if not c.reference or c.reference_row is None else f"{after(c.reference_row)}: " + ", ".join(
             f"{k} {v:.1f}" for k, v in c.reference.items())
         rows.append([c.variant, str(c.index), c.digest[:12], str(len(c.members)), ", ".join(c.members),
                      _controls_text(c.shared, tuple(c.shared)) if c.shared else "-", ref])
@@ -117,7 +118,7 @@ def machine_rows(summary: MatrixSummary) -> list[list[str]]:
         if m.closer_to_reference:
             votes = {k: sum(1 for x in m.closer_to_reference.values() if x == k) for k in ("a", "b", "tie")}
             closer = f"{m.cpu_a} {votes['a']}, {m.cpu_b} {votes['b']}, tie {votes['tie']}"
-        series = "; ".join(f"{r}: {_sci(v)}" for r, v in m.series)
+        series = "; ".join(f"{r}: {_sci(v)}" for r, v in m.series)  # after epoch r (0: the initial state)
         rows.append([m.variant, f"{m.controls['dtype']} t{m.controls['threads']} {m.controls['isa']}",
                      f"{m.cpu_a} vs {m.cpu_b}", "identical" if m.identical else (m.first.where if m.first else "?"),
                      _sci(m.growth_rate), _value(m.saturation_epoch), series or "-", closer,
@@ -139,8 +140,8 @@ VERDICT_HEAD = ["variant", "control", "values", "verdict", "differing pairs", "l
                 "first layer / tensor it changes"]
 CLASS_HEAD = ["variant", "class", "digest", "runs", "members", "shared controls",
               "correct bits vs mpmath reference"]
-MACHINE_HEAD = ["variant", "configuration", "CPUs", "first part", "growth (ln/epoch)", "saturation epoch",
-                "max |a-b| by epoch row", "closer to reference (layers)", "final train MSE"]
+MACHINE_HEAD = ["variant", "configuration", "CPUs", "first part", "growth (ln/epoch)", "saturates after epoch",
+                "max |a-b| after epoch (0: initial)", "closer to reference (layers)", "final train MSE"]
 RUN_HEAD = ["run", "status", "class", "capability", "threads", "emulated CPU", "train s", "slowdown",
             "train MSE", "test MSE", "error"]
 ISA_HEAD = ["variant", "ISA settings", "combinations tried", "agree bit for bit under"]

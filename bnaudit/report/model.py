@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bnaudit.amplification import Beside
+from bnaudit.blocks import Fewest
 from bnaudit.compare import Difference
 from bnaudit.controls import Controls, Perturbation, promote_text
 from bnaudit.record import Record
@@ -168,6 +169,8 @@ class ReferenceView:
     """(rows, layers) correct bits of each layer's output on the probe batch (NaN where not measured)."""
     precision: int
     """The run dtype's significand bits (the cap)."""
+    fewest: Fewest
+    """The run's fewest correct bits (``DivergenceBlock.fewest``: any layer's weights or activations, any epoch)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +208,9 @@ class FigureInfo:
     """One written figure and the words that go with it."""
 
     path: str
-    """File name relative to the report folder (figures/NAME.png)."""
+    """The PNG's file name relative to the report folder (figures/NAME.png)."""
+    svg: str
+    """The same figure as SVG, relative to the report folder (figures/NAME.svg)."""
     section: str
     """Key of SECTIONS it belongs to."""
     title: str
@@ -213,9 +218,9 @@ class FigureInfo:
     caption: str
     """What it shows and what to look at."""
     width: int
-    """Width in pixels."""
+    """Width shown, in CSS pixels (the PNG holds ``figures.PNG_SCALE`` times as many)."""
     height: int
-    """Height in pixels."""
+    """Height shown, in CSS pixels."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +259,9 @@ class Report:
     """Epoch rows of the experiment's exact sensitivity (``reference sensitivity --save``), if stored."""
     exact_log: np.ndarray | None = None
     """ln of the exact trajectories' distance at those rows."""
+    lengths: tuple[int, ...] = ()
+    """Each run's epochs, in input order; when they differ, classes and pairs are over the first min of them
+    (``compare.prefix_text`` says so in the header)."""
 
     def run(self, label: str) -> RunEntry:
         for r in self.runs:

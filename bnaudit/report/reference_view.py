@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -17,7 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from bnaudit.bits import correct_bits_text
 from bnaudit.blocks import AUDIT_OPS, AuditBlock, DivergenceBlock
+from bnaudit.layout import after, epochs_text
 from bnaudit.reference.sensitivity import Sensitivity, Window, bits_per_epoch
 from bnaudit.report import console as console_policy
 from bnaudit.report import escape
@@ -51,10 +53,10 @@ def render_reference(ref: Any) -> None:
     table.add_column()
     table.add_row("folder", escape.terminal(ref.path))
     table.add_row("spec", escape.terminal(f"{ref.spec.name} {ref.spec.short_hash}"))
-    table.add_row("epochs", f"{ref.epochs} ({len(ref.rows)} stored rows)")
+    table.add_row("epochs", f"{ref.epochs} (the state stored after {len(ref.rows) - 1} of them, and the initial state)")
     table.add_row("precisions", f"{ref.precision} bits, checked at {ref.check_precision} bits")
     worst = int(ref.agreement.argmin())
-    table.add_row("agreement", f"min {ref.agreement.min():.1f} digits (row {int(ref.rows[worst])}), "
+    table.add_row("agreement", f"min {ref.agreement.min():.1f} digits ({after(int(ref.rows[worst]))}), "
                                f"required {ref.min_digits:g}")
     seconds = ref.build.get("seconds")
     if seconds is not None:
@@ -82,22 +84,22 @@ def _bits_cell(bits: float, cap: float) -> str:
 
 
 def divergence_table(block: DivergenceBlock, *, max_columns: int = 12) -> Table:
-    """Per series: first epoch with fewer than half its bits, and correct bits at sampled rows."""
+    """Per series: first epoch with fewer than half its bits, and correct bits after sampled epochs."""
     rows = block.rows
     cap = block.precision_bits
     pick = _sample_columns(list(rows), max_columns)
-    table = Table(title=_title(f"correct bits vs the mpmath reference ({block.storage}, cap {cap})"),
-                  title_justify="left")
+    table = Table(title=_title(f"correct bits vs the mpmath reference ({block.storage}, cap {cap}; "
+                               "eN: after epoch N, e0: the initial state)"), title_justify="left")
     table.add_column("layer")
     table.add_column("what")
-    table.add_column("< half bits from", justify="right")  # epoch rows: e<N> = after N epochs
+    table.add_column("< half bits", justify="right")
     for i in pick:
         table.add_column(f"e{rows[i]}", justify="right")
     for s, series in enumerate(block.series):
         half = series.half_bits_row
         cells = [_bits_cell(float(block.correct_bits[s, i]), cap) for i in pick]
         table.add_row(escape.terminal(series.layer), escape.terminal(series.what),
-                      "never" if half is None else f"row {half}", *cells)
+                      "never" if half is None else f"e{half}", *cells)
     return table
 
 
@@ -122,24 +124,46 @@ def render_divergence(block: DivergenceBlock | None, *, out: Console | None = No
         out.print("reference: none for this spec (build one with `bnaudit reference build --spec FILE`)")
         return
     out.print(divergence_table(block))
+    if block.correct_bits.size:
+        out.print(escape.terminal(block.fewest().text))
     loss = block.losses
     if loss is not None and loss.rows:
-        out.print(f"loss vs reference: train correct bits at last common row {loss.train[-1]:.1f}, "
-                  f"test {loss.test[-1]:.1f}")
+        out.print(f"loss vs reference {after(int(loss.rows[-1]))}: train {correct_bits_text(loss.train[-1])} "
+                  f"correct bits, test {correct_bits_text(loss.test[-1])}")
 
 
 # --------------------------------------------------------------------------- audit
 
 
+def audited_text(rows: Sequence[int]) -> str:
+    """The epochs an operator audit covered, as they were (not its period): "the initial state and after
+    epochs 10, 20 and 30"."""
+    if not rows:
+        return "no epoch audited"
+    initial, later = rows[0] == 0, [str(r) for r in (rows[1:] if rows[0] == 0 else rows)]
+    if not later:
+        return "the initial state"
+    shown = later if len(later) <= 8 else [*later[:6], "...", later[-1]]
+    text = f"after epoch {shown[0]}" if len(shown) == 1 else f"after epochs {', '.join(shown[:-1])} and {shown[-1]}"
+    return f"the initial state and {text}" if initial else text
+
+
+def audit_operators(block: AuditBlock) -> tuple[str, ...]:
+    """The operators the run has: no bn.* for a spec without batch norm."""
+    seen = {op for ops in block.errors.values() for op in ops}
+    return tuple(op for op in AUDIT_OPS if op in seen)
+
+
 def audit_table(block: AuditBlock) -> Table:
-    """Per layer and operator: worst local error in ulps over the audited rows."""
-    table = Table(title=_title(f"operator audit every {block.every} epochs ({block.storage}): "
-                               "worst local error in ulps over audited rows"), title_justify="left")
+    """Per layer and operator: worst local error in ulps over the audited epochs."""
+    ops_shown = audit_operators(block)
+    table = Table(title=_title(f"operator audit ({block.storage}), {audited_text(block.rows)}: worst local "
+                               "error in ulps"), title_justify="left")
     table.add_column("layer")
-    for op in AUDIT_OPS:
+    for op in ops_shown:
         table.add_column(op, justify="right")
     for layer, ops in block.worst().items():
-        table.add_row(escape.terminal(layer), *[("-" if ops.get(op) is None else f"{ops[op]:.2f}") for op in AUDIT_OPS])
+        table.add_row(escape.terminal(layer), *[("-" if ops.get(op) is None else f"{ops[op]:.2f}") for op in ops_shown])
     return table
 
 
@@ -153,12 +177,14 @@ def render_audit(block: AuditBlock | None, *, out: Console | None = None) -> Non
     if block is None:
         return
     out.print(audit_table(block))
+    if not block.max_amplification:  # no BN layer: nothing to flag, so no line about flags
+        return
     if not block.flags:
         out.print("flagged BN units: none (variance > 100 eps and |mean|/std < "
-                  f"{block.mean_over_std_flag:g} at every audited row)")
+                  f"{block.mean_over_std_flag:g} at every audited epoch)")
         return
     table = Table(title=f"flagged BN units ({block.n_flags} in all)", title_justify="left")
-    for col in ("row", "layer", "unit", "var/eps", "|mean|/std", "amplification", "why"):
+    for col in ("after epoch", "layer", "unit", "var/eps", "|mean|/std", "amplification", "why"):
         table.add_column(col, justify="right" if col not in ("layer", "why") else "left")
     for f in block.flags[:20]:
         table.add_row(str(f.row), escape.terminal(f.layer), str(f.unit), f"{f.var_over_eps:.3g}",
@@ -174,10 +200,11 @@ def _ln(value: float | None) -> str:
 
 def _window_line(w: Window, what: str) -> str:
     if w.rate is None or w.slope is None:
-        return f"{what} over rows {w.start}..{w.end}: not measured (a distance of 0 in the window)"
+        return f"{what} over {epochs_text(w.start, w.end)}: not measured (a distance of 0 in the window)"
     spread = "" if w.low is None or w.high is None else (
         f"; sub-windows of at least {max(1, (w.end - w.start + 1) // 2)} epochs: {w.low:.3f} to {w.high:.3f}")
-    return (f"{what} over rows {w.start}..{w.end}: {w.rate:.3f} ln per epoch ({bits_per_epoch(w.rate):.2f} bits), "
+    return (f"{what} over {epochs_text(w.start, w.end)}: {w.rate:.3f} ln per epoch "
+            f"({bits_per_epoch(w.rate):.2f} bits), "
             f"least-squares slope {w.slope:.3f}{spread}")
 
 
@@ -188,8 +215,9 @@ def render_sensitivity(s: Sensitivity, windows: list[tuple[int, int]], *, out: C
     out.print(_title(f"bnaudit reference sensitivity: {element} moved by a relative 2^-{s.scale}, both copies "
                      f"at {s.precision} bits, {s.rows[-1]} epochs ({s.seconds:.1f} s)"))
     keep = set(_sample_columns(list(s.rows), 24)) | {r for w in windows for r in w}
-    table = Table(title="ln max |perturbed - unperturbed| of the parameters, by epoch row", title_justify="left")
-    for name in ("row", "all", "per epoch", *s.layers):
+    table = Table(title="ln max |perturbed - unperturbed| of the parameters, after each epoch (0: the initial "
+                        "state)", title_justify="left")
+    for name in ("epoch", "all", "per epoch", *s.layers):
         table.add_column(escape.terminal(name), justify="right")
     for i, row in enumerate(s.rows):
         if i not in keep:

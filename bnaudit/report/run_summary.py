@@ -14,6 +14,7 @@ from bnaudit import amplification
 from bnaudit.amplification import Beside
 from bnaudit.blocks import ChaosFloor, RunSummary
 from bnaudit.controls import RunConfig
+from bnaudit.layout import after
 from bnaudit.report import compare_view, escape, reference_view
 from bnaudit.report import console as console_policy
 
@@ -26,7 +27,8 @@ err_console = console_policy.stderr()
 
 @contextlib.contextmanager
 def progress(epochs: int, label: str, *, enabled: bool = True) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A progress bar over epochs on stderr; yields the callback for progress events."""
+    """A progress bar over epochs on stderr; yields the callback for progress events (one with a ``stage``
+    names what the run does after its last epoch)."""
     bar = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
                    TextColumn("train {task.fields[train]}  test {task.fields[test]}"), TimeRemainingColumn(),
                    console=err_console, transient=True, disable=not (enabled and err_console.is_terminal))
@@ -34,8 +36,11 @@ def progress(epochs: int, label: str, *, enabled: bool = True) -> Iterator[Calla
         task = bar.add_task(escape.printable(label), total=epochs, train="-", test="-")
 
         def advance(event: dict[str, Any]) -> None:
+            stage = event.get("stage")
             bar.update(task, completed=event["epoch"], train=f"{event['train_loss']:.4g}",
                        test=f"{event['test_loss']:.4g}")
+            if isinstance(stage, str):
+                bar.update(task, description=escape.printable(f"{label}: {stage}"))
 
         yield advance
 
@@ -62,7 +67,7 @@ def floor_exact_text(floor: ChaosFloor, exact: Sensitivity | None, initial: np.n
     if b is None:
         return (f"no window of one epoch or more where the difference is still small (at most "
                 f"{amplification.SMALL:g} of the largest initial parameter) and the sensitivity covers "
-                f"(rows 0..{exact.rows[-1]})")
+                f"({exact.rows[-1]} epochs)")
     return compare_view.exact_text(b, storage)
 
 
@@ -84,7 +89,9 @@ def render(summary: RunSummary, exact: Sensitivity | None = None, initial: np.nd
     experiment's stored sensitivity, where there is one (``initial``: the run's initial parameters)."""
     config = RunConfig.from_dict(dict(summary.config))
     c, e = config.controls, summary.effective
-    table = Table(title="bnaudit run", show_header=False, title_justify="left")
+    # No box: the widest word (the 64-digit fingerprint) and the widest key then fit 80 columns.
+    table = Table(title="bnaudit run", show_header=False, title_justify="left", box=None, padding=(0, 1, 0, 0),
+                  pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
     _row(table, "configuration", f"dtype {c.dtype}, threads {c.threads}, isa {c.isa}, "
@@ -111,7 +118,7 @@ def render(summary: RunSummary, exact: Sensitivity | None = None, initial: np.nd
                   else f"ln(divergence) grows {floor.growth_rate:.3g} per epoch" if window is None
                   else f"ln(divergence) grows {compare_view.window_text(window)}")
         row = floor.saturation_row
-        sat = "does not saturate" if row is None else f"saturates at the end of epoch {row - 1}"
+        sat = "does not saturate" if row is None else f"saturates {after(row)}"
         _row(table, "chaos floor", f"vs the unperturbed twin: {growth}, {sat}")
         _row(table, "sensitivity", floor_exact_text(floor, exact, np.zeros(0) if initial is None else initial,
                                                     c.storage))
@@ -120,7 +127,7 @@ def render(summary: RunSummary, exact: Sensitivity | None = None, initial: np.nd
     _row(table, "final test MSE", f"{summary.test_loss:.6g}")
     nf = summary.nonfinite
     _row(table, "non-finite", "none" if not nf else
-         f"first at epoch {nf['epoch']} step {nf['step']}: {nf['phase']} {nf['tensor']}")
+         f"first {compare_view.nonfinite_when(nf)}: {nf['phase']} {nf['tensor']}")
     _row(table, "fingerprint", summary.digest)
     _row(table, "spec", summary.spec_hash[:16])
     _row(table, "time", f"{summary.train_seconds:.1f} s training, {summary.process_seconds:.1f} s in all")

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit import bits
+from bnaudit import bits, compare
 from bnaudit._version import __version__
 from bnaudit.amplification import Beside
+from bnaudit.layout import after, during, epochs_text
 from bnaudit.report import story
 from bnaudit.report.model import Report
 
@@ -64,7 +65,7 @@ def key_table(report: Report) -> Table:
     headers = ["run", "class", "configuration", "epochs", "final train MSE", "final test MSE",
                "min BN var / eps", "non-finite"]
     if report.references:
-        headers.append("fewest correct bits, weights (final)")
+        headers.append("fewest correct bits (any layer or epoch)")
     rows = []
     for r in report.runs:
         losses = r.record.arrays["losses"][-1]
@@ -73,7 +74,7 @@ def key_table(report: Report) -> Table:
         nf = r.record.fingerprint.nonfinite
         row = [r.label, r.class_name, r.config_text, str(r.epochs), _num(losses[0]), _num(losses[1]),
                _num(low) if np.isfinite(low) else "-",
-               "none" if not nf else f"epoch {nf.get('epoch')} {nf.get('phase')} {nf.get('tensor')}"]
+               "none" if not nf else f"{nonfinite_when(nf)} {nf.get('phase')} {nf.get('tensor')}"]
         if report.references:
             ref = report.references.get(r.label)
             row.append("-" if ref is None else
@@ -82,11 +83,19 @@ def key_table(report: Report) -> Table:
     return headers, rows
 
 
+def nonfinite_when(nf: dict[str, Any]) -> str:
+    """When a run's first non-finite value appeared (its 0-based epoch and step), in the layout's words."""
+    epoch, step = nf.get("epoch"), nf.get("step")
+    if not isinstance(epoch, int):
+        return "at an unknown epoch"
+    return during(epoch, step) if isinstance(step, int) else after(epoch + 1)
+
+
 def beyond_exact(b: Beside | None) -> str:
     """What float rounding adds to the exact amplification, for a table cell ("-" where not measured)."""
     if b is None or b.added is None:
         return "-"
-    return f"x{math.exp(min(b.added, 700)):.3g} over rows {b.seen.start}..{b.seen.end}"
+    return f"x{math.exp(min(b.added, 700)):.3g} over {epochs_text(b.seen.start, b.seen.end)}"
 
 
 def pair_table(report: Report) -> Table:
@@ -104,7 +113,8 @@ def pair_table(report: Report) -> Table:
                      (p.first_text + (f" ({p.first_detail})" if p.first_detail else "")) or "-",
                      f"{final_abs:.3g}", f"{final_ulps:.0f}",
                      f"{p.growth_rate:.3g}" if p.growth_rate is not None else "-",
-                     str(p.saturation_epoch) if p.saturation_epoch is not None else "-", beyond_exact(p.exact), env])
+                     after(p.saturation_epoch) if p.saturation_epoch is not None else "-", beyond_exact(p.exact),
+                     env])
     return headers, rows
 
 
@@ -161,8 +171,10 @@ def header_facts(report: Report) -> list[tuple[str, str]]:
     epochs = sorted({r.epochs for r in report.runs})
     return [
         ("experiment", f"{spec.name} (spec {spec.short_hash})"),
-        ("runs", f"{len(report.runs)} in {len(report.classes)} class(es) of bit-identical results"),
-        ("epochs", ", ".join(str(e) for e in epochs) + f" of {spec.train.epochs}"),
+        ("runs", f"{story.count(len(report.runs), 'run')} in "
+                 f"{story.count(len(report.classes), 'class', 'classes')} of bit-identical results"),
+        ("epochs", ", ".join(str(e) for e in epochs) + f" of {spec.train.epochs}"
+         + (f"; {compare.prefix_text(report.lengths)}" if compare.prefix_text(report.lengths) else "")),
         ("inputs", ", ".join(report.sources)),
         ("host", ", ".join(sorted({str(r.record.fingerprint.environment.get("cpu_model") or "unknown CPU")
                                    for r in report.runs})) + " (the CPU that ran the runs)"),

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bnaudit import compare
 from bnaudit.report import console as console_policy
 from bnaudit.report import escape, story
 from bnaudit.report.model import PairView, ReferenceView, Report
@@ -21,12 +23,23 @@ COLUMNS = 60
 
 def _rich_table(title: str, table: RowsTable) -> Table:
     headers, rows = table
-    out = Table(title=title, title_justify="left")
+    out = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))  # light: 80 columns
     for h in headers:
         out.add_column(h, overflow="fold")
     for row in rows:
         out.add_row(*(escape.terminal(cell) for cell in row))  # a str cell would be read as rich markup
     return out
+
+
+TERMINAL_OMITS = ("configuration", "final train MSE", "min BN var / eps", "non-finite")
+"""Runs-table columns the terminal leaves out to fit 80 columns (the HTML and Markdown keep them), unless
+a run has something to say there (a non-finite value, say)."""
+
+
+def _informative(table: RowsTable, column: int) -> bool:
+    """Whether a column says anything but "none" or "-" (so that a non-finite run is never hidden)."""
+    return column < len(table[0]) and table[0][column] == "non-finite" and any(
+        row[column] not in ("none", "-") for row in table[1])
 
 
 def _columns(table: RowsTable, names: Sequence[str]) -> RowsTable:
@@ -108,11 +121,16 @@ def render(report: Report, console: Console | None = None) -> None:
                                               ("runs", str(len(report.runs))),
                                               ("classes", str(len(report.classes)))))
     console.print(escape.terminal(f"bnaudit report: {facts}", style="bold"))
+    if compare.prefix_text(report.lengths):
+        console.print(escape.terminal(f"lengths: {compare.prefix_text(report.lengths)}"))
     for sentence in story.sentences(report):
         console.print(escape.terminal(f"- {sentence}"))
     runs = key_table(report)
-    console.print(_rich_table("Runs", _columns(runs, [h for h in runs[0] if h != "configuration"])))
-    console.print(_rich_table("Classes of bit-identical runs", class_table(report)))
+    console.print(_rich_table("Runs", _columns(runs, [h for i, h in enumerate(runs[0]) if h not in TERMINAL_OMITS
+                                                      or _informative(runs, i)])))
+    classes = class_table(report)
+    console.print(_rich_table("Classes of bit-identical runs", _columns(classes, [h for h in classes[0]
+                                                                                 if h != "members share"])))
     if report.pairs:
         console.print(_rich_table("Pairs compared", _columns(pair_table(report), (
             "pair", "verdict", "first difference", "final max |Δ parameter|", "growth / epoch"))))
