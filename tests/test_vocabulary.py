@@ -169,3 +169,9 @@ def test_the_run_says_what_it_does_after_its_last_epoch(tmp_path):
     assert stages == ["audit", "vs reference", "writing record"]
     assert all(e["epoch"] == e["epochs"] == 1 for e in events if "stage" in e)
     assert [e["epoch"] for e in events if "stage" not in e][-1] == 1
+
+
+def test_a_narrow_terminal_spreads_the_correct_bits_columns_over_the_run():
+    rows = list(range(0, 101)) + list(range(110, 1001, 10))  # the reference's stored epochs of 1000
+    assert [rows[i] for i in reference_view._sample_columns(rows, 6)] == [0, 5, 30, 200, 1000]
+    assert [rows[i] for i in reference_view._sample_columns(rows, 12)] == [0, 1, 2, 3, 5, 7, 10, 20, 30, 50, 70, 1000]

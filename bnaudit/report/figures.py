@@ -44,7 +44,8 @@ PNG_SCALE = 2
 SAVE_RC: dict[RcKeyType, Any] = {"svg.hashsalt": "bnaudit", "svg.fonttype": "path", "svg.image_inline": True,
                                   "svg.id": None}
 """SVG settings fixed whatever the user's matplotlibrc says: the same inputs give the same bytes (ids
-hashed with a fixed salt), text drawn as outlines (no font needed to view it), rasters (colour bars) inside."""
+hashed with a fixed salt), text drawn as outlines (no font needed to view it), rasters (colour bars, heatmap
+cells) inside."""
 MAX_PANELS = 12
 
 
@@ -97,7 +98,9 @@ def _save(fig: Figure, folder: Path, name: str, section: str, title: str, captio
     with plt.rc_context(SAVE_RC):
         # No date in either file (matplotlib's PNG carries none unless asked); the SVG's would be today's.
         fig.savefig(png, dpi=DPI * PNG_SCALE, metadata={"Software": "bnaudit"})
-        fig.savefig(svg, metadata={"Creator": "bnaudit", "Date": None})
+        # A heatmap's thousands of cells are one embedded 2x raster in the SVG (axes and text stay vector):
+        # as a path per cell they made it 6 MB.
+        fig.savefig(svg, dpi=DPI * PNG_SCALE, metadata={"Creator": "bnaudit", "Date": None})
     plt.close(fig)
     with png.open("rb") as fh:  # the PNG's own IHDR: what the browser decodes, shown at 1/PNG_SCALE
         width, height = (v // PNG_SCALE for v in struct.unpack(">II", fh.read(24)[16:24]))
@@ -316,7 +319,8 @@ def _pair_heatmap(report: Report, folder: Path) -> list[FigureInfo]:
     mesh = None
     for ax, p, values in zip(axes, shown, logs):
         mesh = ax.pcolormesh(np.append(p.rows, p.rows[-1] + 1) - 0.5, np.arange(len(p.layers) + 1) - 0.5,
-                             np.ma.masked_invalid(values.T), cmap=cmap, vmin=vmin, vmax=vmax, shading="flat")
+                             np.ma.masked_invalid(values.T), cmap=cmap, vmin=vmin, vmax=vmax, shading="flat",
+                             rasterized=True)
         ax.set_yticks(range(len(p.layers)), [escape.figure_text(x) for x in p.layers], fontsize=7)
         ax.invert_yaxis()
         ax.set_ylabel("layer (forward order)")
@@ -348,7 +352,7 @@ def _reference_heatmap(report: Report, folder: Path) -> list[FigureInfo]:
     top = max(ref.precision for _, ref in shown_refs)  # one absolute scale: 26 float64 bits outrank 24 float32 ones
     for ax, (label, ref) in zip(axes, shown_refs):
         mesh = ax.pcolormesh(np.append(ref.rows, ref.rows[-1] + 1) - 0.5, np.arange(len(ref.layers) + 1) - 0.5,
-                             ref.correct_bits.T, cmap="viridis", vmin=0, vmax=top, shading="flat")
+                             ref.correct_bits.T, cmap="viridis", vmin=0, vmax=top, shading="flat", rasterized=True)
         ax.set_yticks(range(len(ref.layers)), [escape.figure_text(x) for x in ref.layers], fontsize=7)
         ax.invert_yaxis()
         ax.set_ylabel("layer")
@@ -426,7 +430,7 @@ def _growth_between(ax: plt.Axes, report: Report, pairs: Sequence[PairView], per
         if not np.isfinite(series).any():
             continue
         rate = f", growth {p.growth_rate:.3g}/epoch" if p.growth_rate is not None else ""
-        sat = f", saturates after {p.saturation_epoch} epochs" if p.saturation_epoch is not None else ""
+        sat = f", saturates after epoch {p.saturation_epoch}" if p.saturation_epoch is not None else ""
         if p.kind == "perturb":
             ax.plot(p.rows, series, color="black", linestyle="--", linewidth=1.6,
                     label=f"1-ulp sensitivity baseline: {p.b}{rate}{sat}")
@@ -472,7 +476,7 @@ def _growth_reference(ax: plt.Axes, report: Report, epochs: int, below_axes: flo
     _milestones(ax, report, epochs)
     epoch_axis(ax, epochs)
     ax.set_xlabel(EPOCHS_LABEL)
-    ax.set_ylabel("2^−(fewest correct bits over layers) (relative error)")
+    ax.set_ylabel("2^−(fewest correct bits: any layer, weights or activations)")
     ax.set_title("against the mpmath reference", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -below_axes), frameon=False)
     ax.grid(alpha=0.3, which="major")
@@ -565,6 +569,12 @@ def _bn_conditioning(report: Report, folder: Path) -> list[FigureInfo]:
         + EPOCH_AXIS_NOTE)]
 
 
+def _minor_ulps(v: float, _: object) -> str:
+    """Minor ticks of a log ulps axis labelled where their leading digit is 1, 2, 3 or 5 (0.5 included)."""
+    text = f"{v:g}"
+    return text if text.lstrip("0.")[:1] in ("1", "2", "3", "5") else ""
+
+
 AUDIT_STYLES = {"linear.out": ("tab:blue", "-"), "bn.mean": ("tab:orange", "--"), "bn.var": ("tab:green", "-."),
                 "bn.invstd": ("tab:red", ":"), "bn.out": ("tab:purple", "-")}
 """Colour and line style of each audited operator (Linear drawn thicker)."""
@@ -586,7 +596,7 @@ def _operator_audit(report: Report, folder: Path) -> list[FigureInfo]:
                    label="0.5 ulp: correctly rounded")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "1235" else ""))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_ulps))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(audit.rows) == 1:  # one audited epoch: a visible span around it, not ±0.04
             ax.set_xlim(float(audit.rows[0]) - 1, float(audit.rows[0]) + 1)

@@ -113,7 +113,12 @@ def _sample_columns(rows: list[int], limit: int) -> list[int]:
         return list(range(len(rows)))
     marks = [0, 1, 2, 3, 5, 7, 10, 20, 30, 50, 70, 100, 200, 300, 500, 700, 1000, 2000, 5000, 10000]
     index = {r: i for i, r in enumerate(rows)}
-    pick = [index[m] for m in marks if m in index][: limit - 1]
+    present = [index[m] for m in marks if m in index]
+    if limit - 1 < min(len(present), 11):  # a narrow terminal: spread the few columns over the marks
+        step = (len(present) - 1) / max(1, limit - 2)
+        pick = [present[round(k * step)] for k in range(limit - 1)]
+    else:
+        pick = present[: limit - 1]
     return sorted(set(pick) | {len(rows) - 1})
 
 
@@ -123,7 +128,8 @@ def render_divergence(block: DivergenceBlock | None, *, out: Console | None = No
     if block is None:
         out.print("reference: none for this spec (build one with `bnaudit reference build --spec FILE`)")
         return
-    out.print(divergence_table(block))
+    # On a terminal, as many epoch columns as its width holds (80 columns: 6); off one, the usual 12.
+    out.print(divergence_table(block, max_columns=max(3, min(12, (out.width - 40) // 6)) if out.is_terminal else 12))
     if block.correct_bits.size:
         out.print(escape.terminal(block.fewest().text))
     loss = block.losses

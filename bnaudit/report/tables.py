@@ -7,7 +7,6 @@ every view: its curves in the figures and its swatch in the HTML class table.
 
 from __future__ import annotations
 
-import datetime
 import math
 from typing import Any
 
@@ -166,7 +165,7 @@ def class_table(report: Report) -> Table:
 
 
 def header_facts(report: Report) -> list[tuple[str, str]]:
-    """The page header: experiment, runs and classes, epochs, inputs, and when it was generated."""
+    """The page header: experiment, runs and classes, epochs, inputs, host, and the bnaudit that wrote it."""
     spec = report.spec
     epochs = sorted({r.epochs for r in report.runs})
     return [
@@ -178,6 +177,6 @@ def header_facts(report: Report) -> list[tuple[str, str]]:
         ("inputs", ", ".join(report.sources)),
         ("host", ", ".join(sorted({str(r.record.fingerprint.environment.get("cpu_model") or "unknown CPU")
                                    for r in report.runs})) + " (the CPU that ran the runs)"),
-        ("generated", f"bnaudit {__version__}, "
-                      f"{datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}"),
+        # No clock time: the same inputs give the same bytes (the records carry when they were made).
+        ("generated", f"bnaudit {__version__}"),
     ]
