@@ -9,8 +9,8 @@ same experiment and run dtype.  The candidate may be shorter than the baseline: 
 baseline is then cut to the candidate's epochs (``record.prefix``: its digest recomputed
 over that prefix; a run's first epochs do not depend on how many follow), so one
 full-length baseline serves the smoke check of every commit and the full nightly check;
-the result says so in one line (``CheckResult.prefix_text``), and ``same_length`` refuses
-instead.  A candidate longer than the baseline is refused: its later epochs would go
+each case line says so ("first 20 of the baseline's 1000 epochs", ``ci_summary``), and
+``same_length`` refuses instead.  A candidate longer than the baseline is refused: its later epochs would go
 unchecked under a verdict that claims the run.
 
 Policies (``--tolerance``):
@@ -389,13 +389,6 @@ class CaseResult:
     @property
     def passed(self) -> bool:
         return self.verdict.passed
-
-    @property
-    def prefix_text(self) -> str | None:
-        """The one line saying a prefix of the baseline was compared, or None when the lengths are equal."""
-        if self.epochs == self.baseline_epochs:
-            return None
-        return f"compared over the run's {self.epochs} epochs, the first of the baseline's {self.baseline_epochs}"
 
     def to_dict(self) -> dict[str, Any]:
         m = self.measured

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -162,6 +163,14 @@ def after(row: int) -> str:
 def during(epoch: int, step: int) -> str:
     """A traced step (0-based epoch and step) in words, counted from 1: "epoch 1, step 1" is training's first."""
     return f"epoch {epoch + 1}, step {step + 1}"
+
+
+def nonfinite_when(nf: Mapping[str, Any]) -> str:
+    """When a run first went non-finite (its record's ``nonfinite``: 0-based epoch and step), in these words."""
+    epoch, step = nf.get("epoch"), nf.get("step")
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return "at an unrecorded epoch"
+    return during(epoch, step) if isinstance(step, int) and not isinstance(step, bool) else after(epoch + 1)
 
 
 def epochs_text(start: int, end: int) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from bnaudit import api, check, compare, record
 from bnaudit.baseline import load_baseline
-from bnaudit.layout import after, during, epochs_text
+from bnaudit.layout import after, during, epochs_text, nonfinite_when
 from bnaudit.report import ci_summary, compare_view, junit, reference_view
 from bnaudit.report import console as console_policy
 
@@ -39,6 +39,10 @@ def test_the_words_for_epochs():
     assert after(1) == "after epoch 1" and after(300) == "after epoch 300"
     assert during(0, 0) == "epoch 1, step 1" and during(4, 2) == "epoch 5, step 3"
     assert epochs_text(0, 7) == "epochs 1-7" and epochs_text(2, 3) == "epoch 3" and epochs_text(1, 3) == "epochs 2-3"
+    # A record's non-finite place is 0-based (epoch, step), or (epoch, None) at an epoch's end.
+    assert nonfinite_when({"epoch": 2, "step": 3}) == "epoch 3, step 4"
+    assert nonfinite_when({"epoch": 2, "step": None}) == "after epoch 3"
+    assert nonfinite_when({"epoch": "2", "step": 3}) == nonfinite_when({"epoch": True}) == "at an unrecorded epoch"
 
 
 def test_compare_names_the_first_step_from_1_and_says_no_row(runs):

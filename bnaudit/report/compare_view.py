@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from bnaudit.compare import (
     prefix_text,
 )
 from bnaudit.errors import InputError
-from bnaudit.layout import after, during, epochs_text
+from bnaudit.layout import after, during, epochs_text, nonfinite_when
 from bnaudit.report import console as console_policy
 from bnaudit.report import escape
 
@@ -146,14 +146,6 @@ def _delta_text(d: StepTensorDelta) -> str:
     ulps = f"{d.max_ulps} ulp{'' if d.max_ulps == 1 else 's'}"
     return (f"{d.tensor} {d.differing}/{d.elements} elements, <= {ulps} "
             f"(max |a - b| {d.max_abs:.2g} at scale {d.scale:.3g})")
-
-
-def nonfinite_when(nf: Mapping[str, Any]) -> str:
-    """When a run first went non-finite (its record's 0-based epoch and step), in the layout's words."""
-    epoch, step = nf.get("epoch"), nf.get("step")
-    if not isinstance(epoch, int):
-        return "at an unrecorded epoch"
-    return after(epoch + 1) if not isinstance(step, int) else during(epoch, step)
 
 
 def first_short(d: Difference | None) -> str:

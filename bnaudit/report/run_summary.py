@@ -14,7 +14,7 @@ from bnaudit import amplification
 from bnaudit.amplification import Beside
 from bnaudit.blocks import ChaosFloor, RunSummary
 from bnaudit.controls import RunConfig
-from bnaudit.layout import after
+from bnaudit.layout import after, nonfinite_when
 from bnaudit.report import compare_view, escape, reference_view
 from bnaudit.report import console as console_policy
 
@@ -127,7 +127,7 @@ def render(summary: RunSummary, exact: Sensitivity | None = None, initial: np.nd
     _row(table, "final test MSE", f"{summary.test_loss:.6g}")
     nf = summary.nonfinite
     _row(table, "non-finite", "none" if not nf else
-         f"first {compare_view.nonfinite_when(nf)}: {nf['phase']} {nf['tensor']}")
+         f"first {nonfinite_when(nf)}: {nf['phase']} {nf['tensor']}")
     _row(table, "fingerprint", summary.digest)
     _row(table, "spec", summary.spec_hash[:16])
     _row(table, "time", f"{summary.train_seconds:.1f} s training, {summary.process_seconds:.1f} s in all")

@@ -15,7 +15,7 @@ import numpy as np
 from bnaudit import bits, compare
 from bnaudit._version import __version__
 from bnaudit.amplification import Beside
-from bnaudit.layout import after, during, epochs_text
+from bnaudit.layout import after, epochs_text, nonfinite_when
 from bnaudit.report import story
 from bnaudit.report.model import Report
 
@@ -80,14 +80,6 @@ def key_table(report: Report) -> Table:
                        f"{bits.correct_bits_text(story.fewest_bits(ref)[0])} of {ref.precision}")
         rows.append(row)
     return headers, rows
-
-
-def nonfinite_when(nf: dict[str, Any]) -> str:
-    """When a run's first non-finite value appeared (its 0-based epoch and step), in the layout's words."""
-    epoch, step = nf.get("epoch"), nf.get("step")
-    if not isinstance(epoch, int):
-        return "at an unknown epoch"
-    return during(epoch, step) if isinstance(step, int) else after(epoch + 1)
 
 
 def beyond_exact(b: Beside | None) -> str:
