@@ -271,7 +271,7 @@ def _describe_first(first: compare.Difference | None) -> tuple[str, str]:
     if first.fraction_differing is not None:
         detail.append(f"{100 * first.fraction_differing:.0f}% of elements differ")
     if first.max_ulps is not None:
-        detail.append(f"by up to {first.max_ulps} ulp")
+        detail.append(f"by up to {first.max_ulps} ulp{'' if first.max_ulps == 1 else 's'}")
     return first.where, ", ".join(detail)
 
 
