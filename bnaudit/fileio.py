@@ -164,6 +164,15 @@ def _leftovers(out: Path) -> list[Path]:
         return []
 
 
+def remove_leftovers(out: Path) -> None:
+    """Remove what an interrupted write of ``out`` left beside it (call it under the output's lock)."""
+    for left in _leftovers(out):
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            left.unlink(missing_ok=True)
+
+
 def prepare_output(out: Path, *, force: bool, kind: str) -> None:
     """Check that ``out`` may receive a new ``kind`` folder; clean what an interrupted write left.
 
@@ -192,11 +201,7 @@ def prepare_output(out: Path, *, force: bool, kind: str) -> None:
         Path(tempfile.mkdtemp(prefix=".bnaudit-probe-", dir=out.parent)).rmdir()  # can we write here?
     except OSError as exc:
         raise OutputError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
-    for left in _leftovers(out):
-        if left.is_dir() and not left.is_symlink():
-            shutil.rmtree(left, ignore_errors=True)
-        else:
-            left.unlink(missing_ok=True)
+    remove_leftovers(out)
 
 
 class OutputLock:

@@ -142,14 +142,9 @@ def _prepare_single_file(out: Path, *, force: bool) -> None:
             raise OutputError(f"--out {out} already holds a single-file report; choose another name or pass --force")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        left = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial-")]
     except OSError as exc:
         raise OutputError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
-    for p in left:  # under the lock: no other writer's
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+    fileio.remove_leftovers(out)  # under the lock: no other writer's
 
 
 def write_single_file(paths: Sequence[Path], out: Path, *, force: bool = False,
